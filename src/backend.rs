@@ -1,0 +1,142 @@
+//! The backend seam: everything the engine needs from one PCI function.
+//!
+//! One implementation per way of reaching a device (kernel VFIO,
+//! uio_pci_generic plus sysfs config, the simulated device). Every method is
+//! required and fallible: a device that is gone, in reset or answering
+//! all-ones is an error the caller sees, never a made-up value.
+//!
+//! Backends are only ever reached through the [`ConfigGate`](crate::gate::ConfigGate),
+//! which is why the methods take `&mut self`: holding a gate guard is what
+//! makes the access exclusive.
+
+use std::io;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::pci::{AccessError, Bdf, Width};
+
+/// Why a backend operation failed. The device and operation are named by the
+/// caller's error, which wraps this one.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The access was refused before reaching the device.
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    /// The device no longer exists (hot-unplugged, driver unbound, fd revoked).
+    #[error("the device is gone")]
+    Gone,
+    /// A config read returned all-ones: the device is in reset, powered down
+    /// or gone.
+    #[error("the device does not respond (config read returned all-ones)")]
+    NotResponding,
+    /// The device offers no reset method.
+    #[error("the device has no reset method")]
+    NoResetMethod,
+    /// The device has no usable INTx (no interrupt pin, or the driver refuses it).
+    #[error("the device has no usable INTx interrupt")]
+    NoIntx,
+    /// A system call failed; the errno is kept.
+    #[error("{op} failed")]
+    Os {
+        /// What was being done, e.g. "VFIO_DEVICE_RESET" or "config pread".
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BackendError {
+    /// Wraps an OS error with the operation that produced it.
+    pub fn os(op: &'static str, source: io::Error) -> Self {
+        BackendError::Os { op, source }
+    }
+
+    /// Whether retrying the same operation later may succeed (EAGAIN, EBUSY,
+    /// EINTR), as the kernel answers while another reset holds the device.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BackendError::Os { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How a backend's COMMAND.INTX_DISABLE bit behaves when written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntxDisableBit {
+    /// The bit is the hardware mask (uio_pci_generic's sysfs config, the
+    /// simulated device): the engine writes the union of the guest's bit and
+    /// its own host mask.
+    Physical,
+    /// The kernel virtualizes the bit (vfio-pci): writing it sets the user's
+    /// virtual disable while the kernel keeps the host mask itself, so the
+    /// engine writes the guest's bit unchanged.
+    Virtualized,
+}
+
+/// Result of a check-and-unmask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmask {
+    /// The device was not asserting; INTx is unmasked.
+    Unmasked,
+    /// The device still asserts; INTx stays masked and the interrupt must be
+    /// delivered again.
+    StillAsserting,
+    /// The kernel performs the check itself and signals the trigger eventfd
+    /// again if the device still asserts (vfio-pci's ACTION_UNMASK).
+    Delegated,
+}
+
+/// One PCI function, as the INTx engine needs it.
+pub trait PciBackend: Send {
+    /// The device's address, for errors and logs.
+    fn bdf(&self) -> Bdf;
+
+    /// Size of the config space this backend exposes.
+    fn config_size(&self) -> u16;
+
+    /// Reads `width` bytes at `offset`. Misaligned or out-of-range accesses
+    /// are errors. A read of all-ones from a register that cannot be all-ones
+    /// is reported by the caller, which knows the register.
+    fn config_read(&mut self, offset: u16, width: Width) -> Result<u32, BackendError>;
+
+    /// Writes `width` bytes of `value` at `offset`.
+    fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError>;
+
+    /// How COMMAND.INTX_DISABLE behaves on this backend.
+    fn intx_disable_bit(&self) -> IntxDisableBit;
+
+    /// Starts INTx delivery: the backend signals `trigger` each time the
+    /// device raises its line while unmasked.
+    fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError>;
+
+    /// Stops INTx delivery and leaves the line masked.
+    fn intx_disable(&mut self) -> Result<(), BackendError>;
+
+    /// A host interrupt arrived: returns whether this device asserts INTx,
+    /// and guarantees that on `Ok(true)` the line is masked and on `Ok(false)`
+    /// nothing is left masked on its behalf (PCI 2.3 check-and-mask; "not
+    /// mine" on a shared line).
+    fn intx_check_and_mask(&mut self) -> Result<bool, BackendError>;
+
+    /// The guest has finished with the interrupt: unmask unless the device
+    /// still asserts (PCI 2.3 check-and-unmask).
+    fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError>;
+
+    /// Masks INTx unconditionally.
+    fn intx_mask(&mut self) -> Result<(), BackendError>;
+
+    /// Registers (or with `None` removes) an eventfd whose signal performs a
+    /// kernel-side check-and-unmask: the target of KVM's resample eventfd on
+    /// the kernel-bypass path. Backends without kernel support return
+    /// [`std::io::ErrorKind::Unsupported`] as an [`BackendError::Os`].
+    fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError>;
+
+    /// Resets the function. Called only while the gate is blocked; the caller
+    /// saves and restores config state around it.
+    fn reset(&mut self) -> Result<(), BackendError>;
+}

@@ -1,0 +1,664 @@
+//! The INTx engine for one assigned device: the four flows of the design.
+//!
+//! 1. Host interrupt: try-access the gate (defer if held) -> check-and-mask
+//!    -> inject into the sink.
+//! 2. Guest EOI (user-space path): try-access -> check-and-unmask ->
+//!    re-inject while the device still asserts.
+//! 3. Guest config cycle: access -> merge the guest's INTX_DISABLE with the
+//!    host mask -> backend.
+//! 4. Reset: block -> save -> mask -> backend reset -> restore -> settle
+//!    (re-check STATUS, re-arm) -> unblock -> deferred work runs.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use tracing::{debug, info, instrument, trace, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
+use crate::gate::ConfigGate;
+use crate::intx::error::{Fail, IntxError, Operation};
+use crate::intx::guest::GuestCommand;
+use crate::intx::sink::InterruptSink;
+use crate::intx::stats::{Counters, IntxStats};
+use crate::pci::intx::{read_command_status, CommandStatus};
+use crate::pci::regs::{
+    PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_COMMAND, PCI_INTERRUPT_LINE, PCI_LATENCY_TIMER,
+    PCI_NUM_BARS, PCI_ROM_ADDRESS,
+};
+use crate::pci::{check_access, check_write, Bdf, Width};
+
+/// Where the device's INTx stands in the state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineState {
+    /// Unmasked, waiting for the device to assert.
+    Idle,
+    /// Masked by the host; the interrupt was injected and the guest's EOI is
+    /// awaited.
+    InService,
+    /// Masked by the host while the guest has its own INTX_DISABLE set; the
+    /// interrupt is delivered once the guest clears it.
+    Held,
+}
+
+/// How retries of transient backend errors (EAGAIN, EBUSY) are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    /// Sleep before the second attempt; doubled each time.
+    pub first_backoff: Duration,
+    /// Upper bound of one sleep.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 6,
+            first_backoff: Duration::from_micros(200),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Tunables of one engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntxOptions {
+    /// Retries of transient errors on the paths that may sleep (reset,
+    /// config accesses).
+    pub retry: RetryPolicy,
+    /// How many times in a row the interrupt path re-kicks itself after a
+    /// failure before it gives up until the next event.
+    pub interrupt_path_retries: u32,
+}
+
+impl Default for IntxOptions {
+    fn default() -> Self {
+        Self {
+            retry: RetryPolicy::default(),
+            interrupt_path_retries: 8,
+        }
+    }
+}
+
+/// What one run of the interrupt path did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serviced {
+    /// The work ran.
+    Done,
+    /// The gate was held; the work runs again when the holder leaves.
+    Deferred,
+}
+
+// Work bits recorded before the gate is tried, so that a deferred attempt
+// loses nothing.
+const WORK_HOST: u8 = 1 << 0;
+const WORK_EOI: u8 = 1 << 1;
+const WORK_RECHECK: u8 = 1 << 2;
+
+/// The state that lives behind the gate.
+struct Device<B> {
+    backend: B,
+    line: LineState,
+    guest: GuestCommand,
+}
+
+/// Borrowed context for the state machine's steps.
+struct Ctx<'a> {
+    sink: &'a dyn InterruptSink,
+    counters: &'a Counters,
+    disable_bit: IntxDisableBit,
+}
+
+/// The shared part of the engine that the gate's kick needs.
+struct Wake {
+    trigger: EventFd,
+    pending: AtomicU8,
+    kicks: AtomicU64,
+}
+
+impl Wake {
+    /// Re-runs the interrupt path from the worker: mark a re-check, then wake
+    /// the worker through the trigger eventfd it already polls.
+    fn kick(&self) {
+        self.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
+        self.kicks.fetch_add(1, Ordering::SeqCst);
+        // An eventfd write only fails when the counter would overflow, in
+        // which case the worker is already due to wake.
+        let _ = self.trigger.write(1);
+    }
+}
+
+/// INTx for one assigned PCI function: the engine that implements PCI 2.3
+/// masking on behalf of a guest.
+///
+/// Embed it in a VMM by polling [`trigger`](Self::trigger) (and the KVM
+/// resample eventfd on the user-space path) and calling
+/// [`on_host_interrupt`](Self::on_host_interrupt) /
+/// [`on_guest_eoi`](Self::on_guest_eoi); route the guest's config cycles
+/// through [`guest_config_read`](Self::guest_config_read) and
+/// [`guest_config_write`](Self::guest_config_write). Everything is
+/// synchronous and may be called from any thread.
+pub struct IntxDevice<B: PciBackend> {
+    bdf: Bdf,
+    config_size: u16,
+    disable_bit: IntxDisableBit,
+    gate: ConfigGate<Device<B>>,
+    wake: Arc<Wake>,
+    sink: Box<dyn InterruptSink>,
+    counters: Counters,
+    failures: AtomicU32,
+    options: IntxOptions,
+}
+
+impl<B: PciBackend> std::fmt::Debug for IntxDevice<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntxDevice")
+            .field("bdf", &self.bdf)
+            .field("gate", &self.gate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: PciBackend> IntxDevice<B> {
+    /// Takes over `backend`'s INTx and arms it with default options.
+    pub fn new(backend: B, sink: impl InterruptSink + 'static) -> Result<Self, IntxError> {
+        Self::with_options(backend, sink, IntxOptions::default())
+    }
+
+    /// Takes over `backend`'s INTx and arms it: the guest's view of COMMAND
+    /// starts as the device's, the backend signals a fresh trigger eventfd,
+    /// and an interrupt the device already asserts is delivered.
+    #[instrument(skip_all, fields(bdf = %backend.bdf()))]
+    pub fn with_options(
+        backend: B,
+        sink: impl InterruptSink + 'static,
+        options: IntxOptions,
+    ) -> Result<Self, IntxError> {
+        let bdf = backend.bdf();
+        let config_size = backend.config_size();
+        let disable_bit = backend.intx_disable_bit();
+        let trigger =
+            EventFd::new(EFD_NONBLOCK).map_err(|source| IntxError::EventFd { bdf, source })?;
+        let wake = Arc::new(Wake {
+            trigger,
+            pending: AtomicU8::new(0),
+            kicks: AtomicU64::new(0),
+        });
+        let kick_target = Arc::clone(&wake);
+        let device = Device {
+            backend,
+            line: LineState::Idle,
+            guest: GuestCommand::default(),
+        };
+        let this = Self {
+            bdf,
+            config_size,
+            disable_bit,
+            gate: ConfigGate::new(device, Box::new(move || kick_target.kick())),
+            wake,
+            sink: Box::new(sink),
+            counters: Counters::default(),
+            failures: AtomicU32::new(0),
+            options,
+        };
+        this.arm()?;
+        info!(?disable_bit, "INTx armed");
+        Ok(this)
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            sink: &*self.sink,
+            counters: &self.counters,
+            disable_bit: self.disable_bit,
+        }
+    }
+
+    fn arm(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let armed = (|| {
+            let cs = read_command_status(&mut dev.backend)
+                .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
+            dev.guest = GuestCommand::new(cs.command);
+            dev.backend
+                .intx_enable(&self.wake.trigger)
+                .map_err(|e| Fail::Backend(Operation::Enable, e))?;
+            dev.settle(&ctx)
+        })();
+        armed.map_err(|f| self.fail(f))
+    }
+
+    /// The device's address.
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+
+    /// The eventfd the backend signals on a host interrupt. Poll it for
+    /// readability and call [`on_host_interrupt`](Self::on_host_interrupt).
+    /// The engine also signals it itself to re-run deferred work.
+    pub fn trigger(&self) -> &EventFd {
+        &self.wake.trigger
+    }
+
+    /// Flow 1: the trigger eventfd is readable. Drains it and runs the
+    /// interrupt path. Never waits behind a reset.
+    pub fn on_host_interrupt(&self) -> Result<Serviced, IntxError> {
+        match self.wake.trigger.read() {
+            Ok(count) => {
+                let kicks = self.wake.kicks.swap(0, Ordering::SeqCst);
+                if count > kicks {
+                    self.wake.pending.fetch_or(WORK_HOST, Ordering::SeqCst);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(source) => {
+                return Err(IntxError::EventFd {
+                    bdf: self.bdf,
+                    source,
+                })
+            }
+        }
+        self.service()
+    }
+
+    /// Flow 2 (user-space path): the guest has EOIed the interrupt (KVM's
+    /// resample eventfd fired; the caller drains it). Check-and-unmask, and
+    /// re-inject if the device still asserts. Never waits behind a reset.
+    pub fn on_guest_eoi(&self) -> Result<Serviced, IntxError> {
+        self.wake.pending.fetch_or(WORK_EOI, Ordering::SeqCst);
+        self.service()
+    }
+
+    /// Runs whatever interrupt-path work is pending. On failure the work is
+    /// kept and retried through the trigger a bounded number of times.
+    pub fn service(&self) -> Result<Serviced, IntxError> {
+        let Some(mut dev) = self.gate.try_access() else {
+            trace!(bdf = %self.bdf, "gate held, interrupt work deferred");
+            return Ok(Serviced::Deferred);
+        };
+        let work = self.wake.pending.swap(0, Ordering::SeqCst);
+        match dev.run(work, &self.ctx()) {
+            Ok(()) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(Serviced::Done)
+            }
+            Err(fail) => {
+                // Keep the work; a re-check covers a host interrupt whose
+                // check-and-mask did not complete.
+                self.wake
+                    .pending
+                    .fetch_or(work | WORK_RECHECK, Ordering::SeqCst);
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures <= self.options.interrupt_path_retries {
+                    Counters::bump(&self.counters.retries);
+                    self.wake.kick();
+                }
+                drop(dev);
+                Err(self.fail(fail))
+            }
+        }
+    }
+
+    /// Flow 3: a guest config read. Waits while the device is blocked. The
+    /// guest sees its own INTX_DISABLE, not the host mask.
+    pub fn guest_config_read(&self, offset: u16, width: Width) -> Result<u32, IntxError> {
+        let op = Operation::GuestConfigRead { offset, width };
+        check_access(offset, width, self.config_size)
+            .map_err(|e| self.fail(Fail::Backend(op, e.into())))?;
+        let mut dev = self.gate.access();
+        let value = self
+            .retry(|| dev.backend.config_read(offset, width))
+            .map_err(|e| self.fail(Fail::Backend(op, e)))?;
+        Ok(dev.guest.present(offset, width, value))
+    }
+
+    /// Flow 3: a guest config write. The guest's INTX_DISABLE is recorded and
+    /// merged with the host mask; clearing it delivers an interrupt held
+    /// meanwhile. Invalid accesses change nothing.
+    pub fn guest_config_write(
+        &self,
+        offset: u16,
+        width: Width,
+        value: u32,
+    ) -> Result<(), IntxError> {
+        let op = Operation::GuestConfigWrite { offset, width };
+        check_write(offset, width, self.config_size, value)
+            .map_err(|e| self.fail(Fail::Backend(op, e.into())))?;
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let result = dev.guest_write(offset, width, value, &ctx, |dev, v| {
+            self.retry(|| dev.backend.config_write(offset, width, v))
+        });
+        result.map_err(|f| self.fail(f))
+    }
+
+    /// Flow 4: resets the function through the gate. A concurrent reset waits
+    /// its turn; accesses wait; the interrupt path defers and runs when the
+    /// reset is over. Config state is saved and restored around the reset,
+    /// and INTx is re-armed from the device's STATUS so that an interrupt
+    /// pending across the reset is delivered and the line not left masked.
+    #[instrument(skip_all, fields(bdf = %self.bdf))]
+    pub fn reset(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.block();
+        Counters::bump(&self.counters.resets);
+        let ctx = self.ctx();
+        let saved = SavedHeader::save(&mut dev.backend)
+            .map_err(|e| self.fail(Fail::Backend(Operation::SaveState, e)))?;
+        // Quiesce INTx so the device cannot interrupt mid-reset; `settle`
+        // below puts the mask back where the state machine wants it.
+        if let Err(e) = dev.backend.intx_mask() {
+            return Err(self.fail(Fail::Backend(Operation::Mask, e)));
+        }
+        let reset = self
+            .retry(|| dev.backend.reset())
+            .map_err(|e| Fail::Backend(Operation::Reset, e));
+        // Restore and re-arm whether or not the reset happened, so that a
+        // failed reset leaves the device as it was.
+        let restore = saved
+            .restore(&mut dev.backend)
+            .and_then(|()| dev.write_command(&ctx))
+            .map_err(|e| Fail::Backend(Operation::RestoreState, e));
+        let settle = dev.settle(&ctx);
+        let result = reset.and(restore).and(settle);
+        match &result {
+            Ok(()) => debug!(line = ?dev.line, "reset done"),
+            Err(f) => warn!(error = %f, "reset did not complete"),
+        }
+        drop(dev);
+        result.map_err(|f| self.fail(f))
+    }
+
+    /// Masks INTx and stops delivery, restoring COMMAND to the guest's view
+    /// without the host mask. Used when the device is handed back.
+    pub fn disarm(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let result = (|| {
+            dev.backend
+                .intx_disable()
+                .map_err(|e| Fail::Backend(Operation::Disable, e))?;
+            dev.line = LineState::Idle;
+            dev.write_command(&ctx)
+                .map_err(|e| Fail::Backend(Operation::RestoreState, e))
+        })();
+        result.map_err(|f| self.fail(f))
+    }
+
+    /// Where the line stands. Waits for the gate like any access.
+    pub fn line_state(&self) -> LineState {
+        self.gate.access().line
+    }
+
+    /// COMMAND and STATUS as the backend shows them (for vfio-pci, with the
+    /// kernel's virtual INTX_DISABLE). Waits for the gate like any access.
+    pub fn command_status(&self) -> Result<CommandStatus, IntxError> {
+        let mut dev = self.gate.access();
+        read_command_status(&mut dev.backend)
+            .map_err(|e| self.fail(Fail::Backend(Operation::ReadCommandStatus, e)))
+    }
+
+    /// The guest's view of COMMAND: its last write, with its own
+    /// INTX_DISABLE.
+    pub fn guest_command(&self) -> u16 {
+        self.gate.access().guest.value()
+    }
+
+    /// Whether a reset holds the device right now.
+    pub fn is_blocked(&self) -> bool {
+        self.gate.is_blocked()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> IntxStats {
+        self.counters.snapshot(self.gate.deferrals())
+    }
+
+    /// Runs `f` with exclusive access to the backend, through the gate.
+    /// For management operations the engine has no method for.
+    pub fn with_backend<R>(&self, f: impl FnOnce(&mut B) -> R) -> R {
+        f(&mut self.gate.access().backend)
+    }
+
+    fn retry<T>(&self, mut op: impl FnMut() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        let policy = self.options.retry;
+        let mut backoff = policy.first_backoff;
+        let mut attempt = 1;
+        loop {
+            match op() {
+                Err(e) if e.is_transient() && attempt < policy.attempts => {
+                    Counters::bump(&self.counters.retries);
+                    debug!(bdf = %self.bdf, attempt, error = %e, "transient error, retrying");
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(policy.max_backoff);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn fail(&self, fail: Fail) -> IntxError {
+        Counters::bump(&self.counters.errors);
+        fail.into_error(self.bdf)
+    }
+}
+
+impl<B: PciBackend> Device<B> {
+    /// Runs the recorded interrupt-path work: EOI first, so that a host
+    /// interrupt seen in the same pass finds the line as the EOI left it.
+    fn run(&mut self, work: u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        if work & WORK_EOI != 0 {
+            self.guest_eoi(ctx)?;
+        }
+        if work & (WORK_HOST | WORK_RECHECK) != 0 {
+            self.host_interrupt(work & WORK_HOST != 0, ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Flow 1 behind the gate.
+    fn host_interrupt(&mut self, from_host: bool, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        if from_host {
+            Counters::bump(&ctx.counters.host_interrupts);
+        }
+        let asserting = self
+            .backend
+            .intx_check_and_mask()
+            .map_err(|e| Fail::Backend(Operation::CheckAndMask, e))?;
+        if !asserting {
+            if from_host && self.line == LineState::Idle {
+                Counters::bump(&ctx.counters.not_mine);
+            }
+            return Ok(());
+        }
+        match self.line {
+            // The guest's line is already asserted; its EOI re-checks.
+            LineState::InService | LineState::Held => Ok(()),
+            LineState::Idle if self.guest.intx_disabled() => {
+                Counters::bump(&ctx.counters.held);
+                self.line = LineState::Held;
+                Ok(())
+            }
+            LineState::Idle => self.inject(ctx),
+        }
+    }
+
+    /// Flow 2 behind the gate.
+    fn guest_eoi(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        Counters::bump(&ctx.counters.eois);
+        if self.line != LineState::InService {
+            Counters::bump(&ctx.counters.spurious_eois);
+            return Ok(());
+        }
+        if self.guest.intx_disabled() {
+            // The guest masked its INTx meanwhile: stay masked until it
+            // clears the bit; `settle` then delivers what is still pending.
+            self.line = LineState::Held;
+            return Ok(());
+        }
+        match self
+            .backend
+            .intx_check_and_unmask()
+            .map_err(|e| Fail::Backend(Operation::CheckAndUnmask, e))?
+        {
+            Unmask::Unmasked | Unmask::Delegated => {
+                self.line = LineState::Idle;
+                Ok(())
+            }
+            Unmask::StillAsserting => {
+                Counters::bump(&ctx.counters.reinjected);
+                self.inject(ctx)
+            }
+        }
+    }
+
+    fn inject(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        ctx.sink.inject().map_err(Fail::Inject)?;
+        Counters::bump(&ctx.counters.injected);
+        self.line = LineState::InService;
+        Ok(())
+    }
+
+    /// Re-derives the mask from the state machine and the device's STATUS:
+    /// after arming, after a reset, and when the guest clears its
+    /// INTX_DISABLE. An interrupt the device asserts is delivered (or held),
+    /// and a line nobody needs masked is unmasked.
+    fn settle(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        match self.line {
+            LineState::InService => self
+                .backend
+                .intx_mask()
+                .map_err(|e| Fail::Backend(Operation::Mask, e)),
+            LineState::Idle | LineState::Held if self.guest.intx_disabled() => {
+                let cs = read_command_status(&mut self.backend)
+                    .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
+                if cs.asserting() {
+                    self.backend
+                        .intx_mask()
+                        .map_err(|e| Fail::Backend(Operation::Mask, e))?;
+                    if self.line == LineState::Idle {
+                        Counters::bump(&ctx.counters.held);
+                    }
+                    self.line = LineState::Held;
+                } else {
+                    self.line = LineState::Idle;
+                    self.write_command(ctx)
+                        .map_err(|e| Fail::Backend(Operation::RestoreState, e))?;
+                }
+                Ok(())
+            }
+            LineState::Idle | LineState::Held => {
+                match self
+                    .backend
+                    .intx_check_and_unmask()
+                    .map_err(|e| Fail::Backend(Operation::CheckAndUnmask, e))?
+                {
+                    Unmask::Unmasked | Unmask::Delegated => {
+                        self.line = LineState::Idle;
+                        Ok(())
+                    }
+                    Unmask::StillAsserting => {
+                        self.line = LineState::Idle;
+                        self.inject(ctx)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the host currently wants the line masked.
+    fn host_masked(&self) -> bool {
+        self.line != LineState::Idle
+    }
+
+    /// The INTX_DISABLE value to put in COMMAND writes.
+    fn physical_intx_disable(&self, ctx: &Ctx<'_>) -> bool {
+        match ctx.disable_bit {
+            IntxDisableBit::Physical => self.guest.intx_disabled() || self.host_masked(),
+            IntxDisableBit::Virtualized => self.guest.intx_disabled(),
+        }
+    }
+
+    /// Writes the guest's COMMAND merged with the host mask.
+    fn write_command(&mut self, ctx: &Ctx<'_>) -> Result<(), BackendError> {
+        let command = self.guest.merged(self.physical_intx_disable(ctx));
+        self.backend
+            .config_write(PCI_COMMAND, Width::Word, u32::from(command))
+    }
+
+    /// Flow 3 (write) behind the gate.
+    fn guest_write(
+        &mut self,
+        offset: u16,
+        width: Width,
+        value: u32,
+        ctx: &Ctx<'_>,
+        write: impl FnOnce(&mut Self, u32) -> Result<(), BackendError>,
+    ) -> Result<(), Fail> {
+        let op = Operation::GuestConfigWrite { offset, width };
+        let before = self.guest;
+        self.guest.record(offset, width, value);
+        let enabling = before.intx_disabled() && !self.guest.intx_disabled();
+        let physical =
+            GuestCommand::with_intx_disable(offset, width, value, self.physical_intx_disable(ctx));
+        if let Err(e) = write(self, physical) {
+            self.guest = before;
+            return Err(Fail::Backend(op, e));
+        }
+        if enabling {
+            // The guest unmasked its INTx: deliver what it held back.
+            self.settle(ctx)?;
+        }
+        Ok(())
+    }
+}
+
+/// The type 0 header registers a reset clears and the reset path restores.
+/// COMMAND is not among them: it is rebuilt from the guest's view and the
+/// host mask.
+struct SavedHeader {
+    bars: [u32; PCI_NUM_BARS as usize],
+    rom: u32,
+    cache_line_size: u32,
+    latency_timer: u32,
+    interrupt_line: u32,
+}
+
+impl SavedHeader {
+    fn bar_offset(index: usize) -> u16 {
+        // index < PCI_NUM_BARS, so this cannot truncate.
+        PCI_BASE_ADDRESS_0 + 4 * index as u16
+    }
+
+    fn save<B: PciBackend + ?Sized>(dev: &mut B) -> Result<Self, BackendError> {
+        // Fail early, before anything changes, if the device does not answer.
+        read_command_status(dev)?;
+        let mut bars = [0; PCI_NUM_BARS as usize];
+        for (i, bar) in bars.iter_mut().enumerate() {
+            *bar = dev.config_read(Self::bar_offset(i), Width::Dword)?;
+        }
+        Ok(Self {
+            bars,
+            rom: dev.config_read(PCI_ROM_ADDRESS, Width::Dword)?,
+            cache_line_size: dev.config_read(PCI_CACHE_LINE_SIZE, Width::Byte)?,
+            latency_timer: dev.config_read(PCI_LATENCY_TIMER, Width::Byte)?,
+            interrupt_line: dev.config_read(PCI_INTERRUPT_LINE, Width::Byte)?,
+        })
+    }
+
+    fn restore<B: PciBackend + ?Sized>(&self, dev: &mut B) -> Result<(), BackendError> {
+        for (i, bar) in self.bars.iter().enumerate() {
+            dev.config_write(Self::bar_offset(i), Width::Dword, *bar)?;
+        }
+        dev.config_write(PCI_ROM_ADDRESS, Width::Dword, self.rom)?;
+        dev.config_write(PCI_CACHE_LINE_SIZE, Width::Byte, self.cache_line_size)?;
+        dev.config_write(PCI_LATENCY_TIMER, Width::Byte, self.latency_timer)?;
+        dev.config_write(PCI_INTERRUPT_LINE, Width::Byte, self.interrupt_line)
+    }
+}

@@ -1,0 +1,70 @@
+//! Per-device counters of the INTx engine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters, updated without locks.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) host_interrupts: AtomicU64,
+    pub(crate) not_mine: AtomicU64,
+    pub(crate) injected: AtomicU64,
+    pub(crate) reinjected: AtomicU64,
+    pub(crate) eois: AtomicU64,
+    pub(crate) spurious_eois: AtomicU64,
+    pub(crate) held: AtomicU64,
+    pub(crate) resets: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) retries: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of one device's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IntxStats {
+    /// Host interrupt events handled (including deferred ones re-run).
+    pub host_interrupts: u64,
+    /// Host interrupts for which the device was not asserting ("not mine").
+    pub not_mine: u64,
+    /// Interrupts injected into the guest, re-injections included.
+    pub injected: u64,
+    /// Re-injections at EOI because the device still asserted.
+    pub reinjected: u64,
+    /// Guest EOIs handled.
+    pub eois: u64,
+    /// EOIs that arrived while no interrupt was in service.
+    pub spurious_eois: u64,
+    /// Interrupts held because the guest had set its own INTX_DISABLE.
+    pub held: u64,
+    /// Interrupt-path attempts deferred because the gate was held.
+    pub deferred: u64,
+    /// Resets performed through the engine.
+    pub resets: u64,
+    /// Operations that failed.
+    pub errors: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, deferred: u64) -> IntxStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        IntxStats {
+            host_interrupts: get(&self.host_interrupts),
+            not_mine: get(&self.not_mine),
+            injected: get(&self.injected),
+            reinjected: get(&self.reinjected),
+            eois: get(&self.eois),
+            spurious_eois: get(&self.spurious_eois),
+            held: get(&self.held),
+            deferred,
+            resets: get(&self.resets),
+            errors: get(&self.errors),
+            retries: get(&self.retries),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! User-space PCI 2.3 INTx masking for PCI devices assigned to KVM guests.
+//!
+//! The crate implements, for one assigned device at a time, the pattern the
+//! kernel's uio_pci_generic and vfio-pci use for shared INTx lines: on a host
+//! interrupt, check PCI_STATUS.INTERRUPT and set PCI_COMMAND.INTX_DISABLE
+//! (check-and-mask); forward the interrupt to the guest; on the guest's EOI,
+//! check-and-unmask, re-injecting while the device still asserts. Every
+//! config-space access goes through a serialized [`gate::ConfigGate`] that
+//! coordinates with resets the way the kernel's `pci_cfg_access_lock` does.
+//!
+//! The core is synchronous and has no async runtime in it, so a VMM built on
+//! any thread model can embed it:
+//!
+//! - [`pci`]: registers, addresses, PCI 2.3 masking primitives, the masking
+//!   probe;
+//! - [`backend`]: the seam every device backend implements;
+//! - [`gate`]: the config-access gate;
+//! - [`intx`]: the per-device INTx engine and its event loop;
+//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device.
+//!
+//! ```
+//! # #[cfg(feature = "sim")] {
+//! use vfio_intx::intx::{CallbackSink, IntxDevice};
+//! use vfio_intx::sim::SimDevice;
+//!
+//! let sim = SimDevice::builder().build();
+//! let dev = IntxDevice::new(sim.backend(), CallbackSink(|| Ok(()))).unwrap();
+//! sim.raise();
+//! dev.on_host_interrupt().unwrap();
+//! assert_eq!(dev.stats().injected, 1);
+//! # }
+//! ```
+
+pub mod backend;
+pub mod gate;
+pub mod intx;
+pub mod pci;
+#[cfg(feature = "sim")]
+pub mod sim;
+mod sync;
+
+/// Formats an error and all its sources on one line, separated by ": ".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

@@ -1,0 +1,10 @@
+//! PCI facts: registers, addresses, access rules, and the PCI 2.3 INTx
+//! masking primitives.
+
+mod access;
+mod bdf;
+pub mod intx;
+pub mod regs;
+
+pub use access::{check_access, check_write, covers, AccessError, Width};
+pub use bdf::{Bdf, BdfError};

@@ -1,0 +1,636 @@
+//! A simulated PCI 2.3 device, faithful to the parts of the specification the
+//! engine depends on, with fault injection. Used by the tests, the
+//! benchmarks and `vfio-intx demo`.
+//!
+//! The model:
+//! - the device drives its INTx level from its own pending-interrupt count
+//!   (raised by [`SimDevice::raise`], lowered by [`SimDevice::ack`], the
+//!   driver's BAR accesses);
+//! - STATUS.INTERRUPT mirrors that level, also while INTX_DISABLE is set;
+//! - INTX_DISABLE gates the line; the host interrupt (the backend's trigger
+//!   eventfd) fires when the gated line goes from low to high, as a
+//!   level-triggered line does when its handler masks it;
+//! - a reset clears COMMAND, the BARs and the header registers, and for its
+//!   window makes config reads return all-ones and drops writes; the device
+//!   keeps its pending interrupts and asserts again afterwards;
+//! - faults can be injected per operation and call;
+//! - masking can be made broken (INTX_DISABLE does not stick).
+
+mod rig;
+pub mod stress;
+
+pub use rig::{RigError, SimRig};
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
+use crate::pci::intx;
+use crate::pci::regs::*;
+use crate::pci::{check_access, check_write, Bdf, Width};
+
+/// Vendor ID of the simulated device (QEMU's edu device, which the real-kernel
+/// tests use too).
+pub const SIM_VENDOR_ID: u16 = 0x1234;
+/// Device ID of the simulated device.
+pub const SIM_DEVICE_ID: u16 = 0x11e8;
+/// Offset of the simulated PCI Express capability.
+pub const SIM_PCIE_CAP: u16 = 0x40;
+/// Size of BAR0.
+const BAR0_SIZE: u32 = 0x1000;
+/// COMMAND bits the device implements.
+const COMMAND_WRITABLE: u16 = COMMAND_IO
+    | COMMAND_MEMORY
+    | COMMAND_MASTER
+    | COMMAND_PARITY
+    | COMMAND_SERR
+    | COMMAND_INTX_DISABLE;
+
+/// A backend operation that faults can be attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SimOp {
+    /// `config_read`.
+    ConfigRead,
+    /// `config_write`.
+    ConfigWrite,
+    /// `intx_enable`.
+    IntxEnable,
+    /// `intx_disable`.
+    IntxDisable,
+    /// `intx_check_and_mask`.
+    CheckAndMask,
+    /// `intx_check_and_unmask`.
+    CheckAndUnmask,
+    /// `intx_mask`.
+    Mask,
+    /// `reset`.
+    Reset,
+}
+
+impl SimOp {
+    /// Every operation, for tests that fault each one in turn.
+    pub const ALL: [SimOp; 8] = [
+        SimOp::ConfigRead,
+        SimOp::ConfigWrite,
+        SimOp::IntxEnable,
+        SimOp::IntxDisable,
+        SimOp::CheckAndMask,
+        SimOp::CheckAndUnmask,
+        SimOp::Mask,
+        SimOp::Reset,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What an injected fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// EIO.
+    Eio,
+    /// EAGAIN (transient).
+    Eagain,
+    /// EBUSY (transient).
+    Ebusy,
+    /// The device is gone.
+    Gone,
+    /// Config reads return all-ones; other operations report the device as
+    /// not responding.
+    AllOnes,
+}
+
+impl Fault {
+    fn error(self, op: &'static str) -> BackendError {
+        let os = |errno| BackendError::os(op, std::io::Error::from_raw_os_error(errno));
+        match self {
+            Fault::Eio => os(libc::EIO),
+            Fault::Eagain => os(libc::EAGAIN),
+            Fault::Ebusy => os(libc::EBUSY),
+            Fault::Gone => BackendError::Gone,
+            Fault::AllOnes => BackendError::NotResponding,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FaultRule {
+    op: SimOp,
+    /// Calls of `op` to let through before the fault applies.
+    skip: u64,
+    /// Calls that fail once it applies (`u64::MAX`: forever).
+    times: u64,
+    fault: Fault,
+}
+
+/// Counters and state of the simulated device, for assertions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimSnapshot {
+    /// COMMAND as the hardware holds it.
+    pub command: u16,
+    /// Whether the device asserts INTx (STATUS.INTERRUPT).
+    pub asserting: bool,
+    /// Interrupts raised and not yet acknowledged.
+    pub pending: u64,
+    /// Interrupts raised in all.
+    pub raised: u64,
+    /// Interrupts acknowledged in all.
+    pub acked: u64,
+    /// Resets performed.
+    pub resets: u64,
+    /// Host interrupts signalled on the trigger eventfd.
+    pub host_signals: u64,
+    /// Whether the device is inside a reset window.
+    pub in_reset: bool,
+}
+
+struct State {
+    config: [u8; PCI_CFG_SPACE_SIZE as usize],
+    pending: u64,
+    raised: u64,
+    acked: u64,
+    resets: u64,
+    host_signals: u64,
+    in_reset: bool,
+    line_out: bool,
+    trigger: Option<EventFd>,
+    calls: [u64; SimOp::ALL.len()],
+    faults: Vec<FaultRule>,
+}
+
+struct Inner {
+    bdf: Bdf,
+    broken_masking: bool,
+    has_reset: bool,
+    reset_window: Duration,
+    state: Mutex<State>,
+}
+
+/// Builds a [`SimDevice`].
+#[derive(Debug, Clone)]
+pub struct SimDeviceBuilder {
+    bdf: Bdf,
+    vendor: u16,
+    device: u16,
+    pin: u8,
+    broken_masking: bool,
+    has_reset: bool,
+    reset_window: Duration,
+}
+
+impl SimDeviceBuilder {
+    /// The device's address (default `0000:00:04.0`).
+    pub fn bdf(mut self, bdf: Bdf) -> Self {
+        self.bdf = bdf;
+        self
+    }
+    /// Vendor and device ID (default QEMU's edu, 1234:11e8).
+    pub fn ids(mut self, vendor: u16, device: u16) -> Self {
+        self.vendor = vendor;
+        self.device = device;
+        self
+    }
+    /// INTERRUPT_PIN (default 1 = INTA#; 0 = no INTx).
+    pub fn interrupt_pin(mut self, pin: u8) -> Self {
+        self.pin = pin;
+        self
+    }
+    /// Makes INTX_DISABLE not stick, as on devices with broken masking.
+    pub fn broken_masking(mut self, broken: bool) -> Self {
+        self.broken_masking = broken;
+        self
+    }
+    /// Whether the device has a reset method (default yes; a device without
+    /// one answers resets with [`BackendError::NoResetMethod`]).
+    pub fn reset_method(mut self, has_reset: bool) -> Self {
+        self.has_reset = has_reset;
+        self
+    }
+    /// How long a reset keeps the device unresponsive (default 50 us).
+    pub fn reset_window(mut self, window: Duration) -> Self {
+        self.reset_window = window;
+        self
+    }
+
+    /// Creates the device, out of reset, INTx unmasked and idle.
+    pub fn build(self) -> SimDevice {
+        let mut config = [0u8; PCI_CFG_SPACE_SIZE as usize];
+        put(&mut config, PCI_VENDOR_ID, Width::Word, self.vendor.into());
+        put(&mut config, PCI_DEVICE_ID, Width::Word, self.device.into());
+        put(&mut config, PCI_REVISION_ID, Width::Byte, 0x10);
+        // Class 00ff00: unclassified device, as edu reports.
+        put(&mut config, PCI_CLASS_PROG, Width::Byte, 0x00);
+        put(&mut config, PCI_CLASS_PROG + 1, Width::Word, 0x00ff);
+        put(&mut config, PCI_INTERRUPT_PIN, Width::Byte, self.pin.into());
+        put(
+            &mut config,
+            PCI_CAPABILITY_LIST,
+            Width::Byte,
+            SIM_PCIE_CAP.into(),
+        );
+        put(
+            &mut config,
+            SIM_PCIE_CAP,
+            Width::Byte,
+            PCI_CAP_ID_EXP.into(),
+        );
+        put(
+            &mut config,
+            SIM_PCIE_CAP + PCI_CAP_LIST_NEXT,
+            Width::Byte,
+            0,
+        );
+        // PCIe capability version 2, endpoint.
+        put(&mut config, SIM_PCIE_CAP + 2, Width::Word, 0x0002);
+        let devcap = if self.has_reset {
+            PCI_EXP_DEVCAP_FLR
+        } else {
+            0
+        };
+        put(
+            &mut config,
+            SIM_PCIE_CAP + PCI_EXP_DEVCAP,
+            Width::Dword,
+            devcap,
+        );
+        SimDevice {
+            inner: Arc::new(Inner {
+                bdf: self.bdf,
+                broken_masking: self.broken_masking,
+                has_reset: self.has_reset,
+                reset_window: self.reset_window,
+                state: Mutex::new(State {
+                    config,
+                    pending: 0,
+                    raised: 0,
+                    acked: 0,
+                    resets: 0,
+                    host_signals: 0,
+                    in_reset: false,
+                    line_out: false,
+                    trigger: None,
+                    calls: [0; SimOp::ALL.len()],
+                    faults: Vec::new(),
+                }),
+            }),
+        }
+    }
+}
+
+fn put(config: &mut [u8], offset: u16, width: Width, value: u32) {
+    let start = usize::from(offset);
+    let bytes = value.to_le_bytes();
+    let len = usize::from(width.bytes());
+    config[start..start + len].copy_from_slice(&bytes[..len]);
+}
+
+fn get(config: &[u8], offset: u16, width: Width) -> u32 {
+    let start = usize::from(offset);
+    let mut bytes = [0u8; 4];
+    let len = usize::from(width.bytes());
+    bytes[..len].copy_from_slice(&config[start..start + len]);
+    u32::from_le_bytes(bytes)
+}
+
+/// The simulated device, as the hardware side sees it: the guest driver's
+/// BAR accesses ([`raise`](Self::raise) stands for the device deciding to
+/// interrupt, [`ack`](Self::ack) for the driver acknowledging one) and the
+/// test's view of the registers. Cheap to clone; clones are the same device.
+#[derive(Clone)]
+pub struct SimDevice {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SimDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimDevice")
+            .field("bdf", &self.inner.bdf)
+            .field("state", &self.snapshot())
+            .finish()
+    }
+}
+
+impl SimDevice {
+    /// A builder with the defaults: edu IDs, INTA#, working masking, a reset
+    /// method with a 50 us window.
+    pub fn builder() -> SimDeviceBuilder {
+        SimDeviceBuilder {
+            // 00:04.0 is a valid address by construction.
+            bdf: Bdf::new(0, 0, 4, 0).unwrap_or_else(|_| unreachable!()),
+            vendor: SIM_VENDOR_ID,
+            device: SIM_DEVICE_ID,
+            pin: 1,
+            broken_masking: false,
+            has_reset: true,
+            reset_window: Duration::from_micros(50),
+        }
+    }
+
+    /// A backend for the engine (the "driver" side).
+    pub fn backend(&self) -> SimBackend {
+        SimBackend {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// The device's address.
+    pub fn bdf(&self) -> Bdf {
+        self.inner.bdf
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.lock()
+    }
+
+    /// The device raises one interrupt (its pending count goes up).
+    pub fn raise(&self) {
+        let mut s = self.state();
+        s.pending += 1;
+        s.raised += 1;
+        self.inner.update_line(&mut s);
+    }
+
+    /// The driver acknowledges one interrupt. Returns `false` if none was
+    /// pending (or the device is in reset and does not decode).
+    pub fn ack(&self) -> bool {
+        let mut s = self.state();
+        if s.pending == 0 || s.in_reset {
+            return false;
+        }
+        s.pending -= 1;
+        s.acked += 1;
+        self.inner.update_line(&mut s);
+        true
+    }
+
+    /// The registers and counters right now.
+    pub fn snapshot(&self) -> SimSnapshot {
+        let s = self.state();
+        SimSnapshot {
+            command: self.inner.command(&s),
+            asserting: self.inner.level(&s),
+            pending: s.pending,
+            raised: s.raised,
+            acked: s.acked,
+            resets: s.resets,
+            host_signals: s.host_signals,
+            in_reset: s.in_reset,
+        }
+    }
+
+    /// Makes the next `times` calls of `op`, after `skip` successful ones,
+    /// fail with `fault`. `times = u64::MAX` fails forever.
+    pub fn inject_fault(&self, op: SimOp, fault: Fault, skip: u64, times: u64) {
+        let mut s = self.state();
+        let skip = s.calls[op.index()] + skip;
+        s.faults.push(FaultRule {
+            op,
+            skip,
+            times,
+            fault,
+        });
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// How many times `op` was called.
+    pub fn calls(&self, op: SimOp) -> u64 {
+        self.state().calls[op.index()]
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's INTx level: pending work, and not held in reset.
+    fn level(&self, s: &State) -> bool {
+        s.pending > 0 && !s.in_reset
+    }
+
+    fn command(&self, s: &State) -> u16 {
+        // A word read of the config array is at most 16 bits.
+        (get(&s.config, PCI_COMMAND, Width::Word) & 0xffff) as u16
+    }
+
+    fn masked(&self, s: &State) -> bool {
+        !self.broken_masking && self.command(s) & COMMAND_INTX_DISABLE != 0
+    }
+
+    /// Recomputes the gated line and signals the host on a rising edge.
+    fn update_line(&self, s: &mut State) {
+        let out = self.level(s) && !self.masked(s);
+        if out && !s.line_out {
+            if let Some(trigger) = &s.trigger {
+                // Overflow of the eventfd counter is the only failure; the
+                // host is then due to run anyway.
+                let _ = trigger.write(1);
+                s.host_signals += 1;
+            }
+        }
+        s.line_out = out;
+    }
+
+    /// Counts a call of `op` and returns the fault to apply to it, if any.
+    fn fault(&self, s: &mut State, op: SimOp) -> Option<Fault> {
+        let call = s.calls[op.index()];
+        s.calls[op.index()] += 1;
+        s.faults
+            .iter()
+            .find(|r| r.op == op && call >= r.skip && call - r.skip < r.times)
+            .map(|r| r.fault)
+    }
+
+    fn read(&self, s: &mut State, offset: u16, width: Width) -> Result<u32, BackendError> {
+        check_access(offset, width, PCI_CFG_SPACE_SIZE)?;
+        match self.fault(s, SimOp::ConfigRead) {
+            Some(Fault::AllOnes) => return Ok(width.all_ones()),
+            Some(f) => return Err(f.error("config read")),
+            None => {}
+        }
+        if s.in_reset {
+            return Ok(width.all_ones());
+        }
+        let mut config = s.config;
+        let mut status = get(&config, PCI_STATUS, Width::Word) as u16;
+        if self.level(s) {
+            status |= STATUS_INTERRUPT;
+        }
+        status |= STATUS_CAP_LIST;
+        put(&mut config, PCI_STATUS, Width::Word, status.into());
+        Ok(get(&config, offset, width))
+    }
+
+    fn write(
+        &self,
+        s: &mut State,
+        offset: u16,
+        width: Width,
+        value: u32,
+    ) -> Result<(), BackendError> {
+        check_write(offset, width, PCI_CFG_SPACE_SIZE, value)?;
+        if let Some(f) = self.fault(s, SimOp::ConfigWrite) {
+            return Err(f.error("config write"));
+        }
+        if s.in_reset {
+            return Ok(());
+        }
+        let bytes = value.to_le_bytes();
+        for (i, b) in bytes[..usize::from(width.bytes())].iter().enumerate() {
+            // i < 4, so the offset stays within config space (checked above).
+            self.write_byte(s, offset + i as u16, *b);
+        }
+        self.update_line(s);
+        Ok(())
+    }
+
+    /// Applies one written byte according to the register's write mask.
+    fn write_byte(&self, s: &mut State, offset: u16, value: u8) {
+        let mut mask: u8 = match offset {
+            // COMMAND
+            0x04 => (COMMAND_WRITABLE & 0xff) as u8,
+            0x05 => (COMMAND_WRITABLE >> 8) as u8,
+            // BAR0: 4 KiB 32-bit memory BAR, address bits only.
+            0x10 => 0x00,
+            0x11 => (!(BAR0_SIZE - 1) >> 8) as u8,
+            0x12 | 0x13 => 0xff,
+            // Cache line size, latency timer, interrupt line.
+            0x0c | 0x0d | 0x3c => 0xff,
+            // PCIe Device Control (low byte, high byte without FLR).
+            o if o == SIM_PCIE_CAP + PCI_EXP_DEVCTL => 0xff,
+            o if o == SIM_PCIE_CAP + PCI_EXP_DEVCTL + 1 => 0x7f,
+            _ => 0x00,
+        };
+        if self.broken_masking && offset == PCI_COMMAND + 1 {
+            mask &= !((COMMAND_INTX_DISABLE >> 8) as u8);
+        }
+        let i = usize::from(offset);
+        s.config[i] = (s.config[i] & !mask) | (value & mask);
+    }
+
+    fn reset(&self) -> Result<(), BackendError> {
+        {
+            let mut s = self.lock();
+            if let Some(f) = self.fault(&mut s, SimOp::Reset) {
+                return Err(f.error("reset"));
+            }
+            if !self.has_reset {
+                return Err(BackendError::NoResetMethod);
+            }
+            s.in_reset = true;
+            s.resets += 1;
+            // Function reset: COMMAND, BARs and the writable header registers
+            // go back to their power-on values.
+            put(&mut s.config, PCI_COMMAND, Width::Word, 0);
+            put(&mut s.config, PCI_CACHE_LINE_SIZE, Width::Word, 0);
+            put(&mut s.config, PCI_INTERRUPT_LINE, Width::Byte, 0);
+            for bar in 0..PCI_NUM_BARS {
+                put(&mut s.config, PCI_BASE_ADDRESS_0 + 4 * bar, Width::Dword, 0);
+            }
+            put(&mut s.config, SIM_PCIE_CAP + PCI_EXP_DEVCTL, Width::Word, 0);
+            self.update_line(&mut s);
+        }
+        thread::sleep(self.reset_window);
+        let mut s = self.lock();
+        s.in_reset = false;
+        self.update_line(&mut s);
+        Ok(())
+    }
+}
+
+/// The engine's side of the simulated device.
+pub struct SimBackend {
+    inner: Arc<Inner>,
+}
+
+impl SimBackend {
+    fn op(&self, op: SimOp, name: &'static str) -> Result<(), BackendError> {
+        let mut s = self.inner.lock();
+        match self.inner.fault(&mut s, op) {
+            Some(f) => Err(f.error(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl PciBackend for SimBackend {
+    fn bdf(&self) -> Bdf {
+        self.inner.bdf
+    }
+
+    fn config_size(&self) -> u16 {
+        PCI_CFG_SPACE_SIZE
+    }
+
+    fn config_read(&mut self, offset: u16, width: Width) -> Result<u32, BackendError> {
+        let mut s = self.inner.lock();
+        self.inner.read(&mut s, offset, width)
+    }
+
+    fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError> {
+        let mut s = self.inner.lock();
+        self.inner.write(&mut s, offset, width, value)
+    }
+
+    fn intx_disable_bit(&self) -> IntxDisableBit {
+        IntxDisableBit::Physical
+    }
+
+    fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError> {
+        self.op(SimOp::IntxEnable, "INTx enable")?;
+        let trigger = trigger
+            .try_clone()
+            .map_err(|e| BackendError::os("eventfd dup", e))?;
+        let mut s = self.inner.lock();
+        s.trigger = Some(trigger);
+        // A line already high is an interrupt the new handler must see.
+        s.line_out = false;
+        self.inner.update_line(&mut s);
+        Ok(())
+    }
+
+    fn intx_disable(&mut self) -> Result<(), BackendError> {
+        self.op(SimOp::IntxDisable, "INTx disable")?;
+        intx::set_intx_disable(self, true)?;
+        self.inner.lock().trigger = None;
+        Ok(())
+    }
+
+    fn intx_check_and_mask(&mut self) -> Result<bool, BackendError> {
+        self.op(SimOp::CheckAndMask, "INTx check-and-mask")?;
+        intx::check_and_mask(self)
+    }
+
+    fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
+        self.op(SimOp::CheckAndUnmask, "INTx check-and-unmask")?;
+        Ok(if intx::check_and_unmask(self)? {
+            Unmask::Unmasked
+        } else {
+            Unmask::StillAsserting
+        })
+    }
+
+    fn intx_mask(&mut self) -> Result<(), BackendError> {
+        self.op(SimOp::Mask, "INTx mask")?;
+        intx::set_intx_disable(self, true)
+    }
+
+    fn intx_set_unmask_eventfd(&mut self, _fd: Option<&EventFd>) -> Result<(), BackendError> {
+        Err(BackendError::os(
+            "registering an unmask eventfd",
+            std::io::Error::from(std::io::ErrorKind::Unsupported),
+        ))
+    }
+
+    fn reset(&mut self) -> Result<(), BackendError> {
+        self.inner.reset()
+    }
+}
