@@ -110,7 +110,7 @@ export VFIO_INTX_EDU_RESET_GROUP VFIO_INTX_EDU_NORESET_GROUP VFIO_INTX_EDU_UIO_D
 T1="$(cut -d' ' -f1 /proc/uptime)"
 log "kernel $(uname -r); setup done at ${T1}s (init started at ${T0}s)"
 log "edu reset=$EDU_RESET (group $VFIO_INTX_EDU_RESET_GROUP) noreset=$EDU_NORESET (group $VFIO_INTX_EDU_NORESET_GROUP) uio=$EDU_UIO ($VFIO_INTX_EDU_UIO_DEV)"
-log "running: $*"
+log "running: $(printf '%s ' "$@" | tr '\n' ' ' | cut -c 1-160)"
 
 # ---------------------------------------------------------------- the command
 cd /root || true
