@@ -168,7 +168,7 @@ KCMD="console=ttyS0 intel_iommu=on quiet panic=-1${APPEND:+ $APPEND}"
 # shellcheck disable=SC2054 # the commas are QEMU option syntax
 QEMU=(qemu-system-x86_64 -nodefaults -no-user-config
     -M q35 -accel tcg -cpu qemu64,+svm,+npt -smp 1 -m "$MEM"
-    # The IOMMU must come before the PCI devices. Interrupt remapping: without it
+    # The IOMMU is listed ahead of the PCI devices. Interrupt remapping: without it
     # VFIO_SET_IOMMU fails with EPERM.
     -device intel-iommu,intremap=on
     # edu behind a root port: has a reset method (secondary bus reset).
