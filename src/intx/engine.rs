@@ -362,9 +362,14 @@ impl<B: PciBackend> IntxDevice<B> {
         // failed reset leaves the device as it was.
         let restore = saved
             .restore(&mut dev.backend)
-            .and_then(|()| dev.write_command(&ctx))
+            .and(dev.write_command(&ctx))
             .map_err(|e| Fail::Backend(Operation::RestoreState, e));
         let settle = dev.settle(&ctx);
+        if settle.is_err() {
+            // Leave the re-check to the interrupt path once the gate is free.
+            self.wake.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
+            self.wake.kick();
+        }
         let result = reset.and(restore).and(settle);
         match &result {
             Ok(()) => debug!(line = ?dev.line, "reset done"),
@@ -451,28 +456,30 @@ impl<B: PciBackend> IntxDevice<B> {
 
 impl<B: PciBackend> Device<B> {
     /// Runs the recorded interrupt-path work: EOI first, so that a host
-    /// interrupt seen in the same pass finds the line as the EOI left it.
+    /// interrupt seen in the same pass finds the line as the EOI left it;
+    /// a re-check (after a deferral or a failure) last.
     fn run(&mut self, work: u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
         if work & WORK_EOI != 0 {
             self.guest_eoi(ctx)?;
         }
-        if work & (WORK_HOST | WORK_RECHECK) != 0 {
-            self.host_interrupt(work & WORK_HOST != 0, ctx)?;
+        if work & WORK_HOST != 0 {
+            self.host_interrupt(ctx)?;
+        }
+        if work & WORK_RECHECK != 0 {
+            self.settle(ctx)?;
         }
         Ok(())
     }
 
     /// Flow 1 behind the gate.
-    fn host_interrupt(&mut self, from_host: bool, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        if from_host {
-            Counters::bump(&ctx.counters.host_interrupts);
-        }
+    fn host_interrupt(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        Counters::bump(&ctx.counters.host_interrupts);
         let asserting = self
             .backend
             .intx_check_and_mask()
             .map_err(|e| Fail::Backend(Operation::CheckAndMask, e))?;
         if !asserting {
-            if from_host && self.line == LineState::Idle {
+            if self.line == LineState::Idle {
                 Counters::bump(&ctx.counters.not_mine);
             }
             return Ok(());
@@ -564,6 +571,10 @@ impl<B: PciBackend> Device<B> {
                         Ok(())
                     }
                     Unmask::StillAsserting => {
+                        // Coming from Idle the line may not be masked yet.
+                        self.backend
+                            .intx_mask()
+                            .map_err(|e| Fail::Backend(Operation::Mask, e))?;
                         self.line = LineState::Idle;
                         self.inject(ctx)
                     }
@@ -605,8 +616,14 @@ impl<B: PciBackend> Device<B> {
         let before = self.guest;
         self.guest.record(offset, width, value);
         let enabling = before.intx_disabled() && !self.guest.intx_disabled();
-        let physical =
-            GuestCommand::with_intx_disable(offset, width, value, self.physical_intx_disable(ctx));
+        // When the guest unmasks, keep a physical mask in place and let
+        // `settle` lift it with a check-and-unmask, so that a device that
+        // asserted meanwhile is delivered rather than left to fire unmasked.
+        let intx_disable = match ctx.disable_bit {
+            IntxDisableBit::Physical if enabling => true,
+            _ => self.physical_intx_disable(ctx),
+        };
+        let physical = GuestCommand::with_intx_disable(offset, width, value, intx_disable);
         if let Err(e) = write(self, physical) {
             self.guest = before;
             return Err(Fail::Backend(op, e));
@@ -652,13 +669,27 @@ impl SavedHeader {
         })
     }
 
+    /// Writes every saved register back, going on past a failed write so
+    /// that one failure leaves as little as possible unrestored; returns the
+    /// first error.
     fn restore<B: PciBackend + ?Sized>(&self, dev: &mut B) -> Result<(), BackendError> {
-        for (i, bar) in self.bars.iter().enumerate() {
-            dev.config_write(Self::bar_offset(i), Width::Dword, *bar)?;
+        let writes = self
+            .bars
+            .iter()
+            .enumerate()
+            .map(|(i, bar)| (Self::bar_offset(i), Width::Dword, *bar))
+            .chain([
+                (PCI_ROM_ADDRESS, Width::Dword, self.rom),
+                (PCI_CACHE_LINE_SIZE, Width::Byte, self.cache_line_size),
+                (PCI_LATENCY_TIMER, Width::Byte, self.latency_timer),
+                (PCI_INTERRUPT_LINE, Width::Byte, self.interrupt_line),
+            ]);
+        let mut first_error = None;
+        for (offset, width, value) in writes {
+            if let Err(e) = dev.config_write(offset, width, value) {
+                first_error.get_or_insert(e);
+            }
         }
-        dev.config_write(PCI_ROM_ADDRESS, Width::Dword, self.rom)?;
-        dev.config_write(PCI_CACHE_LINE_SIZE, Width::Byte, self.cache_line_size)?;
-        dev.config_write(PCI_LATENCY_TIMER, Width::Byte, self.latency_timer)?;
-        dev.config_write(PCI_INTERRUPT_LINE, Width::Byte, self.interrupt_line)
+        first_error.map_or(Ok(()), Err)
     }
 }

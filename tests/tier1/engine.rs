@@ -1,0 +1,310 @@
+//! The INTx state machine, step by step and with the worker and guest
+//! threads of `SimRig`.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use vfio_intx::intx::{IntxOptions, LineState, Serviced};
+use vfio_intx::pci::regs::*;
+use vfio_intx::pci::Width;
+use vfio_intx::sim::{SimDevice, SimRig};
+
+use crate::Stepper;
+
+#[test]
+fn host_interrupt_masks_injects_and_eoi_unmasks() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.sim.raise();
+    assert_eq!(t.dev.on_host_interrupt().unwrap(), Serviced::Done);
+    assert_eq!(t.injected(), 1);
+    assert!(t.masked(), "host mask set while in service");
+    assert_eq!(t.dev.line_state(), LineState::InService);
+    assert!(t.guest_isr());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+    assert!(!t.masked());
+    let s = t.dev.stats();
+    assert_eq!(
+        (s.host_interrupts, s.injected, s.eois, s.not_mine),
+        (1, 1, 1, 0)
+    );
+}
+
+#[test]
+fn eoi_while_the_device_still_asserts_reinjects_and_stays_masked() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.sim.raise();
+    t.sim.raise();
+    t.poll_host();
+    assert_eq!(t.injected(), 1);
+    assert!(t.guest_isr());
+    assert_eq!(t.injected(), 2, "re-injected at EOI");
+    assert!(t.masked());
+    assert_eq!(t.dev.stats().reinjected, 1);
+    assert!(t.guest_isr());
+    assert_eq!(t.injected(), 2);
+    assert!(!t.masked());
+    assert_eq!(t.sim.snapshot().acked, 2);
+}
+
+#[test]
+fn an_event_for_another_device_on_the_shared_line_is_not_mine() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    let before = t.sim.snapshot().command;
+    // Another device on the same host line fired.
+    t.dev.trigger().write(1).unwrap();
+    t.poll_host();
+    assert_eq!(t.injected(), 0);
+    assert_eq!(t.dev.stats().not_mine, 1);
+    assert_eq!(t.sim.snapshot().command, before, "nothing changed");
+}
+
+#[test]
+fn spurious_eoi_is_counted_and_changes_nothing() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev.on_guest_eoi().unwrap();
+    assert_eq!(t.dev.stats().spurious_eois, 1);
+    assert_eq!(t.injected(), 0);
+    assert!(!t.masked());
+}
+
+#[test]
+fn an_interrupt_already_asserted_at_arming_is_delivered() {
+    let sim = SimDevice::builder().build();
+    sim.raise();
+    let t = Stepper::new(sim);
+    assert_eq!(t.injected(), 1);
+    assert_eq!(t.dev.line_state(), LineState::InService);
+}
+
+#[test]
+fn guest_sees_its_own_intx_disable_never_the_host_mask() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    t.sim.raise();
+    t.poll_host();
+    assert!(t.masked(), "host mask is set physically");
+    for (offset, width, bit) in [
+        (PCI_COMMAND, Width::Word, u32::from(COMMAND_INTX_DISABLE)),
+        (PCI_COMMAND, Width::Dword, u32::from(COMMAND_INTX_DISABLE)),
+        (
+            PCI_COMMAND + 1,
+            Width::Byte,
+            u32::from(COMMAND_INTX_DISABLE >> 8),
+        ),
+    ] {
+        let v = t.dev.guest_config_read(offset, width).unwrap();
+        assert_eq!(
+            v & bit,
+            0,
+            "guest read at {offset:#x} {width} shows the host mask"
+        );
+    }
+    let dword = t.dev.guest_config_read(PCI_COMMAND, Width::Dword).unwrap();
+    assert_ne!(
+        dword & (u32::from(STATUS_INTERRUPT) << 16),
+        0,
+        "STATUS passes through"
+    );
+}
+
+#[test]
+fn guest_intx_disable_holds_interrupts_until_cleared() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(
+            PCI_COMMAND,
+            Width::Word,
+            u32::from(0x0006 | COMMAND_INTX_DISABLE),
+        )
+        .unwrap();
+    assert!(t.masked());
+    t.sim.raise();
+    t.poll_host();
+    assert_eq!(t.injected(), 0, "no delivery while the guest disabled INTx");
+    let v = t.dev.guest_config_read(PCI_COMMAND, Width::Word).unwrap();
+    assert_ne!(
+        v & u32::from(COMMAND_INTX_DISABLE),
+        0,
+        "guest sees its own bit"
+    );
+    // The guest clears the bit with a byte write to the high half of COMMAND.
+    t.dev
+        .guest_config_write(PCI_COMMAND + 1, Width::Byte, 0)
+        .unwrap();
+    t.poll_host();
+    assert_eq!(t.injected(), 1, "held interrupt delivered on enable");
+    assert!(t.masked());
+    assert!(t.guest_isr());
+    assert!(!t.masked());
+    assert_eq!(t.dev.guest_command(), 0x0006);
+}
+
+#[test]
+fn guest_disabling_intx_while_in_service_holds_the_rest() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.sim.raise();
+    t.sim.raise();
+    t.poll_host();
+    assert_eq!(t.injected(), 1);
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, u32::from(COMMAND_INTX_DISABLE))
+        .unwrap();
+    assert!(t.guest_isr());
+    assert_eq!(t.dev.line_state(), LineState::Held);
+    assert_eq!(t.injected(), 1, "second interrupt held");
+    assert!(t.masked());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0)
+        .unwrap();
+    assert_eq!(t.injected(), 2);
+    assert!(t.guest_isr());
+    assert!(!t.masked());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
+
+#[test]
+fn invalid_guest_accesses_are_refused_naming_the_device_and_change_nothing() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    for (offset, width) in [
+        (0x05, Width::Word),
+        (0x102, Width::Word),
+        (0xfd, Width::Dword),
+    ] {
+        let err = t.dev.guest_config_write(offset, width, 0).unwrap_err();
+        let text = vfio_intx::error_chain(&err);
+        assert!(text.starts_with("0000:00:04.0: guest"), "{text}");
+        assert!(t.dev.guest_config_read(offset, width).is_err());
+    }
+    let err = t
+        .dev
+        .guest_config_write(PCI_COMMAND, Width::Byte, 0x1ff)
+        .unwrap_err();
+    assert!(vfio_intx::error_chain(&err).contains("does not fit"));
+    assert_eq!(t.dev.guest_command(), 0x0006);
+    assert_eq!(t.sim.snapshot().command, 0x0006);
+}
+
+#[test]
+fn reset_restores_the_guest_command_and_header() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    t.dev
+        .guest_config_write(PCI_BASE_ADDRESS_0, Width::Dword, 0xfebf_1000)
+        .unwrap();
+    t.dev
+        .guest_config_write(PCI_INTERRUPT_LINE, Width::Byte, 11)
+        .unwrap();
+    t.dev.reset().unwrap();
+    assert_eq!(t.sim.snapshot().resets, 1);
+    assert_eq!(t.sim.snapshot().command, 0x0006);
+    assert_eq!(
+        t.dev
+            .guest_config_read(PCI_BASE_ADDRESS_0, Width::Dword)
+            .unwrap(),
+        0xfebf_1000
+    );
+    assert_eq!(
+        t.dev
+            .guest_config_read(PCI_INTERRUPT_LINE, Width::Byte)
+            .unwrap(),
+        11
+    );
+    assert_eq!(
+        t.dev
+            .guest_config_read(PCI_INTERRUPT_PIN, Width::Byte)
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn reset_while_interrupt_pending_redelivers_after_restore() {
+    let sim = SimDevice::builder()
+        .reset_window(Duration::from_millis(100))
+        .build();
+    let t = Arc::new(Stepper::new(sim));
+    let resetter = {
+        let t = Arc::clone(&t);
+        thread::spawn(move || t.dev.reset())
+    };
+    while !t.dev.is_blocked() {
+        thread::yield_now();
+    }
+    t.sim.raise();
+    // The interrupt path must not wait behind the reset.
+    let start = std::time::Instant::now();
+    assert_eq!(t.dev.service().unwrap(), Serviced::Deferred);
+    assert!(start.elapsed() < Duration::from_millis(50));
+    resetter.join().unwrap().unwrap();
+    // The reset re-checked STATUS and delivered; the deferred work then finds
+    // the line in service and does not inject twice.
+    t.poll_host();
+    assert_eq!(t.injected(), 1);
+    assert_eq!(t.dev.line_state(), LineState::InService);
+    assert!(t.guest_isr());
+    assert!(!t.masked(), "line not left masked");
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
+
+#[test]
+fn reset_while_in_service_keeps_the_line_masked_until_eoi() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.sim.raise();
+    t.poll_host();
+    t.dev.reset().unwrap();
+    assert!(t.masked(), "reset put the host mask back");
+    assert_eq!(t.injected(), 1);
+    assert!(t.guest_isr());
+    assert!(!t.masked());
+}
+
+#[test]
+fn reset_of_a_device_without_reset_method_is_a_clear_error_and_disturbs_nothing() {
+    let t = Stepper::new(SimDevice::builder().reset_method(false).build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    let err = t.dev.reset().unwrap_err();
+    assert_eq!(
+        vfio_intx::error_chain(&err),
+        "0000:00:04.0: reset failed: the device has no reset method"
+    );
+    assert_eq!(t.sim.snapshot().command, 0x0006);
+    t.sim.raise();
+    t.poll_host();
+    assert_eq!(t.injected(), 1, "interrupts still flow");
+}
+
+#[test]
+fn a_thousand_interrupts_through_worker_and_guest_threads_each_delivered_once() {
+    let rig = SimRig::start(SimDevice::builder().build(), IntxOptions::default()).unwrap();
+    for i in 0..1000 {
+        rig.sim.raise();
+        if i % 10 == 0 {
+            // Let some arrive before the previous EOI, some after.
+            thread::sleep(Duration::from_micros(50));
+        }
+    }
+    assert!(
+        rig.wait_delivered(1000, Duration::from_secs(20)),
+        "delivered {}",
+        rig.delivered()
+    );
+    thread::sleep(Duration::from_millis(20));
+    assert_eq!(rig.delivered(), 1000);
+    assert_eq!(rig.double_injections(), 0);
+    assert_eq!(rig.empty_isr_runs(), 0);
+    assert_eq!(rig.device.line_state(), LineState::Idle);
+    assert_eq!(rig.sim.snapshot().command & COMMAND_INTX_DISABLE, 0);
+}
