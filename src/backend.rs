@@ -91,8 +91,8 @@ pub enum Unmask {
     Delegated,
 }
 
-/// One PCI function, as the INTx engine needs it.
-pub trait PciBackend: Send {
+/// Fallible access to one function's configuration space.
+pub trait ConfigSpace {
     /// The device's address, for errors and logs.
     fn bdf(&self) -> Bdf;
 
@@ -106,7 +106,11 @@ pub trait PciBackend: Send {
 
     /// Writes `width` bytes of `value` at `offset`.
     fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError>;
+}
 
+/// One PCI function, as the INTx engine needs it: config space plus INTx
+/// control and reset.
+pub trait PciBackend: ConfigSpace + Send {
     /// How COMMAND.INTX_DISABLE behaves on this backend.
     fn intx_disable_bit(&self) -> IntxDisableBit;
 
@@ -137,6 +141,9 @@ pub trait PciBackend: Send {
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError>;
 
     /// Resets the function. Called only while the gate is blocked; the caller
-    /// saves and restores config state around it.
+    /// saves and restores config state around it and then re-establishes the
+    /// INTx mask from the device's STATUS. A backend whose kernel keeps its
+    /// own mask bookkeeping must leave it consistent with the hardware (for
+    /// vfio-pci: masked).
     fn reset(&mut self) -> Result<(), BackendError>;
 }

@@ -38,6 +38,8 @@ pub mod pci;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod sync;
+pub mod uio;
+pub mod vfio;
 
 /// Formats an error and all its sources on one line, separated by ": ".
 pub fn error_chain(error: &dyn std::error::Error) -> String {

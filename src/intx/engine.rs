@@ -18,7 +18,7 @@ use std::time::Duration;
 use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::gate::ConfigGate;
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
@@ -343,8 +343,17 @@ impl<B: PciBackend> IntxDevice<B> {
     /// reset is over. Config state is saved and restored around the reset,
     /// and INTx is re-armed from the device's STATUS so that an interrupt
     /// pending across the reset is delivered and the line not left masked.
-    #[instrument(skip_all, fields(bdf = %self.bdf))]
     pub fn reset(&self) -> Result<(), IntxError> {
+        self.reset_by(B::reset)
+    }
+
+    /// [`reset`](Self::reset) with another reset method of the backend
+    /// (e.g. a bus reset), under the same protocol.
+    #[instrument(skip_all, fields(bdf = %self.bdf))]
+    pub fn reset_by(
+        &self,
+        mut method: impl FnMut(&mut B) -> Result<(), BackendError>,
+    ) -> Result<(), IntxError> {
         let mut dev = self.gate.block();
         Counters::bump(&self.counters.resets);
         let ctx = self.ctx();
@@ -356,7 +365,7 @@ impl<B: PciBackend> IntxDevice<B> {
             return Err(self.fail(Fail::Backend(Operation::Mask, e)));
         }
         let reset = self
-            .retry(|| dev.backend.reset())
+            .retry(|| method(&mut dev.backend))
             .map_err(|e| Fail::Backend(Operation::Reset, e));
         // Restore and re-arm whether or not the reset happened, so that a
         // failed reset leaves the device as it was.
@@ -653,7 +662,7 @@ impl SavedHeader {
         PCI_BASE_ADDRESS_0 + 4 * index as u16
     }
 
-    fn save<B: PciBackend + ?Sized>(dev: &mut B) -> Result<Self, BackendError> {
+    fn save<B: ConfigSpace + ?Sized>(dev: &mut B) -> Result<Self, BackendError> {
         // Fail early, before anything changes, if the device does not answer.
         read_command_status(dev)?;
         let mut bars = [0; PCI_NUM_BARS as usize];
@@ -672,7 +681,7 @@ impl SavedHeader {
     /// Writes every saved register back, going on past a failed write so
     /// that one failure leaves as little as possible unrestored; returns the
     /// first error.
-    fn restore<B: PciBackend + ?Sized>(&self, dev: &mut B) -> Result<(), BackendError> {
+    fn restore<B: ConfigSpace + ?Sized>(&self, dev: &mut B) -> Result<(), BackendError> {
         let writes = self
             .bars
             .iter()

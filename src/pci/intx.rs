@@ -1,6 +1,6 @@
 //! PCI 2.3 INTx masking primitives with the kernel's exact semantics
 //! (`pci_check_and_set_intx_mask` and `pci_intx_mask_broken` in the Linux
-//! PCI core), over any [`PciBackend`]'s config space.
+//! PCI core), over any [`ConfigSpace`].
 //!
 //! These are for backends whose COMMAND.INTX_DISABLE is the physical mask
 //! (uio_pci_generic, the simulated device). The caller must hold the config
@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use crate::backend::{BackendError, PciBackend};
+use crate::backend::{BackendError, ConfigSpace};
 use crate::pci::regs::{
     COMMAND_INTX_DISABLE, PCI_COMMAND, PCI_DEVICE_ID, PCI_INTERRUPT_PIN, PCI_VENDOR_ID,
     STATUS_INTERRUPT,
@@ -38,7 +38,7 @@ impl CommandStatus {
 
 /// Reads COMMAND and STATUS with a single 32-bit access, refusing the
 /// all-ones answer of a device that is in reset or gone.
-pub fn read_command_status<B: PciBackend + ?Sized>(
+pub fn read_command_status<B: ConfigSpace + ?Sized>(
     dev: &mut B,
 ) -> Result<CommandStatus, BackendError> {
     let dword = dev.config_read(PCI_COMMAND, Width::Dword)?;
@@ -61,7 +61,7 @@ pub fn read_command_status<B: PciBackend + ?Sized>(
 /// - `mask = true` (check-and-mask): `false` means "not mine" on a shared line.
 /// - `mask = false` (check-and-unmask): `false` means the device still
 ///   asserts and stays masked.
-pub fn check_and_set_intx_mask<B: PciBackend + ?Sized>(
+pub fn check_and_set_intx_mask<B: ConfigSpace + ?Sized>(
     dev: &mut B,
     mask: bool,
 ) -> Result<bool, BackendError> {
@@ -81,17 +81,17 @@ pub fn check_and_set_intx_mask<B: PciBackend + ?Sized>(
 }
 
 /// `pci_check_and_mask_intx`.
-pub fn check_and_mask<B: PciBackend + ?Sized>(dev: &mut B) -> Result<bool, BackendError> {
+pub fn check_and_mask<B: ConfigSpace + ?Sized>(dev: &mut B) -> Result<bool, BackendError> {
     check_and_set_intx_mask(dev, true)
 }
 
 /// `pci_check_and_unmask_intx`.
-pub fn check_and_unmask<B: PciBackend + ?Sized>(dev: &mut B) -> Result<bool, BackendError> {
+pub fn check_and_unmask<B: ConfigSpace + ?Sized>(dev: &mut B) -> Result<bool, BackendError> {
     check_and_set_intx_mask(dev, false)
 }
 
 /// Sets or clears COMMAND.INTX_DISABLE unconditionally (`pci_intx`).
-pub fn set_intx_disable<B: PciBackend + ?Sized>(
+pub fn set_intx_disable<B: ConfigSpace + ?Sized>(
     dev: &mut B,
     disable: bool,
 ) -> Result<(), BackendError> {
@@ -222,7 +222,7 @@ impl fmt::Display for MaskingSupport {
 }
 
 /// Reads a 16-bit register, refusing all-ones.
-fn read_word<B: PciBackend + ?Sized>(dev: &mut B, offset: u16) -> Result<u16, BackendError> {
+fn read_word<B: ConfigSpace + ?Sized>(dev: &mut B, offset: u16) -> Result<u16, BackendError> {
     let v = dev.config_read(offset, Width::Word)?;
     if v == Width::Word.all_ones() {
         return Err(BackendError::NotResponding);
@@ -238,7 +238,7 @@ fn read_word<B: PciBackend + ?Sized>(dev: &mut B, offset: u16) -> Result<u16, Ba
 ///
 /// Use it on a device no driver is servicing: while the bit is flipped the
 /// device's INTx is (un)masked behind its driver's back.
-pub fn probe_masking<B: PciBackend + ?Sized>(dev: &mut B) -> Result<MaskingSupport, BackendError> {
+pub fn probe_masking<B: ConfigSpace + ?Sized>(dev: &mut B) -> Result<MaskingSupport, BackendError> {
     let vendor = read_word(dev, PCI_VENDOR_ID)?;
     let device = read_word(dev, PCI_DEVICE_ID)?;
     let pin = (dev.config_read(PCI_INTERRUPT_PIN, Width::Byte)? & 0xff) as u8;

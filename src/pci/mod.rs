@@ -5,6 +5,7 @@ mod access;
 mod bdf;
 pub mod intx;
 pub mod regs;
+pub mod sysfs;
 
 pub use access::{check_access, check_write, covers, AccessError, Width};
 pub use bdf::{Bdf, BdfError};

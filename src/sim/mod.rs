@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::intx;
 use crate::pci::regs::*;
 use crate::pci::{check_access, check_write, Bdf, Width};
@@ -561,7 +561,7 @@ impl SimBackend {
     }
 }
 
-impl PciBackend for SimBackend {
+impl ConfigSpace for SimBackend {
     fn bdf(&self) -> Bdf {
         self.inner.bdf
     }
@@ -580,6 +580,9 @@ impl PciBackend for SimBackend {
         self.inner.write(&mut s, offset, width, value)
     }
 
+}
+
+impl PciBackend for SimBackend {
     fn intx_disable_bit(&self) -> IntxDisableBit {
         IntxDisableBit::Physical
     }

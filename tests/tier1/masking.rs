@@ -1,7 +1,7 @@
 //! PCI 2.3 check-and-mask / check-and-unmask and the masking probe.
 
 use proptest::prelude::*;
-use vfio_intx::backend::{BackendError, PciBackend};
+use vfio_intx::backend::{BackendError, ConfigSpace};
 use vfio_intx::pci::intx::{
     check_and_mask, check_and_unmask, probe_masking, read_command_status, MaskingReason,
 };
@@ -9,7 +9,7 @@ use vfio_intx::pci::regs::*;
 use vfio_intx::pci::Width;
 use vfio_intx::sim::{Fault, SimDevice, SimOp};
 
-fn command(dev: &mut impl PciBackend) -> u16 {
+fn command(dev: &mut impl ConfigSpace) -> u16 {
     read_command_status(dev).unwrap().command
 }
 

@@ -1,0 +1,2 @@
+//! Host facts from sysfs: IOMMU groups, drivers, binding, reset methods,
+//! IRQ lines.

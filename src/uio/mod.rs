@@ -1,0 +1,1 @@
+//! uio_pci_generic backend: /dev/uioN events, masking through sysfs config.

@@ -1,0 +1,1 @@
+//! Kernel VFIO backend (vfio-pci).

@@ -1,0 +1,1 @@
+//! Tier 3 (placeholder until the backend lands).
