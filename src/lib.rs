@@ -34,6 +34,7 @@
 pub mod backend;
 pub mod gate;
 pub mod intx;
+pub mod kvm;
 pub mod pci;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -133,6 +133,13 @@ impl Wake {
     }
 }
 
+/// The kernel-bypass wiring: KVM's irqfd (the backend's trigger) and
+/// resample eventfd (the backend's unmask eventfd).
+struct Bypass {
+    irqfd: EventFd,
+    resample: EventFd,
+}
+
 /// INTx for one assigned PCI function: the engine that implements PCI 2.3
 /// masking on behalf of a guest.
 ///
@@ -150,6 +157,7 @@ pub struct IntxDevice<B: PciBackend> {
     gate: ConfigGate<Device<B>>,
     wake: Arc<Wake>,
     sink: Box<dyn InterruptSink>,
+    bypass: Option<Bypass>,
     counters: Counters,
     failures: AtomicU32,
     options: IntxOptions,
@@ -179,6 +187,41 @@ impl<B: PciBackend> IntxDevice<B> {
         sink: impl InterruptSink + 'static,
         options: IntxOptions,
     ) -> Result<Self, IntxError> {
+        Self::build(backend, Box::new(sink), None, options)
+    }
+
+    /// Takes over `backend`'s INTx on the kernel-bypass path: the backend
+    /// signals `irqfd` (a KVM irqfd registered with `resample`) directly, and
+    /// KVM's `resample` eventfd becomes the backend's unmask eventfd, so the
+    /// kernel runs check-and-unmask at the guest's EOI with no user-space
+    /// work per interrupt. Enabled in the order trigger -> mask -> unmask
+    /// eventfd -> unmask; torn down completely if any step fails. The engine
+    /// still owns config accesses and resets.
+    #[instrument(skip_all, fields(bdf = %backend.bdf()))]
+    pub fn with_kernel_bypass(
+        backend: B,
+        irqfd: EventFd,
+        resample: EventFd,
+        options: IntxOptions,
+    ) -> Result<Self, IntxError> {
+        let bdf = backend.bdf();
+        let sink = irqfd
+            .try_clone()
+            .map_err(|source| IntxError::EventFd { bdf, source })?;
+        Self::build(
+            backend,
+            Box::new(sink),
+            Some(Bypass { irqfd, resample }),
+            options,
+        )
+    }
+
+    fn build(
+        backend: B,
+        sink: Box<dyn InterruptSink>,
+        bypass: Option<Bypass>,
+        options: IntxOptions,
+    ) -> Result<Self, IntxError> {
         let bdf = backend.bdf();
         let config_size = backend.config_size();
         let disable_bit = backend.intx_disable_bit();
@@ -201,13 +244,14 @@ impl<B: PciBackend> IntxDevice<B> {
             disable_bit,
             gate: ConfigGate::new(device, Box::new(move || kick_target.kick())),
             wake,
-            sink: Box::new(sink),
+            sink,
+            bypass,
             counters: Counters::default(),
             failures: AtomicU32::new(0),
             options,
         };
         this.arm()?;
-        info!(?disable_bit, "INTx armed");
+        info!(?disable_bit, bypass = this.bypass.is_some(), "INTx armed");
         Ok(this)
     }
 
@@ -226,11 +270,32 @@ impl<B: PciBackend> IntxDevice<B> {
             let cs = read_command_status(&mut dev.backend)
                 .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
             dev.guest = GuestCommand::new(cs.command);
-            dev.backend
-                .intx_enable(&self.wake.trigger)
-                .map_err(|e| Fail::Backend(Operation::Enable, e))?;
+            match &self.bypass {
+                None => dev
+                    .backend
+                    .intx_enable(&self.wake.trigger)
+                    .map_err(|e| Fail::Backend(Operation::Enable, e))?,
+                Some(Bypass { irqfd, resample }) => {
+                    dev.backend
+                        .intx_enable(irqfd)
+                        .map_err(|e| Fail::Backend(Operation::Enable, e))?;
+                    dev.backend
+                        .intx_mask()
+                        .map_err(|e| Fail::Backend(Operation::Mask, e))?;
+                    dev.backend
+                        .intx_set_unmask_eventfd(Some(resample))
+                        .map_err(|e| Fail::Backend(Operation::SetUnmaskEventfd, e))?;
+                }
+            }
             dev.settle(&ctx)
         })();
+        if armed.is_err() {
+            // Leave nothing half set up.
+            if self.bypass.is_some() {
+                let _ = dev.backend.intx_set_unmask_eventfd(None);
+            }
+            let _ = dev.backend.intx_disable();
+        }
         armed.map_err(|f| self.fail(f))
     }
 
@@ -394,6 +459,11 @@ impl<B: PciBackend> IntxDevice<B> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
         let result = (|| {
+            if self.bypass.is_some() {
+                dev.backend
+                    .intx_set_unmask_eventfd(None)
+                    .map_err(|e| Fail::Backend(Operation::SetUnmaskEventfd, e))?;
+            }
             dev.backend
                 .intx_disable()
                 .map_err(|e| Fail::Backend(Operation::Disable, e))?;
@@ -421,6 +491,11 @@ impl<B: PciBackend> IntxDevice<B> {
     /// INTX_DISABLE.
     pub fn guest_command(&self) -> u16 {
         self.gate.access().guest.value()
+    }
+
+    /// Whether the kernel bypass carries this device's EOIs.
+    pub fn is_kernel_bypass(&self) -> bool {
+        self.bypass.is_some()
     }
 
     /// Whether a reset holds the device right now.
