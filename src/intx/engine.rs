@@ -26,10 +26,11 @@ use crate::intx::sink::InterruptSink;
 use crate::intx::stats::{Counters, IntxStats};
 use crate::pci::intx::{read_command_status, CommandStatus};
 use crate::pci::regs::{
-    PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_COMMAND, PCI_INTERRUPT_LINE, PCI_LATENCY_TIMER,
-    PCI_NUM_BARS, PCI_ROM_ADDRESS,
+    PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST, PCI_CAP_ID_EXP, PCI_COMMAND,
+    PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR, PCI_EXP_DEVCTL, PCI_EXP_DEVCTL_BCR_FLR, PCI_INTERRUPT_LINE,
+    PCI_LATENCY_TIMER, PCI_NUM_BARS, PCI_ROM_ADDRESS, STATUS_CAP_LIST,
 };
-use crate::pci::{check_access, check_write, Bdf, Width};
+use crate::pci::{check_access, check_write, covers, with_intx_disable, Bdf, Width};
 
 /// Where the device's INTx stands in the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,8 @@ struct Device<B> {
     backend: B,
     line: LineState,
     guest: GuestCommand,
+    /// Offset of PCIe Device Control when the device advertises FLR.
+    flr_devctl: Option<u16>,
 }
 
 /// Borrowed context for the state machine's steps.
@@ -237,6 +240,7 @@ impl<B: PciBackend> IntxDevice<B> {
             backend,
             line: LineState::Idle,
             guest: GuestCommand::default(),
+            flr_devctl: None,
         };
         let this = Self {
             bdf,
@@ -266,10 +270,14 @@ impl<B: PciBackend> IntxDevice<B> {
     fn arm(&self) -> Result<(), IntxError> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
+        let mut found = None;
         let armed = (|| {
             let cs = read_command_status(&mut dev.backend)
                 .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
+            found = Some(cs.command);
             dev.guest = GuestCommand::new(cs.command);
+            dev.flr_devctl = find_flr_devctl(&mut dev.backend, cs)
+                .map_err(|e| Fail::Backend(Operation::ReadCapabilities, e))?;
             match &self.bypass {
                 None => dev
                     .backend
@@ -295,6 +303,11 @@ impl<B: PciBackend> IntxDevice<B> {
                 let _ = dev.backend.intx_set_unmask_eventfd(None);
             }
             let _ = dev.backend.intx_disable();
+            if let Some(command) = found {
+                let _ = dev
+                    .backend
+                    .config_write(PCI_COMMAND, Width::Word, u32::from(command));
+            }
         }
         armed.map_err(|f| self.fail(f))
     }
@@ -397,10 +410,23 @@ impl<B: PciBackend> IntxDevice<B> {
             .map_err(|e| self.fail(Fail::Backend(op, e.into())))?;
         let mut dev = self.gate.access();
         let ctx = self.ctx();
+        let flr = dev
+            .flr_devctl
+            .and_then(|devctl| flr_mask(devctl, offset, width))
+            .filter(|mask| value & mask != 0);
+        // The FLR bit itself never reaches the device: the reset below does
+        // the FLR, through the gate, with save/restore and re-arm.
+        let value = value & !flr.unwrap_or(0);
         let result = dev.guest_write(offset, width, value, &ctx, |dev, v| {
             self.retry(|| dev.backend.config_write(offset, width, v))
         });
-        result.map_err(|f| self.fail(f))
+        drop(dev);
+        result.map_err(|f| self.fail(f))?;
+        if flr.is_some() {
+            debug!(bdf = %self.bdf, "guest initiated a function-level reset");
+            self.reset()?;
+        }
+        Ok(())
     }
 
     /// Flow 4: resets the function through the gate. A concurrent reset waits
@@ -535,6 +561,16 @@ impl<B: PciBackend> IntxDevice<B> {
     fn fail(&self, fail: Fail) -> IntxError {
         Counters::bump(&self.counters.errors);
         fail.into_error(self.bdf)
+    }
+}
+
+impl<B: PciBackend> Drop for IntxDevice<B> {
+    /// Hands the device back masked, with delivery stopped and COMMAND as
+    /// the guest left it.
+    fn drop(&mut self) {
+        if let Err(e) = self.disarm() {
+            warn!(bdf = %self.bdf, error = %crate::error_chain(&e), "disarming INTx failed");
+        }
     }
 }
 
@@ -707,7 +743,7 @@ impl<B: PciBackend> Device<B> {
             IntxDisableBit::Physical if enabling => true,
             _ => self.physical_intx_disable(ctx),
         };
-        let physical = GuestCommand::with_intx_disable(offset, width, value, intx_disable);
+        let physical = with_intx_disable(offset, width, value, intx_disable);
         if let Err(e) = write(self, physical) {
             self.guest = before;
             return Err(Fail::Backend(op, e));
@@ -718,6 +754,41 @@ impl<B: PciBackend> Device<B> {
         }
         Ok(())
     }
+}
+
+/// The mask of DevCtl's "Initiate FLR" bit in the value of an access, if
+/// the access covers it.
+fn flr_mask(devctl: u16, offset: u16, width: Width) -> Option<u32> {
+    let byte = devctl + 1;
+    let bit_in_byte = PCI_EXP_DEVCTL_BCR_FLR.trailing_zeros() - 8;
+    covers(offset, width, byte).then(|| 1 << (u32::from(byte - offset) * 8 + bit_in_byte))
+}
+
+/// Walks the capability list for a PCI Express capability that advertises
+/// FLR and returns the offset of its Device Control register.
+fn find_flr_devctl<B: ConfigSpace + ?Sized>(
+    dev: &mut B,
+    cs: CommandStatus,
+) -> Result<Option<u16>, BackendError> {
+    if cs.status & STATUS_CAP_LIST == 0 {
+        return Ok(None);
+    }
+    let mut next = dev.config_read(PCI_CAPABILITY_LIST, Width::Byte)? & 0xfc;
+    // A well-formed list in 256 bytes has at most 48 entries; more is a loop.
+    for _ in 0..48 {
+        if next < 0x40 {
+            return Ok(None);
+        }
+        // `next` is a byte value, so the offset fits config space.
+        let cap = next as u16;
+        let header = dev.config_read(cap, Width::Word)?;
+        if header & 0xff == u32::from(PCI_CAP_ID_EXP) {
+            let devcap = dev.config_read(cap + PCI_EXP_DEVCAP, Width::Dword)?;
+            return Ok((devcap & PCI_EXP_DEVCAP_FLR != 0).then_some(cap + PCI_EXP_DEVCTL));
+        }
+        next = (header >> 8) & 0xfc;
+    }
+    Ok(None)
 }
 
 /// The type 0 header registers a reset clears and the reset path restores.

@@ -21,6 +21,8 @@ pub enum Operation {
     Enable,
     /// Disabling INTx delivery.
     Disable,
+    /// Reading the capability list.
+    ReadCapabilities,
     /// Registering or removing the kernel unmask eventfd.
     SetUnmaskEventfd,
     /// Saving config state before a reset.
@@ -54,6 +56,7 @@ impl fmt::Display for Operation {
             Operation::Mask => f.write_str("masking INTx"),
             Operation::Enable => f.write_str("enabling INTx"),
             Operation::Disable => f.write_str("disabling INTx"),
+            Operation::ReadCapabilities => f.write_str("reading the capability list"),
             Operation::SetUnmaskEventfd => f.write_str("wiring the kernel unmask eventfd"),
             Operation::SaveState => f.write_str("saving config state before reset"),
             Operation::Reset => f.write_str("reset"),

@@ -1,12 +1,7 @@
 //! The guest's view of COMMAND.INTX_DISABLE, kept apart from the host mask.
 
 use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
-use crate::pci::{covers, Width};
-
-/// Config-space byte that holds COMMAND.INTX_DISABLE.
-const INTX_DISABLE_BYTE: u16 = PCI_COMMAND + 1;
-/// Bit of INTX_DISABLE within that byte.
-const INTX_DISABLE_BIT_IN_BYTE: u32 = COMMAND_INTX_DISABLE.trailing_zeros() - 8;
+use crate::pci::{covers, with_intx_disable, Width};
 
 /// COMMAND as the guest last wrote it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,13 +30,6 @@ impl GuestCommand {
         }
     }
 
-    /// The mask of INTX_DISABLE within the value of an access, if the access
-    /// covers it.
-    fn intx_disable_mask(offset: u16, width: Width) -> Option<u32> {
-        covers(offset, width, INTX_DISABLE_BYTE)
-            .then(|| 1 << (u32::from(INTX_DISABLE_BYTE - offset) * 8 + INTX_DISABLE_BIT_IN_BYTE))
-    }
-
     /// Records the COMMAND bytes a guest write covers.
     pub(crate) fn record(&mut self, offset: u16, width: Width, value: u32) {
         for byte in [PCI_COMMAND, PCI_COMMAND + 1] {
@@ -56,49 +44,16 @@ impl GuestCommand {
         }
     }
 
-    /// A write value with INTX_DISABLE (if covered) set to `intx_disable`.
-    pub(crate) fn with_intx_disable(
-        offset: u16,
-        width: Width,
-        value: u32,
-        intx_disable: bool,
-    ) -> u32 {
-        match Self::intx_disable_mask(offset, width) {
-            Some(mask) if intx_disable => value | mask,
-            Some(mask) => value & !mask,
-            None => value,
-        }
-    }
-
     /// A read value as the guest must see it: INTX_DISABLE (if covered) is
     /// the guest's own bit.
     pub(crate) fn present(&self, offset: u16, width: Width, value: u32) -> u32 {
-        Self::with_intx_disable(offset, width, value, self.intx_disabled())
+        with_intx_disable(offset, width, value, self.intx_disabled())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn intx_disable_is_found_at_every_width() {
-        assert_eq!(
-            GuestCommand::intx_disable_mask(4, Width::Dword),
-            Some(1 << 10)
-        );
-        assert_eq!(
-            GuestCommand::intx_disable_mask(4, Width::Word),
-            Some(1 << 10)
-        );
-        assert_eq!(
-            GuestCommand::intx_disable_mask(5, Width::Byte),
-            Some(1 << 2)
-        );
-        assert_eq!(GuestCommand::intx_disable_mask(4, Width::Byte), None);
-        assert_eq!(GuestCommand::intx_disable_mask(6, Width::Word), None);
-        assert_eq!(GuestCommand::intx_disable_mask(0, Width::Dword), None);
-    }
 
     #[test]
     fn byte_writes_update_only_their_byte() {

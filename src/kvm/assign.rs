@@ -103,7 +103,7 @@ pub enum AssignError {
     #[error(transparent)]
     Intx(#[from] IntxError),
     /// The guest stopped receiving interrupts.
-    #[error("interrupt {index} of {total} did not reach the guest within {timeout:?} (raised {raised}, acked {acked}, line {line:?})")]
+    #[error("interrupt {index} of {total} did not reach the guest within {timeout:?} (raised {raised}, acked {acked}; {state})")]
     Stalled {
         /// Which interrupt.
         index: u64,
@@ -115,8 +115,8 @@ pub enum AssignError {
         raised: u64,
         /// Acked so far.
         acked: u64,
-        /// The engine's line state then.
-        line: LineState,
+        /// The guest PIC's and the engine's state then.
+        state: String,
     },
     /// A thread could not be started or failed.
     #[error("{0}")]
@@ -160,108 +160,248 @@ impl<B: PciBackend> GuestDevice for Chipset<B> {
     }
 }
 
+/// A running assignment: the test VM's vCPU thread and the engine's worker
+/// thread, around one engine. Stop it with [`finish`](Self::finish).
+pub struct Assignment<B: PciBackend + 'static> {
+    /// The engine.
+    pub device: Arc<IntxDevice<B>>,
+    /// The guest's counters and controls.
+    pub control: Arc<VmControl>,
+    /// The EOI path and why.
+    pub path: PathChoice,
+    chipset: Arc<Chipset<B>>,
+    /// Kept registered for as long as the assignment runs.
+    _irqfd: ResampleIrqfd,
+    stop_worker: Arc<EventFd>,
+    vm: Arc<kvm_ioctls::VmFd>,
+    vcpu: Option<thread::JoinHandle<Result<(), KvmError>>>,
+    worker: Option<thread::JoinHandle<Result<(), crate::intx::WorkerError>>>,
+}
+
+impl<B: PciBackend + 'static> Assignment<B> {
+    /// Creates the VM, wires the device on the path `policy` allows, and
+    /// starts the vCPU and worker threads; returns once the guest is ready.
+    pub fn start(
+        backend: B,
+        backend_has_unmask_eventfd: bool,
+        side: Arc<dyn DeviceSide>,
+        gsi: u8,
+        devfn: u8,
+        policy: PathPolicy,
+    ) -> Result<Self, AssignError> {
+        let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
+            op: "opening /dev/kvm",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let caps = KvmCaps::probe(&kvm);
+        // Before any vCPU thread exists, so a kick can never find the
+        // signal's default action (terminate) in place.
+        crate::kvm::testvm::install_kick_handler()?;
+        let mut vm = TinyVm::new(gsi, devfn, Irqchip::Full)?;
+        let path = choose_path(policy, caps, vm.irqchip(), backend_has_unmask_eventfd)?;
+        let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(gsi))?;
+        let vm_fd = Arc::clone(vm.vm());
+        let dup = |fd: &EventFd| {
+            fd.try_clone().map_err(|source| KvmError::Ioctl {
+                op: "dup eventfd",
+                source,
+            })
+        };
+        let device = Arc::new(match path.path {
+            Path::UserSpace => {
+                IntxDevice::with_options(backend, dup(irqfd.trigger())?, IntxOptions::default())?
+            }
+            Path::KernelBypass => IntxDevice::with_kernel_bypass(
+                backend,
+                dup(irqfd.trigger())?,
+                dup(irqfd.resample())?,
+                IntxOptions::default(),
+            )?,
+        });
+        let control = Arc::new(VmControl::default());
+        let chipset = Arc::new(Chipset {
+            device: Arc::clone(&device),
+            side,
+            bypass: path.path == Path::KernelBypass,
+            status_clear: AtomicU64::new(0),
+            resample_before_eoi: AtomicU64::new(0),
+        });
+        let stop_worker =
+            Arc::new(
+                EventFd::new(EFD_NONBLOCK).map_err(|source| KvmError::Ioctl {
+                    op: "eventfd",
+                    source,
+                })?,
+            );
+        let spawn_error =
+            |e: std::io::Error| AssignError::Thread(format!("spawning a thread: {e}"));
+        let worker = {
+            let device = Arc::clone(&device);
+            let resample = match path.path {
+                Path::UserSpace => Some(dup(irqfd.resample())?),
+                Path::KernelBypass => None,
+            };
+            let stop = Arc::clone(&stop_worker);
+            thread::Builder::new()
+                .name("intx-worker".into())
+                .spawn(move || run_worker(&device, resample.as_ref(), &stop))
+                .map_err(spawn_error)?
+        };
+        let vcpu = {
+            let chipset = Arc::clone(&chipset);
+            let control = Arc::clone(&control);
+            thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn(move || vm.run(devfn, &*chipset, &control))
+                .map_err(spawn_error)?
+        };
+        let mut this = Self {
+            device,
+            control,
+            path,
+            chipset,
+            _irqfd: irqfd,
+            stop_worker,
+            vm: vm_fd,
+            vcpu: Some(vcpu),
+            worker: Some(worker),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !this.control.ready() {
+            if Instant::now() > deadline || this.vcpu.as_ref().is_some_and(|t| t.is_finished()) {
+                let _ = this.stop();
+                return Err(AssignError::Thread("the guest did not come up".into()));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        Ok(this)
+    }
+
+    /// Waits until the guest has acknowledged `count` interrupts in all.
+    pub fn wait_acked(&self, count: u64, timeout: Duration) -> Result<(), AssignError> {
+        let deadline = Instant::now() + timeout;
+        while self.control.acked() < count {
+            if Instant::now() > deadline {
+                return Err(AssignError::Stalled {
+                    index: count,
+                    total: count,
+                    timeout,
+                    raised: count,
+                    acked: self.control.acked(),
+                    state: self.diagnose(),
+                });
+            }
+            std::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// ISR config reads that did not see STATUS.INTERRUPT set.
+    pub fn status_clear_in_isr(&self) -> u64 {
+        self.chipset.status_clear.load(Ordering::SeqCst)
+    }
+
+    /// ISR config reads that found the EOI already processed.
+    pub fn resample_before_eoi(&self) -> u64 {
+        self.chipset.resample_before_eoi.load(Ordering::SeqCst)
+    }
+
+    /// The guest's interrupt controller and the engine's view, for a
+    /// diagnosis when interrupts stop arriving.
+    pub fn diagnose(&self) -> String {
+        format!(
+            "{}engine line {:?}, stats {:?}; guest ISR runs {}, acked {}",
+            crate::kvm::testvm::pic_state(&self.vm),
+            self.device.line_state(),
+            self.device.stats(),
+            self.control.isr_runs(),
+            self.control.acked()
+        )
+    }
+
+    fn stop(&mut self) -> Result<(), AssignError> {
+        use vmm_sys_util::signal::Killable;
+        // Kick the vCPU out of KVM_RUN until its loop sees the request.
+        self.control.request_stop();
+        if let Some(vcpu) = &self.vcpu {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !vcpu.is_finished() {
+                if Instant::now() > deadline {
+                    return Err(AssignError::Thread(format!(
+                        "the vCPU thread does not stop: {}",
+                        self.diagnose()
+                    )));
+                }
+                let _ = vcpu.kill(crate::kvm::testvm::kick_signal());
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let vcpu = self.vcpu.take().map(|t| t.join());
+        let _ = self.stop_worker.write(1);
+        let worker = self.worker.take().map(|t| t.join());
+        match (vcpu, worker) {
+            (Some(Err(_)), _) | (_, Some(Err(_))) => {
+                Err(AssignError::Thread("a thread panicked".into()))
+            }
+            (Some(Ok(Err(e))), _) => Err(AssignError::Kvm(e)),
+            (_, Some(Ok(Err(e)))) => Err(AssignError::Thread(crate::error_chain(&e))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the guest and the worker.
+    pub fn finish(mut self) -> Result<(), AssignError> {
+        self.stop()
+    }
+}
+
+impl<B: PciBackend + 'static> Drop for Assignment<B> {
+    fn drop(&mut self) {
+        if self.vcpu.is_some() || self.worker.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
 /// Assigns `backend` to a tiny KVM guest on the chosen path and raises
-/// `config.interrupts` interrupts through `side`, each delivered to and
-/// acknowledged by the guest's ISR.
+/// `config.interrupts` interrupts through `side`, one after another (with
+/// bursts that arrive before the EOI), each delivered to and acknowledged by
+/// the guest's ISR.
 pub fn run_assignment<B: PciBackend + 'static>(
     backend: B,
     backend_has_unmask_eventfd: bool,
     side: Arc<dyn DeviceSide>,
     config: AssignmentConfig,
 ) -> Result<AssignmentReport, AssignError> {
-    let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
-        op: "opening /dev/kvm",
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
-    let caps = KvmCaps::probe(&kvm);
-    let mut vm = TinyVm::new(config.gsi, config.devfn, Irqchip::Full)?;
-    let path = choose_path(
-        config.policy,
-        caps,
-        vm.irqchip(),
+    let run = Assignment::start(
+        backend,
         backend_has_unmask_eventfd,
+        Arc::clone(&side),
+        config.gsi,
+        config.devfn,
+        config.policy,
     )?;
-    let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(config.gsi))?;
-    let dup = |fd: &EventFd| {
-        fd.try_clone().map_err(|source| KvmError::Ioctl {
-            op: "dup eventfd",
-            source,
-        })
-    };
-    let device = Arc::new(match path.path {
-        Path::UserSpace => {
-            IntxDevice::with_options(backend, dup(irqfd.trigger())?, IntxOptions::default())?
-        }
-        Path::KernelBypass => IntxDevice::with_kernel_bypass(
-            backend,
-            dup(irqfd.trigger())?,
-            dup(irqfd.resample())?,
-            IntxOptions::default(),
-        )?,
-    });
-    let control = Arc::new(VmControl::default());
-    let chipset = Arc::new(Chipset {
-        device: Arc::clone(&device),
-        side: Arc::clone(&side),
-        bypass: path.path == Path::KernelBypass,
-        status_clear: AtomicU64::new(0),
-        resample_before_eoi: AtomicU64::new(0),
-    });
-    let stop_worker = EventFd::new(EFD_NONBLOCK).map_err(|source| KvmError::Ioctl {
-        op: "eventfd",
-        source,
-    })?;
-
-    let result = thread::scope(|s| {
-        let worker = s.spawn(|| {
-            let resample = (path.path == Path::UserSpace).then(|| irqfd.resample());
-            run_worker(&device, resample, &stop_worker)
-        });
-        let vcpu = {
-            let chipset = Arc::clone(&chipset);
-            let control = Arc::clone(&control);
-            s.spawn(move || vm.run(config.devfn, &*chipset, &control))
-        };
-        let driven = drive(&config, &*side, &control, &device);
-        // Stop the guest at its next interrupt, then the worker.
-        control.request_stop();
-        let _ = irqfd.trigger().write(1);
-        let vcpu_result = vcpu.join();
-        let _ = stop_worker.write(1);
-        let worker_result = worker.join();
-        match (vcpu_result, worker_result) {
-            (Ok(Ok(())), Ok(Ok(()))) => driven,
-            (Ok(Err(e)), _) => Err(AssignError::Kvm(e)),
-            (_, Ok(Err(e))) => Err(AssignError::Thread(crate::error_chain(&e))),
-            _ => Err(AssignError::Thread("a thread panicked".into())),
-        }
-    });
-    let latencies = result?;
-    Ok(AssignmentReport {
-        path,
+    let latencies = drive(&config, &*side, &run);
+    let report = latencies.map(|latencies| AssignmentReport {
+        path: run.path,
         raised: config.interrupts,
-        acked: control.acked(),
-        empty_isr_runs: control.empty_isr_runs(),
-        status_clear_in_isr: chipset.status_clear.load(Ordering::SeqCst),
-        resample_before_eoi: chipset.resample_before_eoi.load(Ordering::SeqCst),
+        acked: run.control.acked(),
+        empty_isr_runs: run.control.empty_isr_runs(),
+        status_clear_in_isr: run.status_clear_in_isr(),
+        resample_before_eoi: run.resample_before_eoi(),
         latencies,
-        stats: device.stats(),
-    })
+        stats: run.device.stats(),
+    });
+    run.finish()?;
+    report
 }
 
-fn drive<B: PciBackend>(
+fn drive<B: PciBackend + 'static>(
     config: &AssignmentConfig,
     side: &dyn DeviceSide,
-    control: &VmControl,
-    device: &IntxDevice<B>,
+    run: &Assignment<B>,
 ) -> Result<Vec<Duration>, AssignError> {
-    let deadline = Instant::now() + config.timeout;
-    while !control.ready() {
-        if Instant::now() > deadline {
-            return Err(AssignError::Thread("the guest did not come up".into()));
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
+    let control = &run.control;
     let mut latencies = Vec::with_capacity(config.interrupts as usize);
     let mut raised = 0;
     while raised < config.interrupts {
@@ -283,7 +423,7 @@ fn drive<B: PciBackend>(
                     timeout: config.timeout,
                     raised,
                     acked: control.acked(),
-                    line: device.line_state(),
+                    state: run.diagnose(),
                 });
             }
             std::hint::spin_loop();

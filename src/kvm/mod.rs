@@ -17,6 +17,7 @@ pub mod testvm;
 
 use std::fmt;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -243,17 +244,16 @@ pub fn validate_gsi(gsi: u32) -> Result<(), KvmError> {
     Ok(())
 }
 
-/// Checks that a descriptor handed over (e.g. from another process) is an
+/// Checks that a descriptor handed over (e.g. by another process) is an
 /// eventfd, by its /proc link.
-pub fn validate_eventfd(fd: &EventFd, what: &'static str) -> Result<(), KvmError> {
-    let link = std::fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(fd)
-    ))
-    .map_err(|source| KvmError::Ioctl {
-        op: "reading the descriptor's /proc link",
-        source,
-    })?;
+pub fn validate_eventfd(fd: &impl AsRawFd, what: &'static str) -> Result<(), KvmError> {
+    let link =
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|source| {
+            KvmError::Ioctl {
+                op: "reading the descriptor's /proc link",
+                source,
+            }
+        })?;
     if link.to_string_lossy() == "anon_inode:[eventfd]" {
         Ok(())
     } else {
@@ -284,15 +284,27 @@ impl ResampleIrqfd {
     /// on a GSI outside the default routing, a split irqchip (EINVAL) or a
     /// trigger registered twice (EBUSY).
     pub fn register(vm: Arc<VmFd>, gsi: u32) -> Result<Self, KvmError> {
-        validate_gsi(gsi)?;
         let new = || {
             EventFd::new(EFD_NONBLOCK).map_err(|source| KvmError::Ioctl {
                 op: "eventfd",
                 source,
             })
         };
-        let trigger = new()?;
-        let resample = new()?;
+        Self::register_fds(vm, gsi, new()?, new()?)
+    }
+
+    /// Registers eventfds the VMM already has (e.g. handed over a socket):
+    /// both are checked to be eventfds, the GSI to be routed. KVM answers
+    /// EBUSY for a trigger that is already registered.
+    pub fn register_fds(
+        vm: Arc<VmFd>,
+        gsi: u32,
+        trigger: EventFd,
+        resample: EventFd,
+    ) -> Result<Self, KvmError> {
+        validate_gsi(gsi)?;
+        validate_eventfd(&trigger, "the irqfd trigger")?;
+        validate_eventfd(&resample, "the resample eventfd")?;
         vm.register_irqfd_with_resample(&trigger, &resample, gsi)
             .map_err(KvmError::ioctl("KVM_IRQFD with resample"))?;
         Ok(Self {

@@ -88,3 +88,12 @@ impl Drop for GuestMemory {
         }
     }
 }
+
+/// The PIC state inside a `kvm_irqchip` filled by `KVM_GET_IRQCHIP` for
+/// chip 0 or 1.
+pub(crate) fn pic_of(chip: &kvm_bindings::kvm_irqchip) -> kvm_bindings::kvm_pic_state {
+    // SAFETY: for chip ids 0 and 1 (the PICs) KVM fills the `pic` member of
+    // the union; every bit pattern is a valid `kvm_pic_state` (plain u8
+    // fields), so reading it is sound even if KVM wrote less.
+    unsafe { chip.chip.pic }
+}

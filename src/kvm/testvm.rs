@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
+
+use crate::kvm::sys::pic_of;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::kvm::sys::GuestMemory;
@@ -260,17 +262,27 @@ impl TinyVm {
         self.irqchip
     }
 
-    /// Runs the vCPU until the guest stops (see [`VmControl::request_stop`]).
-    /// Config cycles to 00:`devfn` go to `device`; others read all-ones.
+    /// Runs the vCPU until the guest stops, or until a stop is requested and
+    /// the thread is kicked out of `KVM_RUN` with [`kick_signal`] (see
+    /// [`VmControl::request_stop`]). Config cycles to 00:`devfn` go to
+    /// `device`; others read all-ones.
     pub fn run(
         &mut self,
         devfn: u8,
         device: &dyn GuestDevice,
         control: &VmControl,
     ) -> Result<(), KvmError> {
+        install_kick_handler()?;
         let mut address: u32 = 0;
         loop {
-            let exit = self.vcpu.run().map_err(KvmError::ioctl("KVM_RUN"))?;
+            if control.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(KvmError::ioctl("KVM_RUN")(e)),
+            };
             match exit {
                 VcpuExit::IoOut(PORT_READY, _) => control.ready.store(true, Ordering::SeqCst),
                 VcpuExit::IoOut(PORT_STOPPED, _) => return Ok(()),
@@ -320,6 +332,53 @@ impl TinyVm {
             }
         }
     }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of [`kick_signal`], once per process, so the
+/// signal interrupts `KVM_RUN` instead of killing the process.
+pub fn install_kick_handler() -> Result<(), KvmError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+                .map_err(|e| e.errno())
+        })
+        .map_err(|errno| KvmError::Ioctl {
+            op: "installing the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+}
+
+/// The guest PIC's registers as KVM holds them, for diagnosing a guest
+/// that stopped taking interrupts.
+pub fn pic_state(vm: &VmFd) -> String {
+    let mut text = String::new();
+    for (chip_id, name) in [(0, "master"), (1, "slave")] {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        match vm.get_irqchip(&mut chip) {
+            // SAFETY-free: reading the PIC variant of the union is done by
+            // kvm-bindings' accessor below.
+            Ok(()) => {
+                let pic = pic_of(&chip);
+                text.push_str(&format!(
+                    "PIC {name}: irr {:#04x} imr {:#04x} isr {:#04x} elcr {:#04x} last_irr {:#04x}; ",
+                    pic.irr, pic.imr, pic.isr, pic.elcr, pic.last_irr
+                ));
+            }
+            Err(e) => text.push_str(&format!("PIC {name}: KVM_GET_IRQCHIP failed: {e}; ")),
+        }
+    }
+    text
 }
 
 /// Decodes a config data-port access against the latched address: the

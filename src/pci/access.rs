@@ -121,6 +121,26 @@ pub const fn covers(offset: u16, width: Width, byte: u16) -> bool {
     offset <= byte && byte < offset + width.bytes()
 }
 
+/// Where COMMAND.INTX_DISABLE sits in the value of an access at `offset`
+/// of `width`: its mask, if the access covers it.
+pub fn intx_disable_mask(offset: u16, width: Width) -> Option<u32> {
+    use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
+    // Bit 10 of COMMAND: byte PCI_COMMAND + 1, bit 2.
+    let byte = PCI_COMMAND + 1;
+    let bit_in_byte = COMMAND_INTX_DISABLE.trailing_zeros() - 8;
+    covers(offset, width, byte).then(|| 1 << (u32::from(byte - offset) * 8 + bit_in_byte))
+}
+
+/// `value` with COMMAND.INTX_DISABLE (if the access covers it) set to
+/// `disable`.
+pub fn with_intx_disable(offset: u16, width: Width, value: u32, disable: bool) -> u32 {
+    match intx_disable_mask(offset, width) {
+        Some(mask) if disable => value | mask,
+        Some(mask) => value & !mask,
+        None => value,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +160,17 @@ mod tests {
         assert!(check_access(0xfffe, Width::Word, 0x1000).is_err());
         assert!(check_write(0x04, Width::Word, 0x100, 0x1_0000).is_err());
         assert!(check_write(0x04, Width::Word, 0x100, 0xffff).is_ok());
+    }
+
+    #[test]
+    fn intx_disable_is_found_at_every_width() {
+        assert_eq!(intx_disable_mask(4, Width::Dword), Some(1 << 10));
+        assert_eq!(intx_disable_mask(4, Width::Word), Some(1 << 10));
+        assert_eq!(intx_disable_mask(5, Width::Byte), Some(1 << 2));
+        assert_eq!(intx_disable_mask(4, Width::Byte), None);
+        assert_eq!(intx_disable_mask(6, Width::Word), None);
+        assert_eq!(intx_disable_mask(0, Width::Dword), None);
+        assert_eq!(with_intx_disable(5, Width::Byte, 0xff, false), 0xfb);
     }
 
     #[test]

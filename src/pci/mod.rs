@@ -7,5 +7,7 @@ pub mod intx;
 pub mod regs;
 pub mod sysfs;
 
-pub use access::{check_access, check_write, covers, AccessError, Width};
+pub use access::{
+    check_access, check_write, covers, intx_disable_mask, with_intx_disable, AccessError, Width,
+};
 pub use bdf::{Bdf, BdfError};

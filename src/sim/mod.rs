@@ -21,7 +21,7 @@ pub mod stress;
 
 pub use rig::{RigError, SimRig};
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::intx;
 use crate::pci::regs::*;
-use crate::pci::{check_access, check_write, Bdf, Width};
+use crate::pci::{check_access, check_write, intx_disable_mask, with_intx_disable, Bdf, Width};
 
 /// Vendor ID of the simulated device (QEMU's edu device, which the real-kernel
 /// tests use too).
@@ -48,6 +48,26 @@ const COMMAND_WRITABLE: u16 = COMMAND_IO
     | COMMAND_PARITY
     | COMMAND_SERR
     | COMMAND_INTX_DISABLE;
+
+/// Which host kernel driver the simulated device sits behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimKernel {
+    /// None: the backend reaches the raw PCI 2.3 device and owns
+    /// INTX_DISABLE itself, as with uio_pci_generic's sysfs config. Config
+    /// reads during a reset window return all-ones.
+    #[default]
+    Bare,
+    /// A model of vfio-pci: the host interrupt handler automasks
+    /// (check-and-mask) before signalling the trigger, COMMAND.INTX_DISABLE
+    /// is virtualized (the user's virtual disable), ACTION_MASK/UNMASK and
+    /// the unmask eventfd follow `vfio_pci_intrs.c`, user config accesses
+    /// wait while the device is in reset, and a reset saves and restores
+    /// COMMAND without touching the driver's mask bookkeeping — so an
+    /// unmask that lands inside a reset window is undone by the restore and
+    /// the line stays masked while the driver believes it unmasked, exactly
+    /// as the kernel does.
+    VfioPci,
+}
 
 /// A backend operation that faults can be attached to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -160,6 +180,12 @@ struct State {
     trigger: Option<EventFd>,
     calls: [u64; SimOp::ALL.len()],
     faults: Vec<FaultRule>,
+    /// vfio-pci model: the user's virtual INTX_DISABLE (`virq_disabled`).
+    virq_disabled: bool,
+    /// vfio-pci model: the driver's mask bookkeeping (`ctx->masked`).
+    vfio_masked: bool,
+    /// vfio-pci model: the unmask eventfd's servicing thread.
+    virqfd: Option<Virqfd>,
 }
 
 struct Inner {
@@ -167,7 +193,11 @@ struct Inner {
     broken_masking: bool,
     has_reset: bool,
     reset_window: Duration,
+    kernel: SimKernel,
     state: Mutex<State>,
+    /// Signalled when a reset window ends (vfio-pci model: user config
+    /// accesses wait for it).
+    reset_done: Condvar,
 }
 
 /// Builds a [`SimDevice`].
@@ -180,9 +210,15 @@ pub struct SimDeviceBuilder {
     broken_masking: bool,
     has_reset: bool,
     reset_window: Duration,
+    kernel: SimKernel,
 }
 
 impl SimDeviceBuilder {
+    /// The host kernel driver to model (default [`SimKernel::Bare`]).
+    pub fn kernel(mut self, kernel: SimKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
     /// The device's address (default `0000:00:04.0`).
     pub fn bdf(mut self, bdf: Bdf) -> Self {
         self.bdf = bdf;
@@ -263,6 +299,8 @@ impl SimDeviceBuilder {
                 broken_masking: self.broken_masking,
                 has_reset: self.has_reset,
                 reset_window: self.reset_window,
+                kernel: self.kernel,
+                reset_done: Condvar::new(),
                 state: Mutex::new(State {
                     config,
                     pending: 0,
@@ -275,6 +313,9 @@ impl SimDeviceBuilder {
                     trigger: None,
                     calls: [0; SimOp::ALL.len()],
                     faults: Vec::new(),
+                    virq_disabled: false,
+                    vfio_masked: false,
+                    virqfd: None,
                 }),
             }),
         }
@@ -327,6 +368,7 @@ impl SimDevice {
             broken_masking: false,
             has_reset: true,
             reset_window: Duration::from_micros(50),
+            kernel: SimKernel::Bare,
         }
     }
 
@@ -428,6 +470,17 @@ impl Inner {
     /// Recomputes the gated line and signals the host on a rising edge.
     fn update_line(&self, s: &mut State) {
         let out = self.level(s) && !self.masked(s);
+        if out && !s.line_out && self.kernel == SimKernel::VfioPci {
+            // vfio_intx_handler: check-and-mask unless already masked, then
+            // signal the user unless it disabled INTx virtually.
+            s.line_out = false;
+            if s.trigger.is_some() && !s.vfio_masked {
+                self.set_physical_intx_disable(s, true);
+                s.vfio_masked = true;
+                self.signal_user(s);
+            }
+            return;
+        }
         if out && !s.line_out {
             if let Some(trigger) = &s.trigger {
                 // Overflow of the eventfd counter is the only failure; the
@@ -437,6 +490,66 @@ impl Inner {
             }
         }
         s.line_out = out;
+    }
+
+    fn set_physical_intx_disable(&self, s: &mut State, disable: bool) {
+        let command = self.command(s);
+        let command = if disable {
+            command | COMMAND_INTX_DISABLE
+        } else {
+            command & !COMMAND_INTX_DISABLE
+        };
+        put(&mut s.config, PCI_COMMAND, Width::Word, command.into());
+    }
+
+    /// vfio_send_intx_eventfd.
+    fn signal_user(&self, s: &mut State) {
+        if s.virq_disabled {
+            return;
+        }
+        if let Some(trigger) = &s.trigger {
+            let _ = trigger.write(1);
+            s.host_signals += 1;
+        }
+    }
+
+    /// vfio-pci model: `vfio_pci_intx_mask`.
+    fn vfio_mask(&self, s: &mut State) {
+        if !s.vfio_masked {
+            self.set_physical_intx_disable(s, true);
+            s.vfio_masked = true;
+        }
+        self.update_line(s);
+    }
+
+    /// vfio-pci model: `vfio_pci_intx_unmask_handler`, run by ACTION_UNMASK
+    /// and by the unmask eventfd. Kernel-internal config accesses do not
+    /// wait for a reset: during one they see the device's reset state.
+    fn vfio_unmask(&self, s: &mut State) {
+        if s.vfio_masked && !s.virq_disabled {
+            if self.level(s) {
+                // Still asserting: stay masked, re-send the interrupt.
+                self.signal_user(s);
+            } else {
+                self.set_physical_intx_disable(s, false);
+                s.vfio_masked = false;
+            }
+        }
+        self.update_line(s);
+    }
+
+    /// vfio-pci model: user config accesses sleep while the device is in
+    /// reset.
+    fn wait_out_of_reset<'a>(&self, mut s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        if self.kernel == SimKernel::VfioPci {
+            while s.in_reset {
+                s = self
+                    .reset_done
+                    .wait(s)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        s
     }
 
     /// Counts a call of `op` and returns the fault to apply to it, if any.
@@ -517,6 +630,7 @@ impl Inner {
     }
 
     fn reset(&self) -> Result<(), BackendError> {
+        let saved_command;
         {
             let mut s = self.lock();
             if let Some(f) = self.fault(&mut s, SimOp::Reset) {
@@ -527,6 +641,10 @@ impl Inner {
             }
             s.in_reset = true;
             s.resets += 1;
+            // vfio-pci saves the state (physical DisINTx included) and
+            // restores it after the reset; the bare device relies on its
+            // user to restore.
+            saved_command = self.command(&s);
             // Function reset: COMMAND, BARs and the writable header registers
             // go back to their power-on values.
             put(&mut s.config, PCI_COMMAND, Width::Word, 0);
@@ -541,7 +659,16 @@ impl Inner {
         thread::sleep(self.reset_window);
         let mut s = self.lock();
         s.in_reset = false;
+        if self.kernel == SimKernel::VfioPci {
+            put(
+                &mut s.config,
+                PCI_COMMAND,
+                Width::Word,
+                saved_command.into(),
+            );
+        }
         self.update_line(&mut s);
+        self.reset_done.notify_all();
         Ok(())
     }
 }
@@ -571,19 +698,53 @@ impl ConfigSpace for SimBackend {
     }
 
     fn config_read(&mut self, offset: u16, width: Width) -> Result<u32, BackendError> {
-        let mut s = self.inner.lock();
-        self.inner.read(&mut s, offset, width)
+        let mut s = self.inner.wait_out_of_reset(self.inner.lock());
+        let value = self.inner.read(&mut s, offset, width)?;
+        Ok(match self.inner.kernel {
+            SimKernel::Bare => value,
+            // vfio-pci shows the user's virtual INTX_DISABLE.
+            SimKernel::VfioPci => with_intx_disable(offset, width, value, s.virq_disabled),
+        })
     }
 
     fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError> {
-        let mut s = self.inner.lock();
-        self.inner.write(&mut s, offset, width, value)
+        let mut s = self.inner.wait_out_of_reset(self.inner.lock());
+        match self.inner.kernel {
+            SimKernel::Bare => self.inner.write(&mut s, offset, width, value),
+            SimKernel::VfioPci => {
+                // The physical bit is the driver's; the written one is the
+                // user's virtual disable (vfio_basic_config_write).
+                let physical = self.inner.command(&s) & COMMAND_INTX_DISABLE != 0;
+                let virt = intx_disable_mask(offset, width).map(|mask| value & mask != 0);
+                self.inner.write(
+                    &mut s,
+                    offset,
+                    width,
+                    with_intx_disable(offset, width, value, physical),
+                )?;
+                match virt {
+                    Some(true) if !s.virq_disabled => {
+                        s.virq_disabled = true;
+                        self.inner.vfio_mask(&mut s);
+                    }
+                    Some(false) if s.virq_disabled => {
+                        s.virq_disabled = false;
+                        self.inner.vfio_unmask(&mut s);
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        }
     }
 }
 
 impl PciBackend for SimBackend {
     fn intx_disable_bit(&self) -> IntxDisableBit {
-        IntxDisableBit::Physical
+        match self.inner.kernel {
+            SimKernel::Bare => IntxDisableBit::Physical,
+            SimKernel::VfioPci => IntxDisableBit::Virtualized,
+        }
     }
 
     fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError> {
@@ -593,6 +754,12 @@ impl PciBackend for SimBackend {
             .map_err(|e| BackendError::os("eventfd dup", e))?;
         let mut s = self.inner.lock();
         s.trigger = Some(trigger);
+        if self.inner.kernel == SimKernel::VfioPci {
+            // vfio_intx_enable: masked iff virtually disabled.
+            s.vfio_masked = s.virq_disabled;
+            let masked = s.vfio_masked;
+            self.inner.set_physical_intx_disable(&mut s, masked);
+        }
         // A line already high is an interrupt the new handler must see.
         s.line_out = false;
         self.inner.update_line(&mut s);
@@ -601,38 +768,158 @@ impl PciBackend for SimBackend {
 
     fn intx_disable(&mut self) -> Result<(), BackendError> {
         self.op(SimOp::IntxDisable, "INTx disable")?;
-        intx::set_intx_disable(self, true)?;
-        self.inner.lock().trigger = None;
+        let virqfd = {
+            let mut s = self.inner.lock();
+            s.trigger = None;
+            self.inner.set_physical_intx_disable(&mut s, true);
+            s.vfio_masked = true;
+            self.inner.update_line(&mut s);
+            s.virqfd.take()
+        };
+        // Stopped outside the state lock: its thread takes that lock.
+        drop(virqfd);
         Ok(())
     }
 
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError> {
         self.op(SimOp::CheckAndMask, "INTx check-and-mask")?;
-        intx::check_and_mask(self)
+        match self.inner.kernel {
+            SimKernel::Bare => intx::check_and_mask(self),
+            SimKernel::VfioPci => {
+                // The kernel masked before signalling; if the device no
+                // longer asserts, undo that through ACTION_UNMASK.
+                if intx::read_command_status(self)?.asserting() {
+                    Ok(true)
+                } else {
+                    let mut s = self.inner.lock();
+                    self.inner.vfio_unmask(&mut s);
+                    Ok(false)
+                }
+            }
+        }
     }
 
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
         self.op(SimOp::CheckAndUnmask, "INTx check-and-unmask")?;
-        Ok(if intx::check_and_unmask(self)? {
-            Unmask::Unmasked
-        } else {
-            Unmask::StillAsserting
-        })
+        match self.inner.kernel {
+            SimKernel::Bare => Ok(if intx::check_and_unmask(self)? {
+                Unmask::Unmasked
+            } else {
+                Unmask::StillAsserting
+            }),
+            SimKernel::VfioPci => {
+                let mut s = self.inner.lock();
+                self.inner.vfio_unmask(&mut s);
+                Ok(Unmask::Delegated)
+            }
+        }
     }
 
     fn intx_mask(&mut self) -> Result<(), BackendError> {
         self.op(SimOp::Mask, "INTx mask")?;
-        intx::set_intx_disable(self, true)
+        match self.inner.kernel {
+            SimKernel::Bare => intx::set_intx_disable(self, true),
+            SimKernel::VfioPci => {
+                let mut s = self.inner.lock();
+                self.inner.vfio_mask(&mut s);
+                Ok(())
+            }
+        }
     }
 
-    fn intx_set_unmask_eventfd(&mut self, _fd: Option<&EventFd>) -> Result<(), BackendError> {
-        Err(BackendError::os(
-            "registering an unmask eventfd",
-            std::io::Error::from(std::io::ErrorKind::Unsupported),
-        ))
+    fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
+        if self.inner.kernel == SimKernel::Bare {
+            return Err(BackendError::os(
+                "registering an unmask eventfd",
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
+        let virqfd = fd
+            .map(|fd| Virqfd::start(Arc::clone(&self.inner), fd))
+            .transpose()
+            .map_err(|e| BackendError::os("starting the unmask eventfd thread", e))?;
+        // Replacing the old one stops it (outside the state lock: its thread
+        // takes that lock).
+        let old = std::mem::replace(&mut self.inner.lock().virqfd, virqfd);
+        drop(old);
+        Ok(())
     }
 
     fn reset(&mut self) -> Result<(), BackendError> {
-        self.inner.reset()
+        self.inner.reset()?;
+        if self.inner.kernel == SimKernel::VfioPci {
+            // As the VFIO backend does: bring the driver's mask bookkeeping
+            // in line with the hardware the reset restored.
+            let mut s = self.inner.lock();
+            self.inner.vfio_mask(&mut s);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SimBackend {
+    fn drop(&mut self) {
+        // The unmask eventfd's thread holds the device; stop it with the
+        // backend that started it (outside the state lock it takes).
+        let virqfd = self.inner.lock().virqfd.take();
+        drop(virqfd);
+    }
+}
+
+/// vfio-pci model: the thread behind an unmask eventfd (the kernel's
+/// virqfd), running the unmask handler each time the eventfd is signalled.
+struct Virqfd {
+    stop: EventFd,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Virqfd {
+    fn start(inner: Arc<Inner>, fd: &EventFd) -> std::io::Result<Self> {
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        let fd = fd.try_clone()?;
+        let stop = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+        let stop_rx = stop.try_clone()?;
+        let epoll = Epoll::new()?;
+        for (f, token) in [(&fd, 0), (&stop_rx, 1)] {
+            epoll.ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        let thread = thread::Builder::new()
+            .name("sim-virqfd".into())
+            .spawn(move || {
+                let mut events = [EpollEvent::default(); 2];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    for event in &events[..n] {
+                        if event.data() == 1 {
+                            return;
+                        }
+                        if fd.read().is_ok() {
+                            let mut s = inner.lock();
+                            inner.vfio_unmask(&mut s);
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Virqfd {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

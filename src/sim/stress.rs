@@ -10,7 +10,7 @@ use crate::intx::{IntxOptions, IntxStats, LineState};
 use crate::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
 use crate::pci::Width;
 use crate::sim::rig::{RigError, SimRig};
-use crate::sim::SimDevice;
+use crate::sim::{SimDevice, SimKernel};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct StressConfig {
     pub reset_window: Duration,
     /// How long to wait for the last interrupt to be delivered.
     pub timeout: Duration,
+    /// The host driver the simulated device sits behind.
+    pub kernel: SimKernel,
 }
 
 impl Default for StressConfig {
@@ -39,6 +41,7 @@ impl Default for StressConfig {
             config_writes: 400,
             reset_window: Duration::from_micros(50),
             timeout: Duration::from_secs(30),
+            kernel: SimKernel::Bare,
         }
     }
 }
@@ -90,6 +93,7 @@ impl StressReport {
 pub fn run(config: StressConfig) -> Result<StressReport, RigError> {
     let sim = SimDevice::builder()
         .reset_window(config.reset_window)
+        .kernel(config.kernel)
         .build();
     let rig = SimRig::start(sim, IntxOptions::default())?;
     let started = Instant::now();

@@ -308,3 +308,63 @@ fn a_thousand_interrupts_through_worker_and_guest_threads_each_delivered_once() 
     assert_eq!(rig.device.line_state(), LineState::Idle);
     assert_eq!(rig.sim.snapshot().command & COMMAND_INTX_DISABLE, 0);
 }
+
+#[test]
+fn guest_initiated_flr_becomes_a_serialized_reset_through_the_gate() {
+    use vfio_intx::sim::SIM_PCIE_CAP;
+    let t = Stepper::new(SimDevice::builder().build());
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
+    t.sim.raise();
+    t.poll_host();
+    assert_eq!(t.injected(), 1);
+    let devctl = SIM_PCIE_CAP + PCI_EXP_DEVCTL;
+    // Initiate FLR with a byte write of DevCtl's high half, as drivers do
+    // with a word write; both must be caught.
+    t.dev
+        .guest_config_write(
+            devctl + 1,
+            Width::Byte,
+            u32::from(PCI_EXP_DEVCTL_BCR_FLR >> 8),
+        )
+        .unwrap();
+    assert_eq!(t.sim.snapshot().resets, 1);
+    t.dev
+        .guest_config_write(
+            devctl,
+            Width::Word,
+            u32::from(PCI_EXP_DEVCTL_BCR_FLR | 0x0010),
+        )
+        .unwrap();
+    assert_eq!(t.sim.snapshot().resets, 2);
+    assert_eq!(
+        t.sim.snapshot().command & !COMMAND_INTX_DISABLE,
+        0x0006,
+        "COMMAND restored"
+    );
+    assert_eq!(
+        t.dev.guest_config_read(devctl, Width::Word).unwrap() & u32::from(PCI_EXP_DEVCTL_BCR_FLR),
+        0,
+        "FLR reads as zero"
+    );
+    // The interrupt in service across the FLRs is still completed.
+    assert!(t.guest_isr());
+    assert!(!t.masked());
+    assert_eq!(t.dev.stats().resets, 2);
+}
+
+#[test]
+fn devctl_writes_without_flr_support_do_not_reset() {
+    use vfio_intx::sim::SIM_PCIE_CAP;
+    let t = Stepper::new(SimDevice::builder().reset_method(false).build());
+    t.dev
+        .guest_config_write(
+            SIM_PCIE_CAP + PCI_EXP_DEVCTL,
+            Width::Word,
+            u32::from(PCI_EXP_DEVCTL_BCR_FLR),
+        )
+        .unwrap();
+    assert_eq!(t.sim.snapshot().resets, 0);
+    assert_eq!(t.dev.stats().resets, 0);
+}

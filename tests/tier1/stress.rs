@@ -4,9 +4,17 @@
 use std::time::Duration;
 
 use vfio_intx::sim::stress::{run, StressConfig};
+use vfio_intx::sim::SimKernel;
 
 fn reproducer(reset_threads: usize) {
+    for kernel in [SimKernel::Bare, SimKernel::VfioPci] {
+        reproducer_on(reset_threads, kernel);
+    }
+}
+
+fn reproducer_on(reset_threads: usize, kernel: SimKernel) {
     let report = run(StressConfig {
+        kernel,
         interrupts: 3000,
         reset_threads,
         resets_per_thread: 150,
@@ -15,7 +23,7 @@ fn reproducer(reset_threads: usize) {
         timeout: Duration::from_secs(60),
     })
     .unwrap();
-    println!("{reset_threads} reset threads: {report:?}");
+    println!("{reset_threads} reset threads, {kernel:?}: {report:?}");
     assert_eq!(report.delivered, report.raised, "interrupts lost");
     assert_eq!(report.resets_ok, 150 * reset_threads as u64);
     assert_eq!(report.resets_failed, 0);
