@@ -6,13 +6,14 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
-use vfio_intx::backend::{BackendError, ConfigSpace};
+use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::pci::intx::MaskingReason;
 use vfio_intx::pci::regs::*;
 use vfio_intx::pci::sysfs::{
     interrupt_handlers, PciSysfs, Source, SysfsConfig, SysfsError, UIO_PCI_GENERIC, VFIO_PCI,
 };
 use vfio_intx::pci::{Bdf, Width};
+use vfio_intx::uio::{UioBackend, UioError};
 
 fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
@@ -673,4 +674,120 @@ fn masking_verdict_knows_the_quirks_the_vfio_nointx_list_and_pinless_devices() {
     assert!(v.to_string().contains("no INTx pin"), "{v}");
     let v = s.masking_verdict(quirky_unbound).unwrap();
     assert!(matches!(v.source, Source::QuirkTable(_)));
+}
+
+fn uio_host() -> (FakeHost, Bdf) {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(UIO_PCI_GENERIC),
+        reset_method: Some("bus\n"),
+        ..FakeDevice::default()
+    });
+    h.add_uio("0000:01:00.0", 0);
+    (h, a)
+}
+
+#[test]
+fn uio_backend_refuses_devices_not_bound_to_uio_pci_generic() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        bdf: "0000:01:00.0",
+        driver: Some(VFIO_PCI),
+        ..FakeDevice::default()
+    });
+    let b = h.add(FakeDevice {
+        bdf: "0000:02:00.0",
+        ..FakeDevice::default()
+    });
+    let s = h.sysfs();
+    let err = UioBackend::open_with(&s, a).unwrap_err();
+    assert!(matches!(err, UioError::NotUio { .. }));
+    assert_eq!(
+        err.to_string(),
+        "0000:01:00.0: the device is bound to vfio-pci, not uio_pci_generic (bind it first)"
+    );
+    let err = UioBackend::open_with(&s, b).unwrap_err();
+    assert!(err.to_string().contains("bound to no driver"), "{err}");
+    // Bound but no uio node registered.
+    h.set_driver("0000:02:00.0", Some(UIO_PCI_GENERIC));
+    let err = UioBackend::open_with(&s, b).unwrap_err();
+    assert!(matches!(err, UioError::NoUioDevice { .. }), "{err:?}");
+}
+
+#[test]
+fn uio_check_and_mask_lifts_a_kernel_automask_when_the_device_does_not_assert() {
+    let (h, a) = uio_host();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    assert_eq!(u.uio_path(), h.tmp.path().join("dev/uio0"));
+    // The kernel's handler masked, and the device deasserted since.
+    h.set_command_status("0000:01:00.0", 0x0406, 0);
+    assert!(!u.intx_check_and_mask().unwrap());
+    assert_eq!(h.command("0000:01:00.0"), 0x0006);
+}
+
+#[test]
+fn uio_check_and_mask_keeps_a_mask_the_engine_set() {
+    let (h, a) = uio_host();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    u.intx_mask().unwrap();
+    assert_eq!(h.command("0000:01:00.0"), 0x0406);
+    assert!(!u.intx_check_and_mask().unwrap());
+    assert_eq!(h.command("0000:01:00.0"), 0x0406, "the engine's mask stays");
+    // The same for a guest COMMAND write with INTX_DISABLE (byte access).
+    h.set_command_status("0000:01:00.0", 0x0006, 0);
+    u.config_write(PCI_COMMAND + 1, Width::Byte, 0x04).unwrap();
+    assert!(!u.intx_check_and_mask().unwrap());
+    assert_eq!(h.command("0000:01:00.0"), 0x0406);
+}
+
+#[test]
+fn uio_check_and_mask_masks_an_asserting_device_and_unmask_waits_for_it() {
+    let (h, a) = uio_host();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    h.set_command_status("0000:01:00.0", 0x0006, STATUS_INTERRUPT);
+    assert!(u.intx_check_and_mask().unwrap());
+    assert_eq!(h.command("0000:01:00.0"), 0x0406);
+    assert_eq!(
+        u.intx_check_and_unmask().unwrap(),
+        vfio_intx::backend::Unmask::StillAsserting
+    );
+    assert_eq!(h.command("0000:01:00.0"), 0x0406);
+    h.set_command_status("0000:01:00.0", 0x0406, 0);
+    assert_eq!(
+        u.intx_check_and_unmask().unwrap(),
+        vfio_intx::backend::Unmask::Unmasked
+    );
+    assert_eq!(h.command("0000:01:00.0"), 0x0006);
+}
+
+#[test]
+fn uio_reset_writes_the_reset_attribute_or_reports_no_method() {
+    let (h, a) = uio_host();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    u.reset().unwrap();
+    assert_eq!(read(h.dir("0000:01:00.0").join("reset")), "1");
+    fs::write(h.dir("0000:01:00.0").join("reset_method"), "\n").unwrap();
+    assert!(matches!(u.reset(), Err(BackendError::NoResetMethod)));
+    fs::remove_file(h.dir("0000:01:00.0").join("reset_method")).unwrap();
+    fs::remove_file(h.dir("0000:01:00.0").join("reset")).unwrap();
+    assert!(matches!(u.reset(), Err(BackendError::NoResetMethod)));
+}
+
+#[test]
+fn uio_has_no_unmask_eventfd_and_no_intx_without_an_irq() {
+    let (h, a) = uio_host();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    assert_eq!(
+        u.intx_disable_bit(),
+        vfio_intx::backend::IntxDisableBit::Physical
+    );
+    let err = u.intx_set_unmask_eventfd(None).unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Os { source, .. } if source.kind() == std::io::ErrorKind::Unsupported)
+    );
+    fs::write(h.dir("0000:01:00.0").join("irq"), "0\n").unwrap();
+    let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
+    let trigger = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    assert!(matches!(u.intx_enable(&trigger), Err(BackendError::NoIntx)));
+    assert!(!u.is_forwarding());
 }
