@@ -292,6 +292,48 @@ fn stepped_cycle_on_uio_pci_generic_masks_in_service_and_unmasks_when_idle() {
     assert!(!dev.with_backend(|b| b.is_forwarding()));
 }
 
+#[test]
+fn an_interrupt_pending_before_arming_on_uio_is_delivered_when_armed() {
+    let Some(g) = guest("an_interrupt_pending_before_arming_on_uio") else {
+        return;
+    };
+    let sysfs = PciSysfs::default();
+    let bar = prepare_uio_edu(&sysfs, g.uio);
+    // The device interrupts before the engine takes it over:
+    // uio_pci_generic's handler masks it (check-and-mask) and counts it.
+    bar.write(EDU_IRQ_RAISE, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !physical(&sysfs, g.uio).masked() {
+        assert!(
+            Instant::now() < deadline,
+            "the kernel never masked the raise"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+    let before = physical(&sysfs, g.uio);
+    assert!(before.asserting(), "{before:?}");
+
+    let (injected, sink) = counting_sink();
+    let dev = IntxDevice::new(UioBackend::open(g.uio).unwrap(), sink).unwrap();
+    eprintln!(
+        "armed over a kernel automask: physical before {before:?}; guest view {:#06x}, line {:?}, \
+         injected {}",
+        dev.guest_command(),
+        dev.line_state(),
+        injected.load(Ordering::SeqCst)
+    );
+    // The kernel's automask is the host's mask, not the guest's choice: the
+    // guest's view starts with INTX_DISABLE clear, and the pending interrupt
+    // is delivered at arm time, as IntxDevice::with_options promises.
+    assert_eq!(dev.guest_command() & COMMAND_INTX_DISABLE, 0);
+    assert_eq!(injected.load(Ordering::SeqCst), 1);
+    assert_eq!(dev.line_state(), LineState::InService);
+    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    dev.on_guest_eoi().unwrap();
+    assert_eq!(dev.line_state(), LineState::Idle);
+    assert!(!physical(&sysfs, g.uio).masked());
+}
+
 /// What the guest driver thread saw.
 #[derive(Default)]
 struct GuestIsr {
