@@ -765,7 +765,15 @@ impl PciSysfs {
     }
 
     /// The device's host IRQ (`irq` in sysfs); `None` when it is 0 (no
-    /// INTx routed). With MSI enabled the kernel shows the MSI IRQ there.
+    /// INTx routed).
+    ///
+    /// Until a driver enables the device (`pci_enable_device`), this is the
+    /// firmware's INTERRUPT_LINE. Enabling routes INTx through ACPI to the
+    /// IO-APIC line a handler is really registered on, which can differ: in
+    /// the test guest both vfio edus show IRQ 10 until vfio-pci opens them,
+    /// then 20 and 21. vfio-pci enables a device when a user opens it,
+    /// uio_pci_generic when it binds. With MSI (not MSI-X) enabled the
+    /// kernel shows the first MSI IRQ instead.
     pub fn irq(&self, bdf: Bdf) -> Result<Option<u32>, SysfsError> {
         let path = self.existing_device_dir(bdf)?.join("irq");
         let op = "reading the IRQ number";
@@ -784,7 +792,9 @@ impl PciSysfs {
 
     /// The device's host IRQ line: every other PCI device whose `irq` is the
     /// same (with its driver), and the handlers registered on it. `None`
-    /// when the device has no IRQ.
+    /// when the device has no IRQ. Ask once the device is enabled (see
+    /// [`irq`](Self::irq)): before that, the number is the firmware's and
+    /// the sharing it shows may not be the sharing the handlers get.
     pub fn irq_line(&self, bdf: Bdf) -> Result<Option<IrqLine>, SysfsError> {
         let Some(irq) = self.irq(bdf)? else {
             return Ok(None);
