@@ -885,7 +885,7 @@ impl PciSysfs {
     /// changes. On failure the previous driver is put back (best effort) and
     /// the error says why the driver refused. Keep the returned [`Binding`]
     /// for [`unbind`](Self::unbind).
-    #[instrument(skip(self), fields(bdf = %bdf))]
+    #[instrument(skip_all, fields(bdf = %bdf, driver))]
     pub fn bind(&self, bdf: Bdf, driver: &str) -> Result<Binding, SysfsError> {
         self.existing_device_dir(bdf)?;
         let driver_dir = self.drivers_dir().join(driver);
