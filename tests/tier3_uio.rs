@@ -650,6 +650,53 @@ fn host_facts_for_the_three_edus() {
 }
 
 #[test]
+fn vfio_viability_agrees_with_the_kernel() {
+    let Some(_g) = guest("vfio_viability_agrees_with_the_kernel") else {
+        return;
+    };
+    // q35's ICH9 functions 00:1f.2 and 00:1f.3 share an IOMMU group and have
+    // no driver in this guest.
+    let s = PciSysfs::default();
+    let a: Bdf = "0000:00:1f.2".parse().unwrap();
+    let b: Bdf = "0000:00:1f.3".parse().unwrap();
+    let group = s.iommu_group(a).unwrap().unwrap();
+    assert_eq!(s.iommu_group(b).unwrap(), Some(group));
+    assert_eq!((s.driver(a).unwrap(), s.driver(b).unwrap()), (None, None));
+    let container = Arc::new(vfio_ioctls::VfioContainer::new(None).unwrap());
+    let kernel_viable =
+        || match vfio_ioctls::VfioDevice::new(&s.device_dir(a), Arc::clone(&container) as _, false)
+        {
+            Ok(_device) => true,
+            Err(vfio_ioctls::VfioError::GroupViable) => false,
+            Err(e) => panic!("{a}: opening through VFIO: {e}"),
+        };
+
+    let va = s.bind(a, VFIO_PCI).unwrap();
+    let vb = s.bind(b, UIO_PCI_GENERIC).unwrap();
+    let v = s.vfio_viability(a).unwrap();
+    eprintln!("{v}");
+    let offending: Vec<_> = v.offending().map(|m| (m.bdf, m.driver.clone())).collect();
+    assert_eq!(offending, [(Some(b), Some(UIO_PCI_GENERIC.to_owned()))]);
+    // VFIO_GROUP_GET_STATUS says the same: the group is not viable.
+    assert!(
+        !kernel_viable(),
+        "the kernel calls group {group} viable: {v}"
+    );
+
+    s.unbind(&vb).unwrap();
+    let v = s.vfio_viability(a).unwrap();
+    eprintln!("{v}");
+    assert!(v.is_viable(), "{v}");
+    assert!(
+        kernel_viable(),
+        "the kernel calls group {group} not viable: {v}"
+    );
+
+    s.unbind(&va).unwrap();
+    assert_eq!(s.driver(a).unwrap(), None);
+}
+
+#[test]
 fn reset_method_exists_behind_the_root_ports_and_not_on_the_root_bus() {
     let Some(g) = guest("reset_method_exists_behind_the_root_ports") else {
         return;
