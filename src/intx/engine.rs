@@ -26,9 +26,10 @@ use crate::intx::sink::InterruptSink;
 use crate::intx::stats::{Counters, IntxStats};
 use crate::pci::intx::{read_command_status, CommandStatus};
 use crate::pci::regs::{
-    PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST, PCI_CAP_ID_EXP, PCI_COMMAND,
-    PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR, PCI_EXP_DEVCTL, PCI_EXP_DEVCTL_BCR_FLR, PCI_INTERRUPT_LINE,
-    PCI_LATENCY_TIMER, PCI_NUM_BARS, PCI_ROM_ADDRESS, STATUS_CAP_LIST,
+    COMMAND_INTX_DISABLE, PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST,
+    PCI_CAP_ID_EXP, PCI_COMMAND, PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR, PCI_EXP_DEVCTL,
+    PCI_EXP_DEVCTL_BCR_FLR, PCI_INTERRUPT_LINE, PCI_LATENCY_TIMER, PCI_NUM_BARS, PCI_ROM_ADDRESS,
+    STATUS_CAP_LIST,
 };
 use crate::pci::{check_access, check_write, covers, with_intx_disable, Bdf, Width};
 
@@ -182,8 +183,10 @@ impl<B: PciBackend> IntxDevice<B> {
     }
 
     /// Takes over `backend`'s INTx and arms it: the guest's view of COMMAND
-    /// starts as the device's, the backend signals a fresh trigger eventfd,
-    /// and an interrupt the device already asserts is delivered.
+    /// starts as the device's (without INTX_DISABLE where that bit is the
+    /// physical mask: it is the host's then, not the guest's), the backend
+    /// signals a fresh trigger eventfd, and an interrupt the device already
+    /// asserts is delivered.
     #[instrument(skip_all, fields(bdf = %backend.bdf()))]
     pub fn with_options(
         backend: B,
@@ -275,7 +278,18 @@ impl<B: PciBackend> IntxDevice<B> {
             let cs = read_command_status(&mut dev.backend)
                 .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
             found = Some(cs.command);
-            dev.guest = GuestCommand::new(cs.command);
+            // Where INTX_DISABLE is the physical mask, a set bit is the
+            // host's (uio_pci_generic's automask of an interrupt nobody
+            // serviced yet, or a previous owner's mask), not a choice of the
+            // guest, which has written nothing yet. Its view starts with the
+            // bit clear, as after a reset and as vfio-pci's enable leaves
+            // its virtual bit; `settle` then delivers what the device
+            // asserts instead of holding it for an EOI-less guest.
+            let guest_view = match self.disable_bit {
+                IntxDisableBit::Physical => cs.command & !COMMAND_INTX_DISABLE,
+                IntxDisableBit::Virtualized => cs.command,
+            };
+            dev.guest = GuestCommand::new(guest_view);
             dev.flr_devctl = find_flr_devctl(&mut dev.backend, cs)
                 .map_err(|e| Fail::Backend(Operation::ReadCapabilities, e))?;
             match &self.bypass {

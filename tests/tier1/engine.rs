@@ -368,3 +368,31 @@ fn devctl_writes_without_flr_support_do_not_reset() {
     assert_eq!(t.sim.snapshot().resets, 0);
     assert_eq!(t.dev.stats().resets, 0);
 }
+
+#[test]
+fn an_interrupt_masked_by_the_host_before_arming_is_delivered_when_armed() {
+    // Where INTX_DISABLE is physical, a kernel driver (uio_pci_generic) may
+    // have check-and-masked an interrupt before the engine takes over.
+    let sim = SimDevice::builder().build();
+    let mut b = sim.backend();
+    vfio_intx::backend::ConfigSpace::config_write(
+        &mut b,
+        PCI_COMMAND,
+        Width::Word,
+        u32::from(0x0006 | COMMAND_INTX_DISABLE),
+    )
+    .unwrap();
+    sim.raise();
+    let t = Stepper::new(sim);
+    assert_eq!(
+        t.dev.guest_command() & COMMAND_INTX_DISABLE,
+        0,
+        "the host's mask is not the guest's choice"
+    );
+    assert_eq!(t.injected(), 1, "delivered when armed, not held");
+    assert_eq!(t.dev.line_state(), LineState::InService);
+    assert!(t.masked());
+    assert!(t.guest_isr());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+    assert!(!t.masked());
+}

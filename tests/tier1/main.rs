@@ -9,6 +9,7 @@ mod gate;
 mod masking;
 mod model;
 mod stress;
+mod sysfs;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
