@@ -130,7 +130,10 @@ impl<T> ConfigGate<T> {
         if let Some(guard) = self.try_take() {
             return Some(guard);
         }
-        self.deferred.store(true, Ordering::SeqCst);
+        // A swap rather than a store: the same here, and loom models an RMW
+        // racing a releaser's swap exactly, where a plain store can be
+        // misplaced inside that swap (tokio-rs/loom#254).
+        self.deferred.swap(true, Ordering::SeqCst);
         // Pairs with the fence in `Release::drop`: either the holder sees the
         // flag, or this second attempt sees that the holder has left.
         fence(Ordering::SeqCst);
@@ -179,6 +182,10 @@ impl<T> ConfigGate<T> {
         }
         let mut waiting = lock(&self.turn_lock);
         self.sleepers.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `Release::drop`: either the releaser sees
+        // this sleeper and notifies, or the check below sees its increment
+        // of `now_serving`.
+        fence(Ordering::SeqCst);
         while self.now_serving.load(Ordering::SeqCst) != ticket {
             waiting = self
                 .turn
@@ -188,9 +195,14 @@ impl<T> ConfigGate<T> {
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Passes the turn to the next ticket.
+    /// Passes the turn to the next ticket. The caller must issue a SeqCst
+    /// fence before [`wake_sleepers`](Self::wake_sleepers).
     fn end_turn(&self) {
         self.now_serving.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Wakes the threads asleep in [`wait_turn`](Self::wait_turn), if any.
+    fn wake_sleepers(&self) {
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             // Taking the lock orders this notify after a sleeper's check of
             // `now_serving`, so it cannot miss the wake-up.
@@ -248,10 +260,18 @@ impl<T> Drop for Release<'_, T> {
         if self.kind == Kind::Block {
             gate.blocked.store(false, Ordering::SeqCst);
         }
-        if self.kind != Kind::Try {
+        let queued = self.kind != Kind::Try;
+        if queued {
             gate.end_turn();
         }
+        // One fence for two pairings. With the fence in `wait_turn`: either a
+        // waiter's check sees the new `now_serving`, or `wake_sleepers` sees
+        // the waiter. With the fence in `try_access`: either the swap below
+        // sees the deferral, or the try-access sees the device free.
         fence(Ordering::SeqCst);
+        if queued {
+            gate.wake_sleepers();
+        }
         if gate.deferred.swap(false, Ordering::SeqCst) {
             (gate.kick)();
         }
