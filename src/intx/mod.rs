@@ -8,7 +8,9 @@ mod sink;
 mod stats;
 mod worker;
 
-pub use engine::{IntxDevice, IntxOptions, LineState, RetryPolicy, Serviced};
+pub use engine::{
+    IntxDevice, IntxOptions, LineState, RetryPolicy, Serviced, Tick, WatchdogOptions,
+};
 pub use error::{IntxError, Operation};
 pub use sink::{CallbackSink, InterruptSink};
 pub use stats::IntxStats;

@@ -15,6 +15,10 @@ pub(crate) struct Counters {
     pub(crate) resets: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) retries: AtomicU64,
+    pub(crate) mid_reset_events: AtomicU64,
+    pub(crate) stuck_detections: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
+    pub(crate) stuck_nanos: AtomicU64,
 }
 
 impl Counters {
@@ -48,6 +52,15 @@ pub struct IntxStats {
     pub errors: u64,
     /// Retries after transient failures.
     pub retries: u64,
+    /// Interrupt-path events that found the device not decoding (in a reset
+    /// the engine did not start), re-checked after the reset.
+    pub mid_reset_events: u64,
+    /// Times the watchdog found the line stuck.
+    pub stuck_detections: u64,
+    /// Re-syncs of the kernel's mask state with the hardware.
+    pub resyncs: u64,
+    /// Time lines spent stuck before the watchdog recovered them.
+    pub stuck_time: std::time::Duration,
 }
 
 impl Counters {
@@ -65,6 +78,10 @@ impl Counters {
             resets: get(&self.resets),
             errors: get(&self.errors),
             retries: get(&self.retries),
+            mid_reset_events: get(&self.mid_reset_events),
+            stuck_detections: get(&self.stuck_detections),
+            resyncs: get(&self.resyncs),
+            stuck_time: std::time::Duration::from_nanos(get(&self.stuck_nanos)),
         }
     }
 }

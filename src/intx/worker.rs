@@ -58,7 +58,9 @@ impl LogLimiter {
     }
 }
 
-/// Services `device` until `stop` is signalled. `resample` is KVM's resample
+/// Services `device` until `stop` is signalled, and runs its watchdog ticks
+/// (see [`IntxDevice::watchdog_tick`]) from the same thread with epoll
+/// timeouts — no extra thread, no busy polling. `resample` is KVM's resample
 /// eventfd on the user-space EOI path (`None` when the kernel bypass handles
 /// EOIs or the embedder reports them itself). Interrupt-path errors are
 /// logged (rate limited) and counted; the engine retries them itself.
@@ -85,8 +87,18 @@ pub fn run_worker<B: PciBackend>(
 
     let mut limiter = LogLimiter::new(Duration::from_secs(1), 10);
     let mut events = [EpollEvent::default(); 3];
+    let mut next_tick = Instant::now();
     loop {
-        let ready = match epoll.wait(-1, &mut events) {
+        let now = Instant::now();
+        if now >= next_tick {
+            let (_, delay) = device.watchdog_tick(now);
+            next_tick = now + delay;
+        }
+        let timeout_ms = next_tick
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, i32::MAX as u128) as i32;
+        let ready = match epoll.wait(timeout_ms, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(fail("epoll_wait")(e)),

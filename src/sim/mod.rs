@@ -442,6 +442,15 @@ impl SimDevice {
         self.state().faults.clear();
     }
 
+    /// A reset the engine does not know about: an administrator writing the
+    /// device's sysfs `reset` (the kernel saves and restores config state
+    /// around it), bypassing the gate, exactly as in the 2011 reproducer.
+    /// Blocks for the reset window. A device without a reset method answers
+    /// [`BackendError::NoResetMethod`].
+    pub fn external_reset(&self) -> Result<(), BackendError> {
+        self.inner.reset(true)
+    }
+
     /// How many times `op` was called.
     pub fn calls(&self, op: SimOp) -> u64 {
         self.state().calls[op.index()]
@@ -629,8 +638,12 @@ impl Inner {
         s.config[i] = (s.config[i] & !mask) | (value & mask);
     }
 
-    fn reset(&self) -> Result<(), BackendError> {
-        let saved_command;
+    /// A function reset. `kernel_restores`: the kernel saves the config
+    /// state before and restores it after, as vfio-pci's reset ioctl and the
+    /// sysfs `reset` file do (`pci_reset_function`); otherwise the device
+    /// comes out with its power-on values and its user restores.
+    fn reset(&self, kernel_restores: bool) -> Result<(), BackendError> {
+        let saved;
         {
             let mut s = self.lock();
             if let Some(f) = self.fault(&mut s, SimOp::Reset) {
@@ -641,10 +654,7 @@ impl Inner {
             }
             s.in_reset = true;
             s.resets += 1;
-            // vfio-pci saves the state (physical DisINTx included) and
-            // restores it after the reset; the bare device relies on its
-            // user to restore.
-            saved_command = self.command(&s);
+            saved = s.config;
             // Function reset: COMMAND, BARs and the writable header registers
             // go back to their power-on values.
             put(&mut s.config, PCI_COMMAND, Width::Word, 0);
@@ -659,13 +669,10 @@ impl Inner {
         thread::sleep(self.reset_window);
         let mut s = self.lock();
         s.in_reset = false;
-        if self.kernel == SimKernel::VfioPci {
-            put(
-                &mut s.config,
-                PCI_COMMAND,
-                Width::Word,
-                saved_command.into(),
-            );
+        if kernel_restores {
+            // Physical DisINTx included; the driver's mask bookkeeping is
+            // not touched.
+            s.config = saved;
         }
         self.update_line(&mut s);
         self.reset_done.notify_all();
@@ -846,7 +853,7 @@ impl PciBackend for SimBackend {
     }
 
     fn reset(&mut self) -> Result<(), BackendError> {
-        self.inner.reset()?;
+        self.inner.reset(self.inner.kernel == SimKernel::VfioPci)?;
         if self.inner.kernel == SimKernel::VfioPci {
             // As the VFIO backend does: bring the driver's mask bookkeeping
             // in line with the hardware the reset restored.

@@ -179,3 +179,103 @@ pub fn run(config: StressConfig) -> Result<StressReport, RigError> {
         elapsed: started.elapsed(),
     })
 }
+
+/// The 2011 reproducer around the engine: resets it does not know about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalResetConfig {
+    /// The host driver the simulated device sits behind.
+    pub kernel: SimKernel,
+    /// Threads looping external resets (`echo 1 > .../reset`).
+    pub reset_threads: usize,
+    /// How long the reset loops run.
+    pub duration: Duration,
+    /// Reset window of the simulated device.
+    pub reset_window: Duration,
+    /// Pause between two interrupts raised by the device.
+    pub raise_every: Duration,
+    /// The engine's options (the watchdog among them).
+    pub options: IntxOptions,
+    /// How long to wait for delivery after the last reset.
+    pub recovery_timeout: Duration,
+}
+
+impl Default for ExternalResetConfig {
+    fn default() -> Self {
+        Self {
+            kernel: SimKernel::VfioPci,
+            reset_threads: 2,
+            duration: Duration::from_secs(1),
+            reset_window: Duration::from_micros(500),
+            raise_every: Duration::from_micros(200),
+            options: IntxOptions::default(),
+            recovery_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalResetReport {
+    /// Interrupts raised by the device.
+    pub raised: u64,
+    /// Interrupts the guest handled.
+    pub delivered: u64,
+    /// External resets performed.
+    pub resets: u64,
+    /// Time from the end of the last reset until every interrupt was
+    /// delivered (`None`: not within the recovery timeout — the line is
+    /// stuck).
+    pub recovered_after: Option<Duration>,
+    /// Whether the device's INTX_DISABLE was set at the end.
+    pub masked_at_end: bool,
+    /// The engine's counters (detections, re-syncs, mid-reset events).
+    pub stats: IntxStats,
+}
+
+/// Runs interrupts through the engine while threads reset the device behind
+/// its back, then measures how long delivery takes to recover.
+pub fn run_external_resets(config: ExternalResetConfig) -> Result<ExternalResetReport, RigError> {
+    let sim = SimDevice::builder()
+        .reset_window(config.reset_window)
+        .kernel(config.kernel)
+        .build();
+    let rig = SimRig::start(sim, config.options)?;
+    let resetting = AtomicBool::new(true);
+    let resets = AtomicU64::new(0);
+    thread::scope(|scope| {
+        for _ in 0..config.reset_threads {
+            scope.spawn(|| {
+                while resetting.load(Ordering::SeqCst) {
+                    if rig.sim.external_reset().is_ok() {
+                        resets.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let start = Instant::now();
+        while start.elapsed() < config.duration {
+            rig.sim.raise();
+            thread::sleep(config.raise_every);
+        }
+        resetting.store(false, Ordering::SeqCst);
+    });
+    // The reset threads are joined: the last reset has ended.
+    let quiet = Instant::now();
+    let raised = rig.sim.snapshot().raised;
+    let recovered = rig.wait_delivered(raised, config.recovery_timeout);
+    let recovered_after = recovered.then(|| quiet.elapsed());
+    // Let the last EOI settle before judging the mask.
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while rig.device.line_state() != LineState::Idle && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let snapshot = rig.sim.snapshot();
+    Ok(ExternalResetReport {
+        raised,
+        delivered: rig.delivered(),
+        resets: resets.into_inner(),
+        recovered_after,
+        masked_at_end: snapshot.command & COMMAND_INTX_DISABLE != 0,
+        stats: rig.device.stats(),
+    })
+}

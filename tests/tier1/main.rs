@@ -10,6 +10,7 @@ mod masking;
 mod model;
 mod stress;
 mod sysfs;
+mod watchdog;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

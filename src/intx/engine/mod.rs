@@ -8,6 +8,14 @@
 //!    host mask -> backend.
 //! 4. Reset: block -> save -> mask -> backend reset -> restore -> settle
 //!    (re-check STATUS, re-arm) -> unblock -> deferred work runs.
+//!
+//! Resets the engine did not start (an administrator writing the device's
+//! sysfs `reset`) cannot go through the gate; the watchdog (see
+//! [`IntxDevice::watchdog_tick`]) notices their effects and recovers.
+
+mod watchdog;
+
+pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -76,6 +84,8 @@ pub struct IntxOptions {
     /// How many times in a row the interrupt path re-kicks itself after a
     /// failure before it gives up until the next event.
     pub interrupt_path_retries: u32,
+    /// The stuck-INTx watchdog.
+    pub watchdog: WatchdogOptions,
 }
 
 impl Default for IntxOptions {
@@ -83,6 +93,7 @@ impl Default for IntxOptions {
         Self {
             retry: RetryPolicy::default(),
             interrupt_path_retries: 8,
+            watchdog: WatchdogOptions::default(),
         }
     }
 }
@@ -92,6 +103,9 @@ impl Default for IntxOptions {
 pub enum Serviced {
     /// The work ran.
     Done,
+    /// The device does not decode (it is in a reset nobody announced): the
+    /// work is kept and re-run by the next watchdog tick, after the reset.
+    AwaitingReset,
     /// The gate was held; the work runs again when the holder leaves.
     Deferred,
 }
@@ -105,6 +119,8 @@ const WORK_RECHECK: u8 = 1 << 2;
 /// The state that lives behind the gate.
 struct Device<B> {
     backend: B,
+    /// What the watchdog has seen of this device.
+    watch: watchdog::WatchState,
     line: LineState,
     guest: GuestCommand,
     /// Offset of PCIe Device Control when the device advertises FLR.
@@ -240,6 +256,7 @@ impl<B: PciBackend> IntxDevice<B> {
         });
         let kick_target = Arc::clone(&wake);
         let device = Device {
+            watch: watchdog::WatchState::default(),
             backend,
             line: LineState::Idle,
             guest: GuestCommand::default(),
@@ -379,6 +396,16 @@ impl<B: PciBackend> IntxDevice<B> {
             Ok(()) => {
                 self.failures.store(0, Ordering::Relaxed);
                 Ok(Serviced::Done)
+            }
+            Err(Fail::Backend(op, BackendError::NotResponding)) => {
+                // An event while the device is mid-reset: not spurious, not
+                // an error; re-check once the device decodes again.
+                self.wake
+                    .pending
+                    .fetch_or(work | WORK_RECHECK, Ordering::SeqCst);
+                Counters::bump(&self.counters.mid_reset_events);
+                trace!(bdf = %self.bdf, %op, "device does not decode, re-check after its reset");
+                Ok(Serviced::AwaitingReset)
             }
             Err(fail) => {
                 // Keep the work; a re-check covers a host interrupt whose
