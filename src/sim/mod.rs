@@ -579,7 +579,6 @@ impl ConfigSpace for SimBackend {
         let mut s = self.inner.lock();
         self.inner.write(&mut s, offset, width, value)
     }
-
 }
 
 impl PciBackend for SimBackend {

@@ -178,7 +178,8 @@ fn a_device_gone_for_good_gives_clean_errors_and_bounded_retries() {
 fn failing_to_arm_changes_nothing_and_names_the_device() {
     let sim = SimDevice::builder().build();
     let mut b = sim.backend();
-    vfio_intx::backend::ConfigSpace::config_write(&mut b, PCI_COMMAND, Width::Word, 0x0006).unwrap();
+    vfio_intx::backend::ConfigSpace::config_write(&mut b, PCI_COMMAND, Width::Word, 0x0006)
+        .unwrap();
     for fault in FAULTS {
         sim.inject_fault(SimOp::IntxEnable, fault, 0, 1);
         let err =
