@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_intx::backend::{BackendError, ConfigSpace};
 use vfio_intx::error_chain;
-use vfio_intx::intx::{run_worker, IntxDevice, LineState, Serviced};
+use vfio_intx::intx::{run_worker, CallbackSink, IntxDevice, LineState, Serviced};
 use vfio_intx::pci::regs::{
     COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND, PCI_STATUS, STATUS_INTERRUPT,
 };
@@ -29,13 +29,19 @@ use vfio_intx::vfio::{RegionAccess, VfioBackend, VfioError};
 
 // ------------------------------------------------------------------ setup
 
+/// Prints a SKIP line on stderr even though libtest captures the output of
+/// passing tests (its capture only covers the print macros).
+fn skip(reason: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "SKIP {reason}");
+}
+
 /// The device named by `var` inside the guest; outside it, a loud SKIP.
 fn guest_device(var: &str, test: &str) -> Option<Bdf> {
     if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        eprintln!(
-            "SKIP (not inside the vfio-intx QEMU guest): {test} needs real vfio-pci; \
+        skip(format_args!(
+            "(not inside the vfio-intx QEMU guest): {test} needs real vfio-pci; \
              run scripts/tier3.sh"
-        );
+        ));
         return None;
     }
     let value = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set in the guest"));
@@ -857,4 +863,117 @@ fn release_request_is_signalled_on_unbind_and_closing_lets_the_unbind_finish() {
     assert!(driver.ends_with("vfio-pci"), "{driver:?}");
     let rig = Rig::new(bdf);
     rig.manual_cycle("after binding back");
+}
+
+/// The PCI devices with these IDs (QEMU's pci-testdev), by address.
+fn devices_with_ids(vendor: &str, device: &str) -> Vec<Bdf> {
+    let mut found: Vec<Bdf> = fs::read_dir("/sys/bus/pci/devices")
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            let id = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
+            (id("vendor").trim() == vendor && id("device").trim() == device)
+                .then(|| path.file_name().unwrap().to_str().unwrap().parse().unwrap())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn iommu_group_of(bdf: Bdf) -> String {
+    let link = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).unwrap();
+    link.file_name().unwrap().to_str().unwrap().to_owned()
+}
+
+fn bind(bdf: Bdf, driver: &str) {
+    fs::write(
+        format!("/sys/bus/pci/devices/{bdf}/driver_override"),
+        driver,
+    )
+    .unwrap();
+    fs::write("/sys/bus/pci/drivers_probe", bdf.to_string()).unwrap();
+    let bound = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).unwrap();
+    assert!(
+        bound.ends_with(driver),
+        "{bdf} bound to {bound:?}, not {driver}"
+    );
+}
+
+fn unbind(bdf: Bdf) {
+    let driver = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).unwrap();
+    fs::write(
+        format!(
+            "/sys/bus/pci/drivers/{}/unbind",
+            driver.file_name().unwrap().to_str().unwrap()
+        ),
+        bdf.to_string(),
+    )
+    .unwrap();
+}
+
+/// Two functions behind a PCIe-to-PCI bridge share an IOMMU group
+/// (scripts/tier3.sh adds a pcie-pci-bridge with two pci-testdevs to the
+/// guest). With one bound to vfio-pci and the other to uio_pci_generic the
+/// group is not viable, and `open` names the device in the way; once that
+/// device is unbound the kernel accepts the group. (pci-testdev has no INTx
+/// pin, which also shows the engine refusing a device without INTx.)
+#[test]
+fn open_in_a_group_with_a_device_bound_to_another_driver_is_not_viable() {
+    let test = "open_in_a_group_with_a_device_bound_to_another_driver_is_not_viable";
+    if guest_device("VFIO_INTX_EDU_RESET", test).is_none() {
+        return;
+    }
+    let testdevs = devices_with_ids("0x1b36", "0x0005");
+    let pair = testdevs.iter().enumerate().find_map(|(i, &a)| {
+        testdevs[i + 1..]
+            .iter()
+            .find(|&&b| iommu_group_of(a) == iommu_group_of(b))
+            .map(|&b| (a, b))
+    });
+    let Some((a, b)) = pair else {
+        skip(format_args!(
+            "{test}: needs two pci-testdev functions in one IOMMU group \
+             (scripts/tier3.sh adds them behind a pcie-pci-bridge); found {testdevs:?}"
+        ));
+        return;
+    };
+    let group: u32 = iommu_group_of(a).parse().unwrap();
+    bind(a, "vfio-pci");
+    bind(b, "uio_pci_generic");
+
+    let err = VfioBackend::open(a).unwrap_err();
+    match &err {
+        VfioError::GroupNotViable {
+            group: g, blockers, ..
+        } => {
+            assert_eq!(*g, group);
+            assert_eq!(blockers, &[format!("{b} is bound to uio_pci_generic")]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{a}: IOMMU group {group} is not viable: {b} is bound to uio_pci_generic \
+             (every device in the group must be bound to vfio-pci, pci-stub or no driver)"
+        )
+    );
+
+    // Without the other driver the kernel takes the group.
+    unbind(b);
+    let backend = VfioBackend::open(a).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert_eq!(backend.group(), group);
+    // pci-testdev has no interrupt pin: GET_IRQ_INFO reports INTx count 0,
+    // and the engine refuses to arm it.
+    assert!(!backend.intx_info().usable());
+    let err = IntxDevice::new(backend, CallbackSink(|| Ok(()))).unwrap_err();
+    assert!(
+        matches!(err.backend_error(), Some(BackendError::NoIntx)),
+        "{err:?}"
+    );
+    assert_eq!(
+        error_chain(&err),
+        format!("{a}: enabling INTx failed: the device has no usable INTx interrupt")
+    );
+    unbind(a);
 }
