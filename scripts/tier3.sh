@@ -14,7 +14,8 @@
 #
 # Every boot adds a pcie-pci-bridge with two pci-testdev functions behind it: they share
 # an IOMMU group, which the group-viability test needs. Guest logs are kept in
-# target/guest/tier3-<binary>.log. Exit status 0 only if every boot passed.
+# target/guest/tier3-<target>-<date>.log (one per boot, never overwritten). Exit status 0
+# only if every boot passed.
 set -euo pipefail
 
 PROG=scripts/tier3.sh
@@ -36,6 +37,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 LOGDIR="$REPO/target/guest"
 mkdir -p "$LOGDIR"
+STAMP="$(date +%Y%m%d-%H%M%S)-$$"
 T0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1fs", b - a }'; }
 
@@ -105,7 +107,7 @@ while read -r name path; do
         info "$name: no tests in this target yet, skipped"
         continue
     fi
-    boot "$name" "$LOGDIR/tier3-$name.log" "$path" --test-threads=1
+    boot "$name" "$LOGDIR/tier3-$name-$STAMP.log" "$path" --test-threads=1
 done <<<"$BUILT"
 
 if [ "$BENCH" = 1 ]; then
@@ -114,7 +116,7 @@ if [ "$BENCH" = 1 ]; then
         info "building benches ${BENCHES[*]}"
         BUILT="$(build bench "${BENCHES[@]}")"
         while read -r name path; do
-            log="$LOGDIR/tier3-bench-$name.log"
+            log="$LOGDIR/tier3-bench-$name-$STAMP.log"
             boot "bench $name" "$log" "$path"
             echo "---- figures from bench $name (guest log $log):"
             grep -aE '^(tier3 bench|\([a-z]\) )' "$log" || echo "(no figures printed)"

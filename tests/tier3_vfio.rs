@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_intx::backend::{BackendError, ConfigSpace};
 use vfio_intx::error_chain;
-use vfio_intx::intx::{run_worker, CallbackSink, IntxDevice, LineState, Serviced};
+use vfio_intx::intx::{run_worker, CallbackSink, InterruptSink, IntxDevice, LineState, Serviced};
 use vfio_intx::pci::regs::{
     COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND, PCI_STATUS, STATUS_INTERRUPT,
 };
@@ -139,6 +139,21 @@ fn readable_within(fd: &EventFd, timeout: Duration) -> bool {
     }
 }
 
+/// The sink: counts an injection *before* signalling the guest's irqfd, so
+/// that the count is never behind what the guest has seen (the engine's own
+/// `injected` counter is bumped after the sink returns).
+struct CountingSink {
+    irq: Arc<EventFd>,
+    injected: Arc<AtomicU64>,
+}
+
+impl InterruptSink for CountingSink {
+    fn inject(&self) -> io::Result<()> {
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        self.irq.write(1)
+    }
+}
+
 /// What the guest driver thread observed.
 #[derive(Default)]
 struct GuestCounters {
@@ -158,6 +173,7 @@ struct Rig {
     edu: Arc<Edu>,
     device: Arc<IntxDevice<VfioBackend>>,
     irq: Arc<EventFd>,
+    injected: Arc<AtomicU64>,
     resample: Arc<EventFd>,
     guest: Arc<GuestCounters>,
     stop_worker: Arc<EventFd>,
@@ -169,13 +185,19 @@ impl Rig {
     fn new(bdf: Bdf) -> Self {
         let (backend, edu) = open_edu(bdf);
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let device = IntxDevice::new(backend, Arc::clone(&irq))
-            .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+        let injected = Arc::new(AtomicU64::new(0));
+        let sink = CountingSink {
+            irq: Arc::clone(&irq),
+            injected: Arc::clone(&injected),
+        };
+        let device =
+            IntxDevice::new(backend, sink).unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         Self {
             bdf,
             edu: Arc::new(edu),
             device: Arc::new(device),
             irq,
+            injected,
             resample: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
             guest: Arc::default(),
             stop_worker: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
@@ -208,6 +230,11 @@ impl Rig {
         for t in self.threads.drain(..) {
             t.join().unwrap();
         }
+    }
+
+    /// Injections so far (never behind what the guest has seen).
+    fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
     }
 
     fn delivered(&self) -> u64 {
@@ -502,7 +529,43 @@ struct Storm {
     first_reset_error: Mutex<Option<String>>,
     config_writes: AtomicU64,
     config_errors: AtomicU64,
+    /// Stops the COMMAND writer.
     stop: AtomicBool,
+    /// Stops the reset threads early (only when the test is failing).
+    abort: AtomicBool,
+}
+
+/// The storm's threads. Dropping it (also while a failed assertion unwinds)
+/// stops and joins them, so that they release the device and a failure
+/// does not spill into the next test.
+struct StormThreads {
+    storm: Arc<Storm>,
+    resetters: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl StormThreads {
+    /// Waits for the reset threads to finish their resets, then stops the
+    /// writer.
+    fn finish(&mut self) {
+        for h in self.resetters.drain(..) {
+            h.join().unwrap();
+        }
+        self.storm.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.writer.take() {
+            w.join().unwrap();
+        }
+    }
+}
+
+impl Drop for StormThreads {
+    fn drop(&mut self) {
+        self.storm.abort.store(true, Ordering::SeqCst);
+        self.storm.stop.store(true, Ordering::SeqCst);
+        for h in self.resetters.drain(..).chain(self.writer.take()) {
+            let _ = h.join();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -527,12 +590,19 @@ struct StormReport {
 fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKind) -> StormReport {
     let storm = Arc::new(Storm::default());
     let start = Instant::now();
-    let mut handles = Vec::new();
+    let mut threads_guard = StormThreads {
+        storm: Arc::clone(&storm),
+        resetters: Vec::new(),
+        writer: None,
+    };
     for _ in 0..threads {
         let device = Arc::clone(&rig.device);
         let storm = Arc::clone(&storm);
-        handles.push(thread::spawn(move || {
+        threads_guard.resetters.push(thread::spawn(move || {
             for _ in 0..resets_per_thread {
+                if storm.abort.load(Ordering::SeqCst) {
+                    return;
+                }
                 storm.resets_started.fetch_add(1, Ordering::SeqCst);
                 let result = match kind {
                     ResetKind::Device => device.reset(),
@@ -550,7 +620,7 @@ fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKin
             }
         }));
     }
-    let writer = {
+    threads_guard.writer = Some({
         let device = Arc::clone(&rig.device);
         let storm = Arc::clone(&storm);
         thread::spawn(move || {
@@ -578,7 +648,7 @@ fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKin
                 .guest_config_write(PCI_COMMAND, Width::Word, base)
                 .unwrap();
         })
-    };
+    });
 
     // The raiser: one interrupt at a time while the resets run.
     let total_resets = threads as u64 * resets_per_thread;
@@ -587,7 +657,7 @@ fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKin
         && report.raised < 600
     {
         let target = rig.delivered() + 1;
-        let injected_before = rig.device.stats().injected;
+        let injected_before = rig.injected();
         let resets_before = storm.resets_started.load(Ordering::SeqCst);
         let in_reset_at_raise = resets_before > storm.resets_done.load(Ordering::SeqCst);
         rig.edu.raise(1);
@@ -609,7 +679,7 @@ fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKin
                 // its status exactly; only a device reset separates them.
                 if !phys_asserting(rig.bdf)
                     && rig.edu.status() & 1 != 0
-                    && rig.device.stats().injected == injected_before
+                    && rig.injected() == injected_before
                     && rig.delivered() < target
                 {
                     let reset_since = storm.resets_started.load(Ordering::SeqCst) > resets_before;
@@ -628,11 +698,8 @@ fn reset_storm(rig: &Rig, threads: usize, resets_per_thread: u64, kind: ResetKin
             thread::sleep(Duration::from_micros(100));
         }
     }
-    for h in handles {
-        h.join().unwrap();
-    }
-    storm.stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
+    threads_guard.finish();
+    drop(threads_guard);
     report.elapsed = start.elapsed();
     report.resets = storm.resets_done.load(Ordering::SeqCst);
 
