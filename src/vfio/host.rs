@@ -91,15 +91,18 @@ impl Sysfs {
         })
     }
 
-    /// Every device of IOMMU group `group`, sorted by name.
-    pub(super) fn group_members(&self, group: u32) -> io::Result<Vec<GroupMember>> {
-        let dir = self
-            .root
+    /// `/sys/kernel/iommu_groups/<group>/devices`.
+    pub(super) fn group_devices_dir(&self, group: u32) -> PathBuf {
+        self.root
             .join("kernel/iommu_groups")
             .join(group.to_string())
-            .join("devices");
+            .join("devices")
+    }
+
+    /// Every device of IOMMU group `group`, sorted by name.
+    pub(super) fn group_members(&self, group: u32) -> io::Result<Vec<GroupMember>> {
         let mut members = Vec::new();
-        for entry in fs::read_dir(&dir)? {
+        for entry in fs::read_dir(self.group_devices_dir(group))? {
             let entry = entry?;
             let path = entry.path();
             let class = fs::read_to_string(path.join("class")).unwrap_or_default();

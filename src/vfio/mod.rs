@@ -987,9 +987,7 @@ fn preflight(sysfs: &Sysfs, bdf: Bdf) -> Result<u32, VfioError> {
         })?;
     let members = sysfs
         .group_members(group)
-        .map_err(sysfs_error(PathBuf::from(format!(
-            "/sys/kernel/iommu_groups/{group}/devices"
-        ))))?;
+        .map_err(sysfs_error(sysfs.group_devices_dir(group)))?;
     let blockers: Vec<String> = members
         .iter()
         .filter(|m| m.blocks_vfio())
