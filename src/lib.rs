@@ -16,6 +16,7 @@
 //! - [`backend`]: the seam every device backend implements;
 //! - [`gate`]: the config-access gate;
 //! - [`intx`]: the per-device INTx engine and its event loop;
+//! - [`vfio`]: the kernel VFIO backend (vfio-pci);
 //! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device.
 //!
 //! ```
