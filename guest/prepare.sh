@@ -52,7 +52,9 @@ apt_update_once() {
 
 # ---------------------------------------------------------------- 1. host packages
 pkg_installed() {
-    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+    # No `grep -q` behind a pipe: with pipefail, its early exit makes the
+    # writer die of SIGPIPE and the whole test fail at random.
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == *"install ok installed"* ]]
 }
 
 missing=()
@@ -72,7 +74,7 @@ for t in qemu-system-x86_64 cpio modinfo xz dpkg-deb python3; do
     command -v "$t" >/dev/null || die "required tool '$t' not found in PATH"
 done
 [ -x /bin/busybox ] || die "/bin/busybox missing although busybox-static is installed"
-if ! /bin/busybox --list | grep -qx insmod; then
+if ! grep -qx insmod <<<"$(/bin/busybox --list)"; then
     die "/bin/busybox has no insmod applet (is it busybox-static?)"
 fi
 
@@ -171,7 +173,7 @@ find_module() {
 is_builtin() {
     local a="${1//-/_}"
     [ -f "$MODDIR/modules.builtin" ] || return 1
-    sed 's/-/_/g' "$MODDIR/modules.builtin" | grep -q "/$a\.ko$"
+    grep -q "/$a\.ko$" <<<"$(sed 's/-/_/g' "$MODDIR/modules.builtin")"
 }
 
 mkdir -p "$KDIR/modules"

@@ -1,5 +1,5 @@
 //! Tier 3: the uio_pci_generic backend and the sysfs host helpers on the real
-//! kernel, inside the vfio-intx QEMU guest (guest/run.sh; scripts/tier3-uio.sh
+//! kernel, inside the vfio-intx QEMU guest (guest/run.sh; scripts/tier3.sh
 //! runs this file twice, with and without vfio-pci's nointxmask=1).
 //!
 //! The guest has three QEMU edu devices: two bound to vfio-pci (one behind a
@@ -64,7 +64,7 @@ fn guest(test: &str) -> Option<Guest> {
     if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
         eprintln!(
             "SKIP (not inside the vfio-intx QEMU guest): {test} needs real uio_pci_generic and \
-             vfio-pci; run scripts/tier3-uio.sh"
+             vfio-pci; run scripts/tier3.sh"
         );
         return None;
     }
