@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use vfio_intx::sim::stress::{self, StressConfig};
+use vfio_intx::sim::stress::{self, ExternalResetConfig, StressConfig};
 
 /// Exit code: the run completed but broke a promise (an interrupt lost, a
 /// line left masked).
@@ -45,6 +45,10 @@ enum Command {
         /// Reset window of the simulated device, in microseconds.
         #[arg(long, default_value_t = 50)]
         reset_window_us: u64,
+        /// How long the second part runs its reset loops around the engine
+        /// (sysfs-style resets the gate cannot see), in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        external_resets_ms: u64,
     },
 }
 
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -63,20 +68,32 @@ fn main() -> ExitCode {
             resets,
             config_writes,
             reset_window_us,
-        } => demo(StressConfig {
-            interrupts,
-            reset_threads,
-            resets_per_thread: resets,
-            config_writes,
-            reset_window: Duration::from_micros(reset_window_us),
-            ..StressConfig::default()
-        }),
+            external_resets_ms,
+        } => {
+            let gate = demo(StressConfig {
+                interrupts,
+                reset_threads,
+                resets_per_thread: resets,
+                config_writes,
+                reset_window: Duration::from_micros(reset_window_us),
+                ..StressConfig::default()
+            });
+            let around = demo_external(ExternalResetConfig {
+                duration: Duration::from_millis(external_resets_ms),
+                ..ExternalResetConfig::default()
+            });
+            if gate == ExitCode::SUCCESS {
+                around
+            } else {
+                gate
+            }
+        }
     }
 }
 
 fn demo(config: StressConfig) -> ExitCode {
     println!(
-        "vfio-intx demo: simulated PCI 2.3 device, {} interrupts, {} reset threads x {} resets, \
+        "vfio-intx demo, part 1 (resets through the gate): simulated PCI 2.3 device, {} interrupts, {} reset threads x {} resets, \
          {} guest COMMAND writes",
         config.interrupts, config.reset_threads, config.resets_per_thread, config.config_writes
     );
@@ -112,6 +129,49 @@ fn demo(config: StressConfig) -> ExitCode {
     println!("  elapsed                {:.2?}", report.elapsed);
     if report.passed() {
         println!("PASS: every interrupt delivered once, no line left masked");
+        ExitCode::SUCCESS
+    } else {
+        println!("FAIL: see the figures above");
+        ExitCode::from(EXIT_FAILED_CHECK)
+    }
+}
+
+fn demo_external(config: ExternalResetConfig) -> ExitCode {
+    println!(
+        "\nvfio-intx demo, part 2 (resets around the gate, as `echo 1 > .../reset`): simulated \
+         vfio-pci, {} reset loops for {:?}, stuck-INTx watchdog on",
+        config.reset_threads, config.duration
+    );
+    let report = match stress::run_external_resets(config) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {}", vfio_intx::error_chain(&e));
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let s = &report.stats;
+    println!("  interrupts raised      {}", report.raised);
+    println!("  interrupts delivered   {}", report.delivered);
+    println!("  external resets        {}", report.resets);
+    println!(
+        "  stuck lines detected   {} (stuck {:.2?} in all)",
+        s.stuck_detections, s.stuck_time
+    );
+    println!("  re-syncs               {}", s.resyncs);
+    println!("  mid-reset events       {}", s.mid_reset_events);
+    match report.recovered_after {
+        Some(t) => println!("  delivery restored      {t:.2?} after the last reset"),
+        None => println!("  delivery restored      never (the line is stuck)"),
+    }
+    println!(
+        "  lines masked at end    {}",
+        u8::from(report.masked_at_end)
+    );
+    if report.recovered_after.is_some()
+        && report.delivered == report.raised
+        && !report.masked_at_end
+    {
+        println!("PASS: delivery restored after resets vfio-intx did not start");
         ExitCode::SUCCESS
     } else {
         println!("FAIL: see the figures above");
