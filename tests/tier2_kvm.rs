@@ -328,3 +328,61 @@ fn bad_input_from_the_vmm_side_is_refused_cleanly() {
     // Unregistered on drop: the same GSI can be wired again.
     ResampleIrqfd::register(Arc::clone(vm.vm()), 5).unwrap();
 }
+
+/// The example VMM (examples/vmm.rs), built by `cargo test`, run as a user
+/// would on the simulated device.
+#[test]
+fn the_example_vmm_runs_both_device_models() {
+    if !kvm_available("example_vmm") {
+        return;
+    }
+    // target/<profile>/deps/tier2_kvm-<hash> -> target/<profile>/examples/vmm
+    let exe = std::env::current_exe().unwrap();
+    let vmm = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("vmm");
+    assert!(
+        vmm.exists(),
+        "{} not built (cargo test builds examples)",
+        vmm.display()
+    );
+    for (args, path) in [
+        (vec!["--interrupts", "300"], "kernel bypass"),
+        (
+            vec!["--interrupts", "300", "--path", "user-space"],
+            "user-space EOI path",
+        ),
+        (
+            vec!["--interrupts", "300", "--sim-kernel", "bare"],
+            "user-space EOI path",
+        ),
+    ] {
+        let out = std::process::Command::new(&vmm)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "vmm {args:?} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("EOI path: {path}")), "{stdout}");
+        assert!(
+            stdout.contains("interrupts: 300 raised, 300 acked"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("PASS"), "{stdout}");
+    }
+    // Forcing the bypass on a device that cannot take it is a clear error.
+    let out = std::process::Command::new(&vmm)
+        .args(["--sim-kernel", "bare", "--path", "fast"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no kernel unmask eventfd"));
+}

@@ -189,6 +189,28 @@ impl<B: PciBackend + 'static> Assignment<B> {
         devfn: u8,
         policy: PathPolicy,
     ) -> Result<Self, AssignError> {
+        Self::start_with_dma(
+            backend,
+            backend_has_unmask_eventfd,
+            side,
+            gsi,
+            devfn,
+            policy,
+            None,
+        )
+    }
+
+    /// [`start`](Self::start), with guest RAM DMA-mapped into a VFIO
+    /// container first, as a real VMM does for an assigned device.
+    pub fn start_with_dma(
+        backend: B,
+        backend_has_unmask_eventfd: bool,
+        side: Arc<dyn DeviceSide>,
+        gsi: u8,
+        devfn: u8,
+        policy: PathPolicy,
+        dma: Option<Arc<vfio_ioctls::VfioContainer>>,
+    ) -> Result<Self, AssignError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
             op: "opening /dev/kvm",
             source: std::io::Error::from_raw_os_error(e.errno()),
@@ -198,6 +220,9 @@ impl<B: PciBackend + 'static> Assignment<B> {
         // signal's default action (terminate) in place.
         crate::kvm::testvm::install_kick_handler()?;
         let mut vm = TinyVm::new(gsi, devfn, Irqchip::Full)?;
+        if let Some(container) = dma {
+            vm.dma_map(container)?;
+        }
         let path = choose_path(policy, caps, vm.irqchip(), backend_has_unmask_eventfd)?;
         let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(gsi))?;
         let vm_fd = Arc::clone(vm.vm());
@@ -373,13 +398,25 @@ pub fn run_assignment<B: PciBackend + 'static>(
     side: Arc<dyn DeviceSide>,
     config: AssignmentConfig,
 ) -> Result<AssignmentReport, AssignError> {
-    let run = Assignment::start(
+    run_assignment_with_dma(backend, backend_has_unmask_eventfd, side, config, None)
+}
+
+/// [`run_assignment`] with guest RAM DMA-mapped into a VFIO container.
+pub fn run_assignment_with_dma<B: PciBackend + 'static>(
+    backend: B,
+    backend_has_unmask_eventfd: bool,
+    side: Arc<dyn DeviceSide>,
+    config: AssignmentConfig,
+    dma: Option<Arc<vfio_ioctls::VfioContainer>>,
+) -> Result<AssignmentReport, AssignError> {
+    let run = Assignment::start_with_dma(
         backend,
         backend_has_unmask_eventfd,
         Arc::clone(&side),
         config.gsi,
         config.devfn,
         config.policy,
+        dma,
     )?;
     let latencies = drive(&config, &*side, &run);
     let report = latencies.map(|latencies| AssignmentReport {

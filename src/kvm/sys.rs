@@ -89,6 +89,27 @@ impl Drop for GuestMemory {
     }
 }
 
+/// Maps guest RAM (at guest-physical 0) into a VFIO container's IOMMU
+/// space, as any VMM does for an assigned device's DMA.
+pub(crate) fn dma_map(
+    mem: &GuestMemory,
+    container: &vfio_ioctls::VfioContainer,
+) -> Result<(), vfio_ioctls::VfioError> {
+    // SAFETY: the mapping is live and stays so until `dma_unmap` (the test
+    // VM unmaps before it frees the memory); the crate holds no Rust
+    // references into guest memory while the VM runs (it is written only
+    // before the vCPU starts).
+    unsafe { container.vfio_dma_map(0, mem.len, mem.addr.as_ptr()) }
+}
+
+/// Undoes [`dma_map`].
+pub(crate) fn dma_unmap(
+    mem: &GuestMemory,
+    container: &vfio_ioctls::VfioContainer,
+) -> Result<(), vfio_ioctls::VfioError> {
+    container.vfio_dma_unmap(0, mem.len)
+}
+
 /// The PIC state inside a `kvm_irqchip` filled by `KVM_GET_IRQCHIP` for
 /// chip 0 or 1.
 pub(crate) fn pic_of(chip: &kvm_bindings::kvm_irqchip) -> kvm_bindings::kvm_pic_state {

@@ -94,8 +94,20 @@ pub struct TinyVm {
     vcpu: VcpuFd,
     vm: Arc<VmFd>,
     _kvm: Kvm,
-    _mem: GuestMemory,
+    mem: GuestMemory,
     irqchip: Irqchip,
+    /// The VFIO container guest RAM is DMA-mapped into, unmapped on drop.
+    dma: Option<std::sync::Arc<vfio_ioctls::VfioContainer>>,
+}
+
+impl Drop for TinyVm {
+    fn drop(&mut self) {
+        if let Some(container) = self.dma.take() {
+            if let Err(e) = crate::kvm::sys::dma_unmap(&self.mem, &container) {
+                tracing::warn!(error = %e, "unmapping guest RAM from the VFIO container failed");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TinyVm {
@@ -247,14 +259,29 @@ impl TinyVm {
             vcpu,
             vm: Arc::new(vm),
             _kvm: kvm,
-            _mem: mem,
+            mem,
             irqchip,
+            dma: None,
         })
     }
 
     /// The VM, for irqfd registration.
     pub fn vm(&self) -> &Arc<VmFd> {
         &self.vm
+    }
+
+    /// DMA-maps guest RAM into `container` (unmapped when the VM is
+    /// dropped), as a VMM must for an assigned device.
+    pub fn dma_map(
+        &mut self,
+        container: std::sync::Arc<vfio_ioctls::VfioContainer>,
+    ) -> Result<(), KvmError> {
+        crate::kvm::sys::dma_map(&self.mem, &container).map_err(|e| KvmError::Ioctl {
+            op: "VFIO_IOMMU_MAP_DMA of guest RAM",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.dma = Some(container);
+        Ok(())
     }
 
     /// The irqchip the VM was created with.

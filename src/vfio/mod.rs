@@ -35,6 +35,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod edu;
 mod host;
 mod layout;
 mod sys;

@@ -1,0 +1,86 @@
+//! QEMU's `edu` test device through VFIO: the device the tier-3 tests, the
+//! in-guest benchmarks and the example VMM assign. BAR0 0x60 raises its
+//! interrupt (the written bits are ORed into its status), 0x64 acknowledges
+//! (clears the written bits), 0x24 reads the status; the INTx line is high
+//! while the status is non-zero.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tracing::warn;
+
+use crate::kvm::assign::DeviceSide;
+use crate::vfio::{RegionAccess, VfioError};
+
+/// PCI vendor and device ID of the edu device.
+pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
+
+/// The edu's interrupt registers in BAR0.
+#[derive(Debug)]
+pub struct Edu {
+    bar: RegionAccess,
+    next_bit: AtomicU32,
+}
+
+impl Edu {
+    /// Identification register (low byte 0xed).
+    pub const ID: u64 = 0x00;
+    /// Interrupt status.
+    pub const STATUS: u64 = 0x24;
+    /// Interrupt raise.
+    pub const RAISE: u64 = 0x60;
+    /// Interrupt acknowledge.
+    pub const ACK: u64 = 0x64;
+    /// How many distinct status bits [`DeviceSide::raise`] rotates through,
+    /// so raises that arrive before the ack are counted, not merged.
+    pub const BITS: u32 = 16;
+
+    /// Wraps BAR0 (region 0) of an edu; checks its ID register. The caller
+    /// must have enabled memory decoding (COMMAND.MEMORY).
+    pub fn new(bar: RegionAccess) -> Result<Self, VfioError> {
+        let id = bar.read_u32(Self::ID)?;
+        if id & 0xff != 0xed {
+            warn!(id, "BAR0 does not look like an edu device");
+        }
+        Ok(Self {
+            bar,
+            next_bit: AtomicU32::new(0),
+        })
+    }
+
+    /// Raises the interrupt with status `bits`.
+    pub fn raise_bits(&self, bits: u32) -> Result<(), VfioError> {
+        self.bar.write_u32(Self::RAISE, bits)
+    }
+
+    /// Acknowledges status `bits`.
+    pub fn ack_bits(&self, bits: u32) -> Result<(), VfioError> {
+        self.bar.write_u32(Self::ACK, bits)
+    }
+
+    /// The interrupt status.
+    pub fn status(&self) -> Result<u32, VfioError> {
+        self.bar.read_u32(Self::STATUS)
+    }
+}
+
+impl DeviceSide for Edu {
+    /// Raises one interrupt with the next of [`Edu::BITS`] status bits.
+    fn raise(&self) {
+        let bit = self.next_bit.fetch_add(1, Ordering::Relaxed) % Self::BITS;
+        if let Err(e) = self.raise_bits(1 << bit) {
+            warn!(error = %crate::error_chain(&e), "edu raise failed");
+        }
+    }
+
+    /// Acknowledges the lowest pending status bit, if any.
+    fn ack(&self) -> bool {
+        match self.status() {
+            Ok(0) => false,
+            Ok(status) => {
+                let bit = status & status.wrapping_neg();
+                self.ack_bits(bit).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+}
