@@ -396,3 +396,45 @@ fn an_interrupt_masked_by_the_host_before_arming_is_delivered_when_armed() {
     assert_eq!(t.dev.line_state(), LineState::Idle);
     assert!(!t.masked());
 }
+
+#[test]
+fn interrupts_keep_flowing_during_a_back_to_back_reset_storm() {
+    // Two threads reset without pause: a deferred interrupt must not wait
+    // for the storm to end (the reset path runs it before it unblocks).
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let sim = SimDevice::builder()
+        .reset_window(Duration::from_micros(300))
+        .build();
+    let rig = SimRig::start(sim, IntxOptions::default()).unwrap();
+    let storming = AtomicBool::new(true);
+    let (raised, delivered_in_storm) = std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                while storming.load(Ordering::SeqCst) {
+                    rig.device.reset().unwrap();
+                }
+            });
+        }
+        let mut raised = 0;
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_millis(600) {
+            rig.sim.raise();
+            raised += 1;
+            thread::sleep(Duration::from_millis(2));
+        }
+        // Give the last one a moment, still inside the storm.
+        thread::sleep(Duration::from_millis(20));
+        let delivered = rig.delivered();
+        storming.store(false, Ordering::SeqCst);
+        (raised, delivered)
+    });
+    println!(
+        "raised {raised}, delivered during the storm {delivered_in_storm}, stats {:?}",
+        rig.device.stats()
+    );
+    assert!(
+        delivered_in_storm + 2 >= raised,
+        "only {delivered_in_storm} of {raised} delivered while resets were running"
+    );
+    assert!(rig.wait_delivered(raised, Duration::from_secs(5)));
+}

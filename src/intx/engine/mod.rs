@@ -505,7 +505,16 @@ impl<B: PciBackend> IntxDevice<B> {
             .restore(&mut dev.backend)
             .and(dev.write_command(&ctx))
             .map_err(|e| Fail::Backend(Operation::RestoreState, e));
-        let settle = dev.settle(&ctx);
+        let settle = dev.settle(&ctx).and_then(|()| {
+            // Interrupt work deferred during the reset (a guest EOI, a host
+            // interrupt) runs now, before the gate opens: the next queued
+            // reset would otherwise take the gate first, and a storm of
+            // resets would starve the interrupt path.
+            let work = self.wake.pending.swap(0, Ordering::SeqCst);
+            dev.run(work, &ctx).inspect_err(|_| {
+                self.wake.pending.fetch_or(work, Ordering::SeqCst);
+            })
+        });
         if settle.is_err() {
             // Leave the re-check to the interrupt path once the gate is free.
             self.wake.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
