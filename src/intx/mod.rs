@@ -1,11 +1,15 @@
 //! The INTx engine: PCI 2.3 masking on behalf of a guest, one device at a
 //! time, behind the config-access gate.
 
+#[cfg(feature = "tokio")]
+pub mod asyncio;
 mod engine;
 mod error;
 mod guest;
 mod sink;
 mod stats;
+#[cfg(feature = "tokio")]
+mod sys;
 mod worker;
 
 pub use engine::{

@@ -22,6 +22,12 @@ pub struct WorkerError {
     source: io::Error,
 }
 
+impl WorkerError {
+    pub(crate) fn new(bdf: crate::pci::Bdf, op: &'static str, source: io::Error) -> Self {
+        Self { bdf, op, source }
+    }
+}
+
 const TOKEN_TRIGGER: u64 = 0;
 const TOKEN_RESAMPLE: u64 = 1;
 const TOKEN_STOP: u64 = 2;
@@ -70,7 +76,7 @@ pub fn run_worker<B: PciBackend>(
     stop: &EventFd,
 ) -> Result<(), WorkerError> {
     let bdf = device.bdf();
-    let fail = |op| move |source| WorkerError { bdf, op, source };
+    let fail = |op| move |source| WorkerError::new(bdf, op, source);
     let epoll = Epoll::new().map_err(fail("epoll_create"))?;
     let watch = |fd: &EventFd, token| {
         epoll.ctl(

@@ -2,6 +2,7 @@
 //! fault injection and the 2011 reproducer, all on the simulated device.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod asyncio;
 mod cli;
 mod engine;
 mod faults;
