@@ -36,7 +36,8 @@
 //! ```
 
 pub mod edu;
-mod host;
+#[cfg(test)]
+mod fake_sysfs;
 mod layout;
 mod sys;
 
@@ -64,7 +65,7 @@ use crate::pci::intx::read_command_status;
 use crate::pci::regs::PCI_CFG_SPACE_EXP_SIZE;
 use crate::pci::{check_access, check_write, Bdf, Width};
 
-use host::Sysfs;
+use crate::pci::sysfs::{PciSysfs, SysfsError};
 use layout::{DependentDevice, HotResetInfo, IrqAction, IrqSet};
 
 /// The container node every VFIO user opens first.
@@ -149,17 +150,9 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
-    /// Reading a sysfs attribute failed.
-    #[error("{bdf}: reading {path} failed")]
-    Sysfs {
-        /// The device.
-        bdf: Bdf,
-        /// The attribute.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    /// Reading the device's facts in sysfs failed.
+    #[error(transparent)]
+    Sysfs(#[from] SysfsError),
     /// Setting up the container, group or device with vfio-ioctls failed for
     /// another reason.
     #[error("{bdf}: setting up the VFIO container, group and device failed")]
@@ -356,18 +349,18 @@ impl VfioBackend {
     /// such device, bound to another driver (named), no IOMMU group, no
     /// `/dev/vfio/vfio`, a group made not viable by another device (named).
     pub fn open(bdf: Bdf) -> Result<Self, VfioError> {
-        Self::open_with(&Sysfs::default(), bdf, None)
+        Self::open_with(&PciSysfs::new(), bdf, None)
     }
 
     /// Like [`open`](Self::open), adding the device's group to an existing
     /// container (e.g. one a VMM shares between its assigned devices).
     pub fn open_in(bdf: Bdf, container: Arc<VfioContainer>) -> Result<Self, VfioError> {
-        Self::open_with(&Sysfs::default(), bdf, Some(container))
+        Self::open_with(&PciSysfs::new(), bdf, Some(container))
     }
 
     #[instrument(skip_all, fields(bdf = %bdf))]
     fn open_with(
-        sysfs: &Sysfs,
+        sysfs: &PciSysfs,
         bdf: Bdf,
         container: Option<Arc<VfioContainer>>,
     ) -> Result<Self, VfioError> {
@@ -957,41 +950,28 @@ fn region(fd: std::os::fd::BorrowedFd<'_>, index: u32) -> io::Result<RegionInfo>
 
 /// The checks `open` makes in sysfs before asking the kernel; returns the
 /// device's IOMMU group.
-fn preflight(sysfs: &Sysfs, bdf: Bdf) -> Result<u32, VfioError> {
-    let sysfs_error = |path: PathBuf| move |source| VfioError::Sysfs { bdf, path, source };
+fn preflight(sysfs: &PciSysfs, bdf: Bdf) -> Result<u32, VfioError> {
     let dir = sysfs.device_dir(bdf);
-    if let Err(source) = fs::metadata(&dir) {
-        return Err(if source.kind() == io::ErrorKind::NotFound {
-            VfioError::DeviceNotFound {
-                bdf,
-                path: dir,
-                source,
-            }
-        } else {
-            VfioError::Sysfs {
-                bdf,
-                path: dir,
-                source,
-            }
+    if !sysfs.exists(bdf) {
+        return Err(VfioError::DeviceNotFound {
+            bdf,
+            path: dir,
+            source: io::Error::from_raw_os_error(libc::ENOENT),
         });
     }
-    let driver = sysfs.driver(bdf).map_err(sysfs_error(dir.join("driver")))?;
-    if !driver.as_deref().is_some_and(host::is_vfio_driver) {
+    let driver = sysfs.driver(bdf)?;
+    if !driver.as_deref().is_some_and(|d| d.contains("vfio")) {
         return Err(VfioError::NotBoundToVfio { bdf, driver });
     }
-    let group = sysfs
-        .iommu_group(bdf)
-        .map_err(sysfs_error(dir.join("iommu_group")))?
-        .ok_or_else(|| VfioError::NoIommu {
+    if sysfs.iommu_group(bdf)?.is_none() {
+        return Err(VfioError::NoIommu {
             bdf,
             missing: dir.join("iommu_group"),
-        })?;
-    let members = sysfs
-        .group_members(group)
-        .map_err(sysfs_error(sysfs.group_devices_dir(group)))?;
-    let blockers: Vec<String> = members
-        .iter()
-        .filter(|m| m.blocks_vfio())
+        });
+    }
+    let viability = sysfs.vfio_viability(bdf)?;
+    let blockers: Vec<String> = viability
+        .offending()
         .map(|m| {
             format!(
                 "{} is bound to {}",
@@ -1003,11 +983,11 @@ fn preflight(sysfs: &Sysfs, bdf: Bdf) -> Result<u32, VfioError> {
     if !blockers.is_empty() {
         return Err(VfioError::GroupNotViable {
             bdf,
-            group,
+            group: viability.group,
             blockers,
         });
     }
-    Ok(group)
+    Ok(viability.group)
 }
 
 /// Turns vfio-ioctls' setup errors into ours, keeping the OS error.
@@ -1105,7 +1085,7 @@ fn own_group_fd(group: u32) -> io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
-    use super::host::fake::FakeSysfs;
+    use super::fake_sysfs::fake::FakeSysfs;
     use super::*;
     use crate::error_chain;
 
