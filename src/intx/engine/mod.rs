@@ -116,6 +116,17 @@ const WORK_HOST: u8 = 1 << 0;
 const WORK_EOI: u8 = 1 << 1;
 const WORK_RECHECK: u8 = 1 << 2;
 
+/// Names the operation a backend error happened in.
+trait During<T> {
+    fn during(self, op: Operation) -> Result<T, Fail>;
+}
+
+impl<T> During<T> for Result<T, BackendError> {
+    fn during(self, op: Operation) -> Result<T, Fail> {
+        self.map_err(|e| Fail::Backend(op, e))
+    }
+}
+
 /// The state that lives behind the gate.
 struct Device<B> {
     backend: B,
@@ -292,8 +303,7 @@ impl<B: PciBackend> IntxDevice<B> {
         let ctx = self.ctx();
         let mut found = None;
         let armed = (|| {
-            let cs = read_command_status(&mut dev.backend)
-                .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
+            let cs = read_command_status(&mut dev.backend).during(Operation::ReadCommandStatus)?;
             found = Some(cs.command);
             // Where INTX_DISABLE is the physical mask, a set bit is the
             // host's (uio_pci_generic's automask of an interrupt nobody
@@ -307,23 +317,19 @@ impl<B: PciBackend> IntxDevice<B> {
                 IntxDisableBit::Virtualized => cs.command,
             };
             dev.guest = GuestCommand::new(guest_view);
-            dev.flr_devctl = find_flr_devctl(&mut dev.backend, cs)
-                .map_err(|e| Fail::Backend(Operation::ReadCapabilities, e))?;
+            dev.flr_devctl =
+                find_flr_devctl(&mut dev.backend, cs).during(Operation::ReadCapabilities)?;
             match &self.bypass {
                 None => dev
                     .backend
                     .intx_enable(&self.wake.trigger)
-                    .map_err(|e| Fail::Backend(Operation::Enable, e))?,
+                    .during(Operation::Enable)?,
                 Some(Bypass { irqfd, resample }) => {
-                    dev.backend
-                        .intx_enable(irqfd)
-                        .map_err(|e| Fail::Backend(Operation::Enable, e))?;
-                    dev.backend
-                        .intx_mask()
-                        .map_err(|e| Fail::Backend(Operation::Mask, e))?;
+                    dev.backend.intx_enable(irqfd).during(Operation::Enable)?;
+                    dev.backend.intx_mask().during(Operation::Mask)?;
                     dev.backend
                         .intx_set_unmask_eventfd(Some(resample))
-                        .map_err(|e| Fail::Backend(Operation::SetUnmaskEventfd, e))?;
+                        .during(Operation::SetUnmaskEventfd)?;
                 }
             }
             dev.settle(&ctx)
@@ -498,13 +504,13 @@ impl<B: PciBackend> IntxDevice<B> {
         }
         let reset = self
             .retry(|| method(&mut dev.backend))
-            .map_err(|e| Fail::Backend(Operation::Reset, e));
+            .during(Operation::Reset);
         // Restore and re-arm whether or not the reset happened, so that a
         // failed reset leaves the device as it was.
         let restore = saved
             .restore(&mut dev.backend)
             .and(dev.write_command(&ctx))
-            .map_err(|e| Fail::Backend(Operation::RestoreState, e));
+            .during(Operation::RestoreState);
         let settle = dev.settle(&ctx).and_then(|()| {
             // Interrupt work deferred during the reset (a guest EOI, a host
             // interrupt) runs now, before the gate opens: the next queued
@@ -538,14 +544,11 @@ impl<B: PciBackend> IntxDevice<B> {
             if self.bypass.is_some() {
                 dev.backend
                     .intx_set_unmask_eventfd(None)
-                    .map_err(|e| Fail::Backend(Operation::SetUnmaskEventfd, e))?;
+                    .during(Operation::SetUnmaskEventfd)?;
             }
-            dev.backend
-                .intx_disable()
-                .map_err(|e| Fail::Backend(Operation::Disable, e))?;
+            dev.backend.intx_disable().during(Operation::Disable)?;
             dev.line = LineState::Idle;
-            dev.write_command(&ctx)
-                .map_err(|e| Fail::Backend(Operation::RestoreState, e))
+            dev.write_command(&ctx).during(Operation::RestoreState)
         })();
         result.map_err(|f| self.fail(f))
     }
@@ -647,7 +650,7 @@ impl<B: PciBackend> Device<B> {
         let asserting = self
             .backend
             .intx_check_and_mask()
-            .map_err(|e| Fail::Backend(Operation::CheckAndMask, e))?;
+            .during(Operation::CheckAndMask)?;
         if !asserting {
             if self.line == LineState::Idle {
                 Counters::bump(&ctx.counters.not_mine);
@@ -679,17 +682,28 @@ impl<B: PciBackend> Device<B> {
             self.line = LineState::Held;
             return Ok(());
         }
+        self.unmask_or_redeliver(ctx)
+    }
+
+    /// Check-and-unmask; if the device still asserts, it stays masked and
+    /// the interrupt is delivered again.
+    fn unmask_or_redeliver(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
         match self
             .backend
             .intx_check_and_unmask()
-            .map_err(|e| Fail::Backend(Operation::CheckAndUnmask, e))?
+            .during(Operation::CheckAndUnmask)?
         {
             Unmask::Unmasked | Unmask::Delegated => {
                 self.line = LineState::Idle;
                 Ok(())
             }
-            Unmask::StillAsserting => {
+            Unmask::StillAsserting if self.line == LineState::InService => {
                 Counters::bump(&ctx.counters.reinjected);
+                self.inject(ctx)
+            }
+            Unmask::StillAsserting => {
+                // Not in service, so the line may not be masked yet.
+                self.backend.intx_mask().during(Operation::Mask)?;
                 self.inject(ctx)
             }
         }
@@ -708,48 +722,23 @@ impl<B: PciBackend> Device<B> {
     /// and a line nobody needs masked is unmasked.
     fn settle(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
         match self.line {
-            LineState::InService => self
-                .backend
-                .intx_mask()
-                .map_err(|e| Fail::Backend(Operation::Mask, e)),
+            LineState::InService => self.backend.intx_mask().during(Operation::Mask),
             LineState::Idle | LineState::Held if self.guest.intx_disabled() => {
-                let cs = read_command_status(&mut self.backend)
-                    .map_err(|e| Fail::Backend(Operation::ReadCommandStatus, e))?;
+                let cs =
+                    read_command_status(&mut self.backend).during(Operation::ReadCommandStatus)?;
                 if cs.asserting() {
-                    self.backend
-                        .intx_mask()
-                        .map_err(|e| Fail::Backend(Operation::Mask, e))?;
+                    self.backend.intx_mask().during(Operation::Mask)?;
                     if self.line == LineState::Idle {
                         Counters::bump(&ctx.counters.held);
                     }
                     self.line = LineState::Held;
                 } else {
                     self.line = LineState::Idle;
-                    self.write_command(ctx)
-                        .map_err(|e| Fail::Backend(Operation::RestoreState, e))?;
+                    self.write_command(ctx).during(Operation::RestoreState)?;
                 }
                 Ok(())
             }
-            LineState::Idle | LineState::Held => {
-                match self
-                    .backend
-                    .intx_check_and_unmask()
-                    .map_err(|e| Fail::Backend(Operation::CheckAndUnmask, e))?
-                {
-                    Unmask::Unmasked | Unmask::Delegated => {
-                        self.line = LineState::Idle;
-                        Ok(())
-                    }
-                    Unmask::StillAsserting => {
-                        // Coming from Idle the line may not be masked yet.
-                        self.backend
-                            .intx_mask()
-                            .map_err(|e| Fail::Backend(Operation::Mask, e))?;
-                        self.line = LineState::Idle;
-                        self.inject(ctx)
-                    }
-                }
-            }
+            LineState::Idle | LineState::Held => self.unmask_or_redeliver(ctx),
         }
     }
 

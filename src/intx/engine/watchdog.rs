@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::{Fail, IntxDevice, LineState, Operation, WORK_EOI, WORK_HOST, WORK_RECHECK};
+use super::{During, IntxDevice, LineState, Operation, WORK_EOI, WORK_HOST, WORK_RECHECK};
 use crate::backend::{BackendError, PciBackend};
 use crate::intx::stats::Counters;
 use crate::pci::intx::read_command_status;
@@ -157,7 +157,7 @@ impl<B: PciBackend> IntxDevice<B> {
         let resynced = dev
             .backend
             .intx_mask()
-            .map_err(|e| Fail::Backend(Operation::Mask, e))
+            .during(Operation::Mask)
             .and_then(|()| dev.settle(&ctx));
         Counters::bump(&self.counters.resyncs);
         // Check again from scratch: a re-sync inside another reset can be
