@@ -181,6 +181,7 @@ pub struct Assignment<B: PciBackend + 'static> {
 impl<B: PciBackend + 'static> Assignment<B> {
     /// Creates the VM, wires the device on the path `policy` allows, and
     /// starts the vCPU and worker threads; returns once the guest is ready.
+    /// The engine runs with default options.
     pub fn start(
         backend: B,
         backend_has_unmask_eventfd: bool,
@@ -188,6 +189,27 @@ impl<B: PciBackend + 'static> Assignment<B> {
         gsi: u8,
         devfn: u8,
         policy: PathPolicy,
+    ) -> Result<Self, AssignError> {
+        Self::start_with_options(
+            backend,
+            backend_has_unmask_eventfd,
+            side,
+            gsi,
+            devfn,
+            policy,
+            IntxOptions::default(),
+        )
+    }
+
+    /// [`start`](Self::start) with the engine's options (e.g. its watchdog).
+    pub fn start_with_options(
+        backend: B,
+        backend_has_unmask_eventfd: bool,
+        side: Arc<dyn DeviceSide>,
+        gsi: u8,
+        devfn: u8,
+        policy: PathPolicy,
+        options: IntxOptions,
     ) -> Result<Self, AssignError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
             op: "opening /dev/kvm",
@@ -208,14 +230,12 @@ impl<B: PciBackend + 'static> Assignment<B> {
             })
         };
         let device = Arc::new(match path.path {
-            Path::UserSpace => {
-                IntxDevice::with_options(backend, dup(irqfd.trigger())?, IntxOptions::default())?
-            }
+            Path::UserSpace => IntxDevice::with_options(backend, dup(irqfd.trigger())?, options)?,
             Path::KernelBypass => IntxDevice::with_kernel_bypass(
                 backend,
                 dup(irqfd.trigger())?,
                 dup(irqfd.resample())?,
-                IntxOptions::default(),
+                options,
             )?,
         });
         let control = Arc::new(VmControl::default());
