@@ -13,11 +13,9 @@
 //! Run with `--test-threads=1`: several tests rebind the devices.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -35,6 +33,9 @@ use vfio_intx::pci::sysfs::{
 };
 use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::uio::{UioBackend, UioError};
+
+mod common;
+use common::Bar0;
 
 /// edu: pending interrupt bits (read).
 const EDU_IRQ_STATUS: usize = 0x24;
@@ -75,82 +76,6 @@ fn guest(test: &str) -> Option<Guest> {
         reset_group: var("VFIO_INTX_EDU_RESET_GROUP").parse().unwrap(),
         noreset_group: var("VFIO_INTX_EDU_NORESET_GROUP").parse().unwrap(),
     })
-}
-
-/// BAR0 of an edu, mapped through its sysfs `resource0` file (sysfs memory
-/// BARs support mmap only, no read/write). edu decodes 4-byte accesses.
-struct Bar0 {
-    base: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is device memory accessed only with volatile 4-byte
-// reads and writes, which are safe from any thread; nothing in Rust aliases
-// it.
-unsafe impl Send for Bar0 {}
-// SAFETY: as above; every access is a single volatile load or store.
-unsafe impl Sync for Bar0 {}
-
-impl Bar0 {
-    fn map(bdf: Bdf) -> Self {
-        let path = format!("/sys/bus/pci/devices/{bdf}/resource0");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("opening {path}: {e}"));
-        let len = 4096;
-        // SAFETY: a new shared mapping of the first page of the BAR; the
-        // kernel checks the range against the BAR, and the returned address
-        // is checked below. The file may be closed once mapped.
-        let addr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            addr,
-            libc::MAP_FAILED,
-            "mmap {path}: {}",
-            io::Error::last_os_error()
-        );
-        Self {
-            base: NonNull::new(addr.cast()).expect("mmap returned NULL"),
-            len,
-        }
-    }
-
-    fn reg(&self, offset: usize) -> *mut u32 {
-        assert!(
-            offset % 4 == 0 && offset + 4 <= self.len,
-            "bad edu offset {offset:#x}"
-        );
-        // SAFETY: in bounds of the mapping (checked above), 4-aligned.
-        unsafe { self.base.as_ptr().add(offset).cast() }
-    }
-
-    fn read(&self, offset: usize) -> u32 {
-        // SAFETY: `reg` returns an aligned pointer into the live mapping.
-        unsafe { ptr::read_volatile(self.reg(offset)) }
-    }
-
-    fn write(&self, offset: usize, value: u32) {
-        // SAFETY: `reg` returns an aligned pointer into the live mapping.
-        unsafe { ptr::write_volatile(self.reg(offset), value) }
-    }
-}
-
-impl Drop for Bar0 {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`, which nothing
-        // uses any more.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
 }
 
 /// Physical COMMAND/STATUS of a device, through its sysfs config file.

@@ -181,6 +181,7 @@ pub struct Assignment<B: PciBackend + 'static> {
 impl<B: PciBackend + 'static> Assignment<B> {
     /// Creates the VM, wires the device on the path `policy` allows, and
     /// starts the vCPU and worker threads; returns once the guest is ready.
+    /// The engine runs with default options.
     pub fn start(
         backend: B,
         backend_has_unmask_eventfd: bool,
@@ -189,13 +190,32 @@ impl<B: PciBackend + 'static> Assignment<B> {
         devfn: u8,
         policy: PathPolicy,
     ) -> Result<Self, AssignError> {
-        Self::start_with_dma(
+        Self::start_full(
             backend,
             backend_has_unmask_eventfd,
             side,
-            gsi,
-            devfn,
-            policy,
+            (gsi, devfn, policy),
+            IntxOptions::default(),
+            None,
+        )
+    }
+
+    /// [`start`](Self::start) with the engine's options (e.g. its watchdog).
+    pub fn start_with_options(
+        backend: B,
+        backend_has_unmask_eventfd: bool,
+        side: Arc<dyn DeviceSide>,
+        gsi: u8,
+        devfn: u8,
+        policy: PathPolicy,
+        options: IntxOptions,
+    ) -> Result<Self, AssignError> {
+        Self::start_full(
+            backend,
+            backend_has_unmask_eventfd,
+            side,
+            (gsi, devfn, policy),
+            options,
             None,
         )
     }
@@ -209,6 +229,24 @@ impl<B: PciBackend + 'static> Assignment<B> {
         gsi: u8,
         devfn: u8,
         policy: PathPolicy,
+        dma: Option<Arc<vfio_ioctls::VfioContainer>>,
+    ) -> Result<Self, AssignError> {
+        Self::start_full(
+            backend,
+            backend_has_unmask_eventfd,
+            side,
+            (gsi, devfn, policy),
+            IntxOptions::default(),
+            dma,
+        )
+    }
+
+    fn start_full(
+        backend: B,
+        backend_has_unmask_eventfd: bool,
+        side: Arc<dyn DeviceSide>,
+        (gsi, devfn, policy): (u8, u8, PathPolicy),
+        options: IntxOptions,
         dma: Option<Arc<vfio_ioctls::VfioContainer>>,
     ) -> Result<Self, AssignError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Ioctl {
@@ -233,14 +271,12 @@ impl<B: PciBackend + 'static> Assignment<B> {
             })
         };
         let device = Arc::new(match path.path {
-            Path::UserSpace => {
-                IntxDevice::with_options(backend, dup(irqfd.trigger())?, IntxOptions::default())?
-            }
+            Path::UserSpace => IntxDevice::with_options(backend, dup(irqfd.trigger())?, options)?,
             Path::KernelBypass => IntxDevice::with_kernel_bypass(
                 backend,
                 dup(irqfd.trigger())?,
                 dup(irqfd.resample())?,
-                IntxOptions::default(),
+                options,
             )?,
         });
         let control = Arc::new(VmControl::default());

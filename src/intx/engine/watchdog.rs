@@ -25,7 +25,16 @@
 //! (the [`run_worker`](crate::intx::run_worker) loop does, with its epoll
 //! timeout). Ticks are frequent only while the device is active or
 //! asserting; an idle device is looked at once per
-//! [`WatchdogOptions::idle_interval`].
+//! [`WatchdogOptions::idle_interval`]. Active means an interrupt went
+//! through lately, or a reset outside the engine was seen lately: the
+//! tick's STATUS read waited for one (vfio-pci and uio_pci_generic make
+//! user-space config accesses sleep while a reset holds the device — the
+//! only trace such a reset leaves in user space) or the device did not
+//! answer. That matters where the interrupt path shows no progress: on the
+//! kernel bypass the engine sees no interrupt at all, and under a storm of
+//! resets the device is held in reset nearly all the time; without it a
+//! line stranded by the last reset would be found only at the next idle
+//! tick.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -46,7 +55,8 @@ pub struct WatchdogOptions {
     /// How long STATUS.INTERRUPT may stay set with no progress before the
     /// line counts as stuck.
     pub detect_after: Duration,
-    /// How long a device counts as active after its last interrupt.
+    /// How long a device counts as active after its last interrupt, or
+    /// after the last sign of a reset outside the engine.
     pub active_for: Duration,
     /// Tick interval while the device is idle.
     pub idle_interval: Duration,
@@ -70,13 +80,19 @@ impl WatchdogOptions {
     }
 }
 
+/// A STATUS read that took this long waited for a reset (a config read
+/// takes microseconds otherwise); a false alarm only costs ticks at the
+/// active interval for [`WatchdogOptions::active_for`].
+const RESET_WAIT: Duration = Duration::from_millis(2);
+
 /// What the watchdog remembers of one device (behind the gate).
 #[derive(Debug, Default)]
 pub(super) struct WatchState {
     /// When STATUS.INTERRUPT was first seen set with the progress count
     /// then; `None` while it reads clear.
     asserting_since: Option<(Instant, u64)>,
-    /// Progress count at the previous tick, and when it last moved.
+    /// Progress count at the previous tick, and when it last moved (or a
+    /// reset outside the engine was last seen).
     last_progress: Option<(u64, Instant)>,
 }
 
@@ -117,14 +133,20 @@ impl<B: PciBackend> IntxDevice<B> {
             return (Tick::Busy, fast);
         };
         let progress = self.progress();
+        let read_at = Instant::now();
+        let read = read_command_status(&mut dev.backend);
+        let reset_seen =
+            read_at.elapsed() >= RESET_WAIT || matches!(read, Err(BackendError::NotResponding));
         let active = match dev.watch.last_progress {
-            Some((p, at)) if p == progress => now.duration_since(at) < opts.active_for,
+            Some((p, at)) if p == progress && !reset_seen => {
+                now.duration_since(at) < opts.active_for
+            }
             _ => {
                 dev.watch.last_progress = Some((progress, now));
                 true
             }
         };
-        let cs = match read_command_status(&mut dev.backend) {
+        let cs = match read {
             Ok(cs) => cs,
             Err(BackendError::NotResponding) => return (Tick::Busy, fast),
             Err(e) => {
