@@ -17,7 +17,9 @@
 //! - [`gate`]: the config-access gate;
 //! - [`intx`]: the per-device INTx engine and its event loop;
 //! - [`vfio`]: the kernel VFIO backend (vfio-pci);
-//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device.
+//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device;
+//! - [`daemon`] (feature `sim`): the tokio daemon, its control socket and
+//!   the operator CLI (the only part with an async runtime).
 //!
 //! ```
 //! # #[cfg(feature = "sim")] {
@@ -33,6 +35,8 @@
 //! ```
 
 pub mod backend;
+#[cfg(feature = "sim")]
+pub mod daemon;
 pub mod gate;
 pub mod intx;
 pub mod kvm;

@@ -5,15 +5,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use vfio_intx::sim::stress::{self, ExternalResetConfig, StressConfig};
 
+use vfio_intx::daemon::exit;
+
 /// Exit code: the run completed but broke a promise (an interrupt lost, a
 /// line left masked).
-const EXIT_FAILED_CHECK: u8 = 1;
+const EXIT_FAILED_CHECK: u8 = exit::FAILED;
 /// Exit code: the run could not start.
-const EXIT_RUNTIME: u8 = 3;
+const EXIT_RUNTIME: u8 = exit::RUNTIME;
 
 #[derive(Parser)]
 #[command(
@@ -50,18 +51,14 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         external_resets_ms: u64,
     },
+    #[command(flatten)]
+    Ops(vfio_intx::daemon::cli::Command),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Ops(command) => vfio_intx::daemon::cli::run(command),
         Command::Demo {
             interrupts,
             reset_threads,
@@ -70,6 +67,7 @@ fn main() -> ExitCode {
             reset_window_us,
             external_resets_ms,
         } => {
+            vfio_intx::daemon::init_logging("warn");
             let gate = demo(StressConfig {
                 interrupts,
                 reset_threads,

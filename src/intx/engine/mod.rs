@@ -541,6 +541,25 @@ impl<B: PciBackend> IntxDevice<B> {
         result.map_err(|f| self.fail(f))
     }
 
+    /// Re-derives the line's mask from the state machine and the device's
+    /// STATUS, as the watchdog's recovery does: mask, then settle (a line in
+    /// service stays masked for its EOI; an idle one is check-and-unmasked,
+    /// delivering what the device asserts). Lifts a mask that a manager put
+    /// in place with [`with_backend`](Self::with_backend) (an operator
+    /// hold, a storm). Waits for the gate like any access.
+    pub fn resync(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let result = dev
+            .backend
+            .intx_mask()
+            .map_err(|e| Fail::Backend(Operation::Mask, e))
+            .and_then(|()| dev.settle(&ctx));
+        Counters::bump(&self.counters.resyncs);
+        drop(dev);
+        result.map_err(|f| self.fail(f))
+    }
+
     /// Where the line stands. Waits for the gate like any access.
     pub fn line_state(&self) -> LineState {
         self.gate.access().line
