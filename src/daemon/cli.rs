@@ -4,7 +4,7 @@
 //! Each talks to the daemon when it runs (a reset then goes through the
 //! device's gate in the daemon) and works standalone otherwise. With
 //! `--json` the result (or the error) is printed as one JSON document on
-//! stdout. Exit codes are those of [`exit`](crate::daemon::exit).
+//! stdout. Exit codes are those of [`crate::daemon::exit`].
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

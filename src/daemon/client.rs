@@ -2,7 +2,7 @@
 //! VMMs (no async runtime needed).
 
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,22 +83,30 @@ impl Client {
         self.request_with_fds(request, &[])
     }
 
-    /// Sends `request` with `fds` attached (`SCM_RIGHTS`) and waits for the
-    /// answer.
+    /// Sends `request` with the descriptors `fds` attached (`SCM_RIGHTS`;
+    /// the daemon receives duplicates) and waits for the answer.
     pub fn request_with_fds(
         &mut self,
         request: &Request,
-        fds: &[BorrowedFd<'_>],
+        fds: &[RawFd],
     ) -> Result<Response, ClientError> {
         let frame = protocol::encode(request)?;
+        if let Err(e) = self.send_frame(&frame, fds) {
+            // The daemon may have answered and closed before reading (a
+            // refused peer): its answer says more than EPIPE.
+            return self.read_response().map_err(|_| ClientError::Io(e));
+        }
+        self.read_response()
+    }
+
+    fn send_frame(&mut self, frame: &[u8], fds: &[RawFd]) -> io::Result<()> {
         if fds.is_empty() {
-            self.stream.write_all(&frame)?;
+            self.stream.write_all(frame)?;
         } else {
-            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-            let cmsg = [ControlMessage::ScmRights(&raw)];
+            let cmsg = [ControlMessage::ScmRights(fds)];
             let sent = sendmsg::<()>(
                 self.stream.as_raw_fd(),
-                &[IoSlice::new(&frame)],
+                &[IoSlice::new(frame)],
                 &cmsg,
                 MsgFlags::empty(),
                 None,
@@ -106,12 +114,33 @@ impl Client {
             .map_err(io::Error::from)?;
             self.stream.write_all(frame.get(sent..).unwrap_or(&[]))?;
         }
-        self.read_response()
+        Ok(())
     }
 
     /// Sends raw bytes (tests of malformed frames).
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         Ok(self.stream.write_all(bytes)?)
+    }
+
+    /// Sends `json` as one frame and reads the answer (tests of requests
+    /// the typed API cannot express); a transport error becomes a
+    /// [`Response::Error`].
+    pub fn request_raw_json(&mut self, json: &[u8]) -> Response {
+        let mut frame = Vec::with_capacity(HEADER + json.len());
+        frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        frame.extend_from_slice(json);
+        match self.send_raw(&frame).and_then(|()| self.read_response()) {
+            Ok(r) => r,
+            Err(e) => Response::error(
+                crate::daemon::protocol::ErrorKind::Failed,
+                crate::error_chain(&e),
+            ),
+        }
+    }
+
+    /// Closes the sending side (the daemon sees the end of the stream).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
     /// Reads one answer.

@@ -317,12 +317,10 @@ impl Checker<'_> {
     }
 
     fn bdf(&self, field: &Spanned<String>) -> Result<Bdf, ConfigError> {
-        field.get_ref().parse::<Bdf>().map_err(|e| {
-            self.invalid(
-                field.span(),
-                format!("invalid PCI address {:?}: {e}", field.get_ref()),
-            )
-        })
+        field
+            .get_ref()
+            .parse::<Bdf>()
+            .map_err(|e| self.invalid(field.span(), e.to_string()))
     }
 
     fn millis(

@@ -127,6 +127,33 @@ pub enum DaemonError {
     },
 }
 
+/// The error a transparent wrapper stands for (its `source()` skips it).
+fn unwrap_transparent<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    use crate::uio::UioError;
+    if let Some(d) = e.downcast_ref::<DaemonError>() {
+        return match d {
+            DaemonError::Config(c) => Some(c),
+            DaemonError::Device(d) => Some(d),
+            _ => None,
+        };
+    }
+    if let Some(d) = e.downcast_ref::<DeviceError>() {
+        return match d {
+            DeviceError::Sysfs(s) => Some(s),
+            DeviceError::Vfio(v) => Some(v),
+            DeviceError::Uio(u) => Some(u),
+            DeviceError::Intx(i) => Some(i),
+            _ => None,
+        };
+    }
+    match e.downcast_ref::<UioError>() {
+        Some(UioError::Sysfs(s)) => Some(s),
+        _ => None,
+    }
+}
+
 /// The exit code for an error, from the first cause in its chain that
 /// decides one.
 pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
@@ -158,7 +185,7 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
                 _ => {}
             }
         }
-        cause = e.source();
+        cause = unwrap_transparent(e).or_else(|| e.source());
     }
     exit::RUNTIME
 }
