@@ -766,3 +766,48 @@ proptest! {
         prop_assert_eq!(got.len(), n);
     }
 }
+
+#[test]
+fn the_systemd_unit_is_hardened_to_an_exposure_of_at_most_4() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/vfio-intx.service");
+    let out = match Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(&unit)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("SKIP the_systemd_unit_is_hardened: systemd-analyze is not available: {e}");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let level: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse {line:?}"));
+    assert!(level <= 4.0, "{line}\n{text}");
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    for needed in [
+        "Type=notify",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "RuntimeDirectory=vfio-intx",
+        "DeviceAllow=char-vfio rw",
+        "WatchdogSec=",
+        "ExecReload=",
+    ] {
+        assert!(unit_text.contains(needed), "the unit lacks {needed}");
+    }
+}
