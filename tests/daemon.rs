@@ -811,3 +811,144 @@ fn the_systemd_unit_is_hardened_to_an_exposure_of_at_most_4() {
         assert!(unit_text.contains(needed), "the unit lacks {needed}");
     }
 }
+
+/// A VMM without a guest: attaches plain eventfds as irqfd and resample.
+struct FakeVmm {
+    irqfd: vmm_sys_util::eventfd::EventFd,
+    resample: vmm_sys_util::eventfd::EventFd,
+    _session: Client,
+}
+
+impl FakeVmm {
+    fn attach(d: &Daemon, bdf: &str) -> Self {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut session = d.client();
+        let r = session
+            .request_with_fds(
+                &Request::Session {
+                    bdf: Some(bdf.into()),
+                },
+                &[irqfd.as_raw_fd(), resample.as_raw_fd()],
+            )
+            .unwrap();
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+        Self {
+            irqfd,
+            resample,
+            _session: session,
+        }
+    }
+
+    /// Interrupts injected since the last call.
+    fn injected(&self) -> u64 {
+        self.irqfd.read().unwrap_or(0)
+    }
+
+    fn eoi(&self) {
+        self.resample.write(1).unwrap();
+    }
+}
+
+fn device_status(d: &Daemon, bdf: &str) -> vfio_intx::daemon::service::DeviceStatus {
+    d.status()
+        .devices
+        .into_iter()
+        .find(|s| s.bdf == bdf)
+        .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_line_nobody_handles_is_masked_as_a_storm_reported_and_retried() {
+    let d = Daemon::start(&format!(
+        "{}{}",
+        device(A, "storm-threshold = 1000\nstorm-backoff-ms = 100"),
+        device(B, "")
+    ));
+    let vmm = FakeVmm::attach(&d, A);
+    // The device asserts and nobody acknowledges it; the "guest" EOIs
+    // every injection, so the line re-asserts after each EOI.
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guest = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut eois = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if vmm.injected() > 0 {
+                    vmm.eoi();
+                    eois += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            (vmm, eois)
+        })
+    };
+    wait_for("a storm", Duration::from_secs(5), || {
+        device_status(&d, A).stats.daemon.storms >= 1
+    });
+    assert!(d.log().contains("interrupt storm"), "{}", d.log());
+    // Retried after the back-off, and masked again while it goes on.
+    wait_for("a second storm", Duration::from_secs(5), || {
+        device_status(&d, A).stats.daemon.storms >= 2
+    });
+    // The other device is not disturbed.
+    let other = device_status(&d, B);
+    assert_eq!(other.held, None);
+    assert_eq!(other.stats.daemon.storms, 0);
+    // Someone handles it at last: the next retry finds a quiet line.
+    let r = d.ask(&Request::SimAck { bdf: A.into() });
+    assert_eq!(r["acked"], true);
+    wait_for("the line released", Duration::from_secs(5), || {
+        device_status(&d, A).held.is_none()
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_vmm, eois) = guest.join().unwrap();
+    assert!(eois > 100, "{eois}");
+    let text = d.ask(&Request::Metrics)["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(text.contains(&format!("vfio_intx_storms_total{{bdf=\"{A}\"}}")));
+}
+
+#[test]
+fn an_interrupt_left_without_eoi_is_reported_and_recovered() {
+    let d = Daemon::start(&device(A, "eoi-timeout-ms = 150"));
+    let vmm = FakeVmm::attach(&d, A);
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    wait_for("the injection", Duration::from_secs(5), || {
+        vmm.injected() == 1
+    });
+    // The guest's driver acknowledges the device but its EOI never comes.
+    assert_eq!(d.ask(&Request::SimAck { bdf: A.into() })["acked"], true);
+    wait_for("the EOI timeout", Duration::from_secs(5), || {
+        device_status(&d, A).stats.daemon.eoi_timeouts == 1
+    });
+    assert!(d.log().contains("no EOI from the guest"), "{}", d.log());
+    // Recovered: the line is unmasked and the next interrupt arrives.
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    wait_for("the next injection", Duration::from_secs(5), || {
+        vmm.injected() == 1
+    });
+    assert_eq!(device_status(&d, A).stats.engine.injected, 2);
+}
