@@ -917,7 +917,7 @@ fn a_line_nobody_handles_is_masked_as_a_storm_reported_and_retried() {
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (_vmm, eois) = guest.join().unwrap();
-    assert!(eois > 100, "{eois}");
+    assert!(eois > 20, "{eois}");
     let text = d.ask(&Request::Metrics)["text"]
         .as_str()
         .unwrap()
@@ -951,4 +951,35 @@ fn an_interrupt_left_without_eoi_is_reported_and_recovered() {
         vmm.injected() == 1
     });
     assert_eq!(device_status(&d, A).stats.engine.injected, 2);
+}
+
+#[test]
+fn a_busy_device_whose_guest_handles_it_is_not_a_storm() {
+    let d = Daemon::start(&device(A, "storm-threshold = 1000"));
+    let vmm = FakeVmm::attach(&d, A);
+    let mut c = d.client();
+    let mut ask = |r: Request| match c.request(&r).unwrap() {
+        Response::Ok { data } => data,
+        other => panic!("{other:?}"),
+    };
+    // Two interrupts at a time: every other EOI finds the device still
+    // asserting (a re-injection), far above the threshold's rate, but the
+    // guest handles each one.
+    for _ in 0..300 {
+        ask(Request::SimRaise {
+            bdf: A.into(),
+            count: 2,
+        });
+        for _ in 0..2 {
+            wait_for("an injection", Duration::from_secs(5), || {
+                vmm.injected() > 0
+            });
+            assert_eq!(ask(Request::SimAck { bdf: A.into() })["acked"], true);
+            vmm.eoi();
+        }
+    }
+    let s = device_status(&d, A);
+    assert_eq!(s.stats.engine.injected, 600);
+    assert!(s.stats.engine.reinjected >= 250, "{:?}", s.stats.engine);
+    assert_eq!(s.stats.daemon.storms, 0, "{}", d.log());
 }

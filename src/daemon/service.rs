@@ -550,8 +550,12 @@ impl ManagedDevice {
     }
 }
 
-/// Storm detection window.
-const STORM_WINDOW: Duration = Duration::from_millis(100);
+/// Storm detection window: short, so that a storm costs at most this much
+/// of the daemon's time before it is masked (and per retry).
+const STORM_WINDOW: Duration = Duration::from_millis(20);
+/// A storm within this long after the previous one's back-off counts as
+/// the same storm going on (the back-off doubles).
+const STORM_MEMORY: Duration = Duration::from_secs(2);
 /// Upper bound of the storm back-off.
 const STORM_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -585,10 +589,33 @@ impl RateLimit {
     }
 }
 
+/// The counts storm detection compares between windows.
+#[derive(Debug, Clone, Copy, Default)]
+struct StormCounts {
+    /// Re-injections: an EOI found the device still asserting.
+    reinjected: u64,
+    /// Host interrupts the device did not assert (a shared line).
+    not_mine: u64,
+    /// EOIs that found the line deasserted: someone handled the device.
+    cleared: u64,
+}
+
+impl StormCounts {
+    fn of(s: &crate::intx::IntxStats) -> Self {
+        Self {
+            reinjected: s.reinjected,
+            not_mine: s.not_mine,
+            cleared: s.eois.saturating_sub(s.reinjected + s.spurious_eois),
+        }
+    }
+}
+
 struct Storm {
     window_start: Instant,
-    base: u64,
+    base: StormCounts,
     consecutive: u32,
+    /// When the last storm was masked and its back-off.
+    last: Option<(Instant, Duration)>,
     retry_at: Option<Instant>,
 }
 
@@ -619,8 +646,9 @@ impl Task {
             next_tick: now,
             storm: Storm {
                 window_start: now,
-                base: 0,
+                base: StormCounts::default(),
                 consecutive: 0,
+                last: None,
                 retry_at: None,
             },
             held_since: None,
@@ -754,7 +782,7 @@ impl Task {
 
     fn report(&mut self, e: &dyn std::error::Error) {
         if let Some(suppressed) = self.errors.admit() {
-            warn!(suppressed, error = %crate::error_chain(e), "servicing the device failed");
+            warn!(bdf = %self.dev.bdf(), suppressed, error = %crate::error_chain(e), "servicing the device failed");
         }
     }
 
@@ -766,24 +794,36 @@ impl Task {
         if threshold == 0 {
             return;
         }
-        let stats = self.dev.engine.stats();
-        let unhandled = stats.reinjected + stats.not_mine;
         let now = Instant::now();
+        let counts = StormCounts::of(&self.dev.engine.stats());
         let limit = (u64::from(threshold) * STORM_WINDOW.as_millis() as u64 / 1000).max(1);
         if now.duration_since(self.storm.window_start) >= STORM_WINDOW {
-            if unhandled.saturating_sub(self.storm.base) <= limit {
-                self.storm.consecutive = 0;
-            }
             self.storm.window_start = now;
-            self.storm.base = unhandled;
+            self.storm.base = counts;
             return;
         }
-        if unhandled.saturating_sub(self.storm.base) > limit {
+        // The kernel's "nobody cared", in this engine's terms: host
+        // interrupts nobody claims on a shared line, or a line that
+        // re-asserts after every EOI of the window with none finding it
+        // handled (a fast device whose guest does handle it clears the
+        // line between interrupts, and is not a storm).
+        let base = self.storm.base;
+        let not_mine = counts.not_mine.saturating_sub(base.not_mine);
+        let reinjected = counts.reinjected.saturating_sub(base.reinjected);
+        let cleared = counts.cleared.saturating_sub(base.cleared);
+        if not_mine > limit || (reinjected > limit && cleared == 0) {
             self.storm_detected(now).await;
         }
     }
 
     async fn storm_detected(&mut self, now: Instant) {
+        let going_on = self
+            .storm
+            .last
+            .is_some_and(|(at, backoff)| now.duration_since(at) < backoff + STORM_MEMORY);
+        if !going_on {
+            self.storm.consecutive = 0;
+        }
         let backoff = self
             .dev
             .config
@@ -791,12 +831,14 @@ impl Task {
             .saturating_mul(1 << self.storm.consecutive.min(16))
             .min(STORM_MAX_BACKOFF);
         self.storm.consecutive += 1;
+        self.storm.last = Some((now, backoff));
         self.dev
             .metrics
             .storms
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dev.held_storm.store(true, Ordering::SeqCst);
         warn!(
+            bdf = %self.dev.bdf(),
             threshold = self.dev.config.storm_threshold,
             ?backoff,
             storms = self.storm.consecutive,
@@ -839,10 +881,7 @@ impl Task {
         self.dev.metrics.add_held(since.elapsed());
         let now = Instant::now();
         self.storm.window_start = now;
-        self.storm.base = {
-            let s = self.dev.engine.stats();
-            s.reinjected + s.not_mine
-        };
+        self.storm.base = StormCounts::of(&self.dev.engine.stats());
         self.next_tick = now;
         let engine = Arc::clone(&self.dev.engine);
         let bdf = self.dev.bdf();

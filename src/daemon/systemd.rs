@@ -3,6 +3,7 @@
 //! MONOTONIC_USEC around a reload, STOPPING=1 at shutdown. Without
 //! `NOTIFY_SOCKET` every call is a no-op.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -31,8 +32,12 @@ impl Notifier {
         if !self.enabled {
             return;
         }
+        static WARNED: AtomicBool = AtomicBool::new(false);
         if let Err(e) = sd_notify::notify(false, states) {
-            warn!(error = %e, "notifying the service manager failed");
+            // Once: a manager that went away does not come back.
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, "notifying the service manager failed");
+            }
         }
     }
 
