@@ -207,6 +207,11 @@ pub struct DeviceConfig {
     pub sim_command: u16,
     /// Simulated device only: the kernel driver modelled.
     pub sim_kernel: SimKernelSetting,
+    /// vfio devices only, for tests: QEMU's edu device whose BAR0 the
+    /// daemon maps (enabling memory decoding at start) so that
+    /// `test-raise`/`test-ack` can make it interrupt and acknowledge it
+    /// while the daemon owns its VFIO group.
+    pub edu_test_hooks: bool,
 }
 
 /// The built-in example KVM guest (the demo): it receives a simulated
@@ -281,6 +286,8 @@ struct RawDevice {
     sim_command: Option<Spanned<u16>>,
     #[serde(default)]
     sim_kernel: Option<Spanned<SimKernelSetting>>,
+    #[serde(default)]
+    edu_test_hooks: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -505,6 +512,16 @@ impl Checker<'_> {
                 }
             }
         }
+        let edu_test_hooks = match &raw.edu_test_hooks {
+            Some(h) if *h.get_ref() && backend != BackendKind::Vfio => {
+                return Err(self.invalid(
+                    h.span(),
+                    "edu-test-hooks applies only to backend = \"vfio\"",
+                ))
+            }
+            Some(h) => *h.get_ref(),
+            None => false,
+        };
         let defaults = DeviceConfig::defaults(bdf, backend);
         Ok(DeviceConfig {
             bdf,
@@ -540,6 +557,7 @@ impl Checker<'_> {
                 .sim_kernel
                 .as_ref()
                 .map_or(SimKernelSetting::Bare, |k| *k.get_ref()),
+            edu_test_hooks,
         })
     }
 }
@@ -561,6 +579,7 @@ impl DeviceConfig {
             idle_interval: Duration::from_secs(1),
             sim_command: 0,
             sim_kernel: SimKernelSetting::Bare,
+            edu_test_hooks: false,
         }
     }
 }

@@ -190,6 +190,18 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
     exit::RUNTIME
 }
 
+/// A simulated device's hardware side as the test hooks drive it.
+struct SimSide(crate::sim::SimDevice);
+
+impl crate::kvm::assign::DeviceSide for SimSide {
+    fn raise(&self) {
+        self.0.raise();
+    }
+    fn ack(&self) -> bool {
+        self.0.ack()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -488,17 +500,23 @@ impl Daemon {
             Request::Mask { bdf } => self.hold(&bdf, true).await,
             Request::Unmask { bdf } => self.hold(&bdf, false).await,
             Request::Probe { bdf } => self.probe(&bdf).await,
-            Request::SimRaise { bdf, count } => match self.sim(&bdf) {
-                Ok((_, sim)) => {
-                    for _ in 0..count.min(1_000_000) {
-                        sim.raise();
-                    }
-                    Response::ok(serde_json::json!({ "raised": count.min(1_000_000) }))
+            Request::SimRaise { bdf, count } => {
+                let count = count.min(1_000_000);
+                match self
+                    .test_hook(&bdf, move |side| {
+                        for _ in 0..count {
+                            side.raise();
+                        }
+                        true
+                    })
+                    .await
+                {
+                    Ok(_) => Response::ok(serde_json::json!({ "raised": count })),
+                    Err(r) => r,
                 }
-                Err(r) => r,
-            },
-            Request::SimAck { bdf } => match self.sim(&bdf) {
-                Ok((_, sim)) => Response::ok(serde_json::json!({ "acked": sim.ack() })),
+            }
+            Request::SimAck { bdf } => match self.test_hook(&bdf, |side| side.ack()).await {
+                Ok(acked) => Response::ok(serde_json::json!({ "acked": acked })),
                 Err(r) => r,
             },
             Request::Session { .. } => Response::error(
@@ -513,15 +531,31 @@ impl Daemon {
         self.device(bdf).ok_or_else(|| server::not_owned(bdf))
     }
 
-    fn sim(&self, text: &str) -> Result<(Arc<ManagedDevice>, crate::sim::SimDevice), Response> {
+    /// Runs a test hook (raise, ack) on a simulated device, or on an edu
+    /// with `edu-test-hooks` — there under the gate, so that the BAR
+    /// access never lands inside a reset, which the edu would drop.
+    async fn test_hook(
+        &self,
+        text: &str,
+        hook: impl FnOnce(&dyn crate::kvm::assign::DeviceSide) -> bool + Send + 'static,
+    ) -> Result<bool, Response> {
         let dev = self.owned(text)?;
-        match dev.sim.clone() {
-            Some(sim) => Ok((dev, sim)),
-            None => Err(Response::error(
-                ErrorKind::Unsupported,
-                format!("{}: not a simulated device", dev.bdf()),
-            )),
+        if let Some(sim) = dev.sim.clone() {
+            return Ok(hook(&SimSide(sim)));
         }
+        let Some(edu) = dev.edu.clone() else {
+            return Err(Response::error(
+                ErrorKind::Unsupported,
+                format!(
+                    "{}: test hooks need a simulated device or an edu with edu-test-hooks",
+                    dev.bdf()
+                ),
+            ));
+        };
+        let engine = Arc::clone(&dev.engine);
+        tokio::task::spawn_blocking(move || engine.with_backend(|_| hook(&*edu)))
+            .await
+            .map_err(|e| Response::error(ErrorKind::Failed, format!("{text}: test hook: {e}")))
     }
 
     async fn hold(&self, text: &str, mask: bool) -> Response {

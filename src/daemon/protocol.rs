@@ -135,7 +135,9 @@ pub enum Request {
         #[serde(default)]
         bdf: Option<String>,
     },
-    /// Simulated devices only: the device raises `count` interrupts.
+    /// Test hook of simulated devices (and of an edu with
+    /// `edu-test-hooks`): the device raises `count` interrupts.
+    #[serde(alias = "test-raise")]
     SimRaise {
         /// The device.
         bdf: String,
@@ -143,8 +145,10 @@ pub enum Request {
         #[serde(default = "one")]
         count: u64,
     },
-    /// Simulated devices only: the driver acknowledges one interrupt (what
-    /// a guest ISR's BAR write does on real hardware).
+    /// Test hook of simulated devices (and of an edu with
+    /// `edu-test-hooks`): the driver acknowledges one interrupt (what a
+    /// guest ISR's BAR write does).
+    #[serde(alias = "test-ack")]
     SimAck {
         /// The device.
         bdf: String,

@@ -225,6 +225,8 @@ pub struct ManagedDevice {
     pub sink: Arc<SessionSink>,
     /// The simulated device's hardware side (sim backend only).
     pub sim: Option<SimDevice>,
+    /// An edu's BAR0 (`edu-test-hooks`): raise and acknowledge for tests.
+    pub edu: Option<Arc<crate::vfio::edu::Edu>>,
     /// The daemon's metrics.
     pub metrics: Arc<DeviceMetrics>,
     /// COMMAND as found before arming, restored at shutdown.
@@ -331,6 +333,14 @@ impl ManagedDevice {
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
+        let found_command = read_command_status(&mut backend)
+            .map_err(backend_error("reading COMMAND"))?
+            .command;
+        let edu = if config.edu_test_hooks {
+            Some(Self::edu_hooks(&mut backend)?)
+        } else {
+            None
+        };
         let masking = if config.probe {
             let (supported, verdict) = match &mut backend {
                 AnyBackend::Sim(b) => {
@@ -351,9 +361,6 @@ impl ManagedDevice {
         } else {
             "not probed (probe = false)".to_owned()
         };
-        let found_command = read_command_status(&mut backend)
-            .map_err(backend_error("reading COMMAND"))?
-            .command;
         if config.path == PathSetting::Fast {
             warn!("path = \"fast\": the daemon services sessions on the user-space path; sessions on this device are refused until the kernel bypass is wired for daemon sessions");
         }
@@ -383,6 +390,7 @@ impl ManagedDevice {
                 engine,
                 sink,
                 sim,
+                edu,
                 metrics,
                 found_command,
                 masking,
@@ -398,6 +406,37 @@ impl ManagedDevice {
     /// The device's address.
     pub fn bdf(&self) -> Bdf {
         self.config.bdf
+    }
+
+    /// Maps an edu's BAR0 for the test hooks, enabling memory decoding
+    /// first (the edu answers BAR accesses only then). COMMAND as found is
+    /// read before, and restored at shutdown.
+    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<crate::vfio::edu::Edu>, DeviceError> {
+        use crate::pci::regs::{COMMAND_MASTER, COMMAND_MEMORY};
+        let bdf = backend.bdf();
+        let AnyBackend::Vfio(vfio) = backend else {
+            return Err(DeviceError::Backend {
+                bdf,
+                op: "edu test hooks (vfio devices only)",
+                source: BackendError::NoIntx,
+            });
+        };
+        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
+        let command = vfio
+            .config_read(PCI_COMMAND, Width::Word)
+            .map_err(backend_error("reading COMMAND"))?;
+        vfio.config_write(
+            PCI_COMMAND,
+            Width::Word,
+            command | u32::from(COMMAND_MEMORY | COMMAND_MASTER),
+        )
+        .map_err(backend_error("enabling memory decoding"))?;
+        let edu = vfio.region(0).and_then(crate::vfio::edu::Edu::new)?;
+        let stale = edu.status()?;
+        if stale != 0 {
+            edu.ack_bits(stale)?;
+        }
+        Ok(Arc::new(edu))
     }
 
     /// Counters.
