@@ -983,3 +983,95 @@ fn a_busy_device_whose_guest_handles_it_is_not_a_storm() {
     assert!(s.stats.engine.reinjected >= 250, "{:?}", s.stats.engine);
     assert_eq!(s.stats.daemon.storms, 0, "{}", d.log());
 }
+
+#[test]
+fn watchdog_keepalives_follow_watchdog_usec() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(&config, Daemon::config_text(&socket, "", &device(A, ""))).unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // As systemd does: WATCHDOG_PID names the daemon's own pid (the shell
+    // execs the daemon, which keeps the pid).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "WATCHDOG_PID=$$ exec {BIN} daemon --config {}",
+            config.display()
+        ))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let mut keepalives = 0;
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < Duration::from_millis(1500) {
+        if let Ok(n) = notify.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                keepalives += 1;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // WatchdogSec=200ms: a keepalive every 100 ms.
+    assert!(
+        (8..=20).contains(&keepalives),
+        "{keepalives} keepalives in 1.5 s"
+    );
+}
+
+#[test]
+fn the_demo_config_services_interrupts_in_its_example_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml");
+    let mut child = Command::new(BIN)
+        .args(["daemon", "--config"])
+        .arg(&demo)
+        .arg("--socket")
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("no READY=1 from the demo");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut c = Client::connect(&socket, Duration::from_secs(10)).unwrap();
+    let Response::Ok { data } = c.request(&Request::Status).unwrap() else {
+        panic!("status failed")
+    };
+    let status: DaemonStatus = serde_json::from_value(data).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP the demo's example guest: no /dev/kvm (the daemon ran without it)");
+        assert!(status.example_guest.is_none());
+        return;
+    }
+    let guest = status.example_guest.expect("the example guest runs");
+    assert!(guest.acked >= 20, "{guest:?}");
+    assert!(guest.raised - guest.acked <= 2, "{guest:?}");
+    assert_eq!(status.devices[0].stats.engine.errors, 0);
+}

@@ -39,6 +39,9 @@ pub enum Command {
         /// The configuration file.
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Listen here instead of the configuration's socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// The daemon's state and every device's counters.
     Status {
@@ -172,9 +175,9 @@ struct Output {
 
 /// Runs an operator command; returns the process exit code.
 pub fn run(command: Command) -> ExitCode {
-    if let Command::Daemon { config } = &command {
+    if let Command::Daemon { config, socket } = &command {
         crate::daemon::init_logging("info");
-        return match crate::daemon::run(config) {
+        return match crate::daemon::run(config, socket.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {}", crate::error_chain(&e));

@@ -190,6 +190,20 @@ pub fn exit_code(error: &(dyn std::error::Error + 'static)) -> u8 {
     exit::RUNTIME
 }
 
+/// The supplementary groups of process `pid` (empty if unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// A simulated device's hardware side as the test hooks drive it.
 struct SimSide(crate::sim::SimDevice);
 
@@ -240,6 +254,8 @@ pub struct Daemon {
     euid: u32,
     group: Option<u32>,
     example: Mutex<Option<example::ExampleGuest>>,
+    /// The socket given on the command line, over the configuration's.
+    socket_override: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -250,8 +266,12 @@ impl std::fmt::Debug for Daemon {
 
 /// Loads the configuration at `path` and runs the daemon until SIGTERM or
 /// SIGINT. Nothing is started when the configuration is invalid.
-pub fn run(path: &Path) -> Result<(), DaemonError> {
-    let config = Config::load(path)?;
+/// `socket` overrides the configuration's control socket.
+pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
+    let mut config = Config::load(path)?;
+    if let Some(socket) = socket {
+        config.daemon.socket = socket.to_owned();
+    }
     let group = match &config.daemon.socket_group {
         None => None,
         Some(name) => Some(
@@ -271,10 +291,14 @@ pub fn run(path: &Path) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    runtime.block_on(main(config, group))
+    runtime.block_on(main(config, group, socket.map(Path::to_owned)))
 }
 
-async fn main(config: Config, group: Option<u32>) -> Result<(), DaemonError> {
+async fn main(
+    config: Config,
+    group: Option<u32>,
+    socket_override: Option<PathBuf>,
+) -> Result<(), DaemonError> {
     let started = Instant::now();
     let notifier = Notifier::from_env();
     let signals = |kind, op| signal(kind).map_err(|source| DaemonError::Runtime { op, source });
@@ -292,6 +316,7 @@ async fn main(config: Config, group: Option<u32>) -> Result<(), DaemonError> {
         euid: nix::unistd::geteuid().as_raw(),
         group,
         example: Mutex::new(None),
+        socket_override,
     });
     let opened = open_devices(config.devices.clone()).await?;
     daemon.insert(opened);
@@ -409,8 +434,17 @@ impl Daemon {
             .collect()
     }
 
-    fn authorized(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || uid == self.euid || self.group.is_some_and(|g| g == gid)
+    /// Root, the daemon's own uid, and members of the socket group (the
+    /// peer's primary group from SO_PEERCRED, or a supplementary group
+    /// from its /proc status).
+    fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.euid {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
     }
 
     /// The daemon's state.
@@ -698,7 +732,12 @@ impl Daemon {
         self.notifier.reloading();
         let path = self.config().path;
         let new = match Config::load(&path) {
-            Ok(c) => c,
+            Ok(mut c) => {
+                if let Some(socket) = &self.socket_override {
+                    c.daemon.socket = socket.clone();
+                }
+                c
+            }
             Err(e) => {
                 let msg = crate::error_chain(&e);
                 error!(error = %msg, "reload failed; the previous configuration stays in force");

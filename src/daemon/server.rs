@@ -208,7 +208,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, _permit: OwnedSemap
         fds: Vec::new(),
         buf: vec![0; 64 * 1024],
     };
-    if !daemon.authorized(cred.uid(), cred.gid()) {
+    if !daemon.authorized(cred.uid(), cred.gid(), cred.pid()) {
         info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refusing a client: not allowed by uid or group");
         let r = Response::error(
             ErrorKind::PermissionDenied,
