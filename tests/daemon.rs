@@ -528,7 +528,8 @@ fn sighup_reload_adds_and_removes_devices_and_leaves_unchanged_ones_alone() {
     let msg = d.wait_notify("READY=1", Duration::from_secs(5));
     assert!(msg.contains("reload failed"), "{msg}");
     assert_eq!(d.status().devices.len(), 2);
-    // B removed, C added, A unchanged.
+    // B removed, C added, A unchanged. B has a VMM session: it is closed.
+    let mut vmm = FakeVmm::attach(&d, B);
     std::fs::write(
         &d.config,
         Daemon::config_text(
@@ -546,6 +547,7 @@ fn sighup_reload_adds_and_removes_devices_and_leaves_unchanged_ones_alone() {
     let bdfs: Vec<&str> = status.devices.iter().map(|d| d.bdf.as_str()).collect();
     assert_eq!(bdfs, [A, C]);
     assert_eq!(d.interrupts(A), 1, "A keeps its statistics");
+    vmm.session.wait_closed().unwrap();
     assert!(d.log().contains("device restored"), "B was handed back");
 }
 
@@ -816,7 +818,7 @@ fn the_systemd_unit_is_hardened_to_an_exposure_of_at_most_4() {
 struct FakeVmm {
     irqfd: vmm_sys_util::eventfd::EventFd,
     resample: vmm_sys_util::eventfd::EventFd,
-    _session: Client,
+    session: Client,
 }
 
 impl FakeVmm {
@@ -837,7 +839,7 @@ impl FakeVmm {
         Self {
             irqfd,
             resample,
-            _session: session,
+            session,
         }
     }
 

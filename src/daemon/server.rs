@@ -194,7 +194,7 @@ impl Conn {
     }
 }
 
-async fn connection(daemon: Arc<Daemon>, stream: UnixStream, _permit: OwnedSemaphorePermit) {
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaphorePermit) {
     let cred = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -268,7 +268,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, _permit: OwnedSemap
             return;
         }
         if let Request::Session { bdf } = request {
-            session(&daemon, conn, bdf, fds).await;
+            session(&daemon, conn, bdf, fds, permit).await;
             return;
         }
         let response = daemon.handle(request).await;
@@ -295,7 +295,13 @@ fn is_vfio_device_fd(fd: &OwnedFd) -> bool {
 
 /// Validates a session request and attaches it; on success the
 /// connection is the session until the VMM closes it or dies.
-async fn session(daemon: &Arc<Daemon>, mut conn: Conn, bdf: Option<String>, fds: Vec<OwnedFd>) {
+async fn session(
+    daemon: &Arc<Daemon>,
+    mut conn: Conn,
+    bdf: Option<String>,
+    fds: Vec<OwnedFd>,
+    permit: OwnedSemaphorePermit,
+) {
     let attached = attach(daemon, bdf, fds).await;
     let dev = match attached {
         Ok((dev, report)) => {
@@ -314,16 +320,31 @@ async fn session(daemon: &Arc<Daemon>, mut conn: Conn, bdf: Option<String>, fds:
         }
     };
     info!(bdf = %dev.bdf(), "VMM session started");
+    // Sessions are bounded by the devices (one each), not by the client
+    // limit, which is for short requests.
+    drop(permit);
     // The session lasts as long as the connection: until the VMM closes it
-    // or dies (the kernel closes it then). It takes no further requests.
-    while let Ok(Some(_)) = conn.next_frame().await {
-        drop(std::mem::take(&mut conn.fds));
-        let r = Response::error(
-            ErrorKind::BadRequest,
-            "a session connection takes no further requests",
-        );
-        if send(&mut conn.stream, &r).await.is_err() {
-            break;
+    // or dies (the kernel closes it then), or the device goes away (reload,
+    // shutdown), which closes the connection. It takes no further requests.
+    loop {
+        tokio::select! {
+            frame = conn.next_frame() => match frame {
+                Ok(Some(_)) => {
+                    drop(std::mem::take(&mut conn.fds));
+                    let r = Response::error(
+                        ErrorKind::BadRequest,
+                        "a session connection takes no further requests",
+                    );
+                    if send(&mut conn.stream, &r).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+            () = dev.gone() => {
+                info!(bdf = %dev.bdf(), "the device is no longer the daemon's; closing its VMM session");
+                break;
+            }
         }
     }
     dev.detach();

@@ -510,6 +510,12 @@ impl ManagedDevice {
         rx.await.map_err(|_| AttachError::TaskGone { bdf })?
     }
 
+    /// Resolves when the device's service task has stopped (the device was
+    /// removed or the daemon is stopping).
+    pub async fn gone(&self) {
+        self.control.closed().await;
+    }
+
     /// Detaches the session.
     pub fn detach(&self) {
         let _ = self.control.send(Control::Detach);
