@@ -1077,3 +1077,61 @@ fn the_demo_config_services_interrupts_in_its_example_guest() {
     assert!(guest.raised - guest.acked <= 2, "{guest:?}");
     assert_eq!(status.devices[0].stats.engine.errors, 0);
 }
+
+#[test]
+fn clients_beyond_the_limit_are_refused_and_the_daemon_survives_running_out_of_descriptors() {
+    let d = Daemon::start_with("max-clients = 2", &device(A, ""));
+    // Two clients hold their slots (idle, within the timeout).
+    let held: Vec<Client> = (0..2).map(|_| d.client()).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut third = d.client();
+    let r = third.read_response().unwrap();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                kind: ErrorKind::TooManyClients,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+
+    // Out of descriptors: lower the daemon's limit so that accept() fails
+    // with EMFILE, hold connections open, and let them go again.
+    let pid = d.child.id().to_string();
+    let limit = Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=24:24"])
+        .status();
+    if !limit.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP the EMFILE part: prlimit is not available");
+        return;
+    }
+    let flood: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&d.socket).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(flood);
+    Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=1024:1024"])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(mut c) = Client::connect(&d.socket, Duration::from_secs(2)) {
+            if let Ok(Response::Ok { .. }) = c.request(&Request::Ping) {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon does not recover: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(d.log().contains("accepting a client failed"), "{}", d.log());
+}
