@@ -1135,3 +1135,106 @@ fn clients_beyond_the_limit_are_refused_and_the_daemon_survives_running_out_of_d
     }
     assert!(d.log().contains("accepting a client failed"), "{}", d.log());
 }
+
+#[test]
+fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
+    use vfio_intx::kvm::testvm::{kick_signal, TinyVm, VmControl};
+    use vfio_intx::kvm::{Irqchip, ResampleIrqfd};
+    use vmm_sys_util::signal::Killable;
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIP a_vmm_session_takes_the_kernel_bypass: no /dev/kvm");
+        return;
+    }
+    // The vfio-pci model: the resample eventfd becomes its unmask eventfd.
+    let d = Daemon::start(&device(A, "sim-kernel = \"vfio-pci\"\npath = \"auto\""));
+    const N: u64 = 50;
+    const GSI: u8 = 5;
+    const DEVFN: u8 = 3 << 3;
+    let mut vm = TinyVm::new(GSI, DEVFN, Irqchip::Full).unwrap();
+    let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(GSI)).unwrap();
+    // An interrupt raised before any session: parked, then delivered by
+    // the kernel when the session's bypass is wired.
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    let mut session = d.client();
+    let r = session
+        .request_with_fds(
+            &Request::Session {
+                bdf: Some(A.into()),
+            },
+            &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
+        )
+        .unwrap();
+    let Response::Ok { data } = r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        data["path"].as_str().unwrap().starts_with("kernel bypass"),
+        "{data}"
+    );
+    // No operator hold on the bypass: the kernel unmasks at each EOI.
+    let out = d.cli(&["mask", A]);
+    assert_eq!(out.status.code(), Some(i32::from(exit::FAILED)), "{out:?}");
+    assert_eq!(device_status(&d, A).held, None);
+
+    let control = Arc::new(VmControl::default());
+    let chipset = VmmDevice {
+        control: Mutex::new(d.client()),
+    };
+    let vcpu = {
+        let control = Arc::clone(&control);
+        std::thread::spawn(move || vm.run(DEVFN, &chipset, &control))
+    };
+    wait_for("the guest", Duration::from_secs(10), || control.ready());
+    wait_for("the parked interrupt", Duration::from_secs(10), || {
+        control.acked() == 1
+    });
+    let before = device_status(&d, A).stats.engine;
+    let mut raiser = d.client();
+    for i in 2..=N + 1 {
+        raiser
+            .request(&Request::SimRaise {
+                bdf: A.into(),
+                count: 1,
+            })
+            .unwrap();
+        wait_for("an interrupt in the guest", Duration::from_secs(10), || {
+            control.acked() >= i
+        });
+    }
+    assert_eq!(control.acked(), N + 1);
+    assert_eq!(control.empty_isr_runs(), 0);
+    let s = device_status(&d, A);
+    assert!(s.path.starts_with("kernel bypass"), "{}", s.path);
+    // No user-space work per interrupt on the bypass.
+    assert_eq!(
+        s.stats.engine.injected, before.injected,
+        "{:?}",
+        s.stats.engine
+    );
+    assert_eq!(s.stats.engine.eois, before.eois);
+
+    control.request_stop();
+    while !vcpu.is_finished() {
+        let _ = vcpu.kill(kick_signal());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vcpu.join().unwrap().unwrap();
+    drop(session);
+    wait_for("the session's end", Duration::from_secs(5), || {
+        !device_status(&d, A).session
+    });
+    // Back on the user-space wiring: the next interrupt parks.
+    let s = device_status(&d, A);
+    assert!(s.path.starts_with("user-space"), "{}", s.path);
+    let parked = s.stats.daemon.parked;
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    wait_for("the next interrupt parked", Duration::from_secs(5), || {
+        device_status(&d, A).stats.daemon.parked > parked
+    });
+}

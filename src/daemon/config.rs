@@ -179,7 +179,9 @@ pub struct DeviceConfig {
     pub bdf: Bdf,
     /// How it is reached.
     pub backend: BackendKind,
-    /// EOI path policy.
+    /// EOI path policy for sessions: `auto` takes the kernel bypass where
+    /// the backend has a kernel unmask eventfd (vfio-pci), `fast` requires
+    /// it, `userspace` never takes it.
     pub path: PathSetting,
     /// Bind it to the backend's driver at start (and restore the previous
     /// driver at shutdown).
@@ -479,13 +481,19 @@ impl Checker<'_> {
             .path
             .as_ref()
             .map_or(PathSetting::Auto, |p| *p.get_ref());
+        let sim_vfio = raw
+            .sim_kernel
+            .as_ref()
+            .is_some_and(|k| *k.get_ref() == SimKernelSetting::VfioPci);
         if let Some(p) = &raw.path {
-            if *p.get_ref() == PathSetting::Fast && backend != BackendKind::Vfio {
+            let capable = backend == BackendKind::Vfio || (backend == BackendKind::Sim && sim_vfio);
+            if *p.get_ref() == PathSetting::Fast && !capable {
                 return Err(self.invalid(
                     p.span(),
                     format!(
                         "path = \"fast\" needs the vfio backend (the kernel bypass is vfio-pci's \
-                         unmask eventfd); {bdf} uses {backend}"
+                         unmask eventfd; or a simulated device with sim-kernel = \"vfio-pci\"); \
+                         {bdf} uses {backend}"
                     ),
                 ));
             }
@@ -563,6 +571,13 @@ impl Checker<'_> {
 }
 
 impl DeviceConfig {
+    /// Whether the backend can take the kernel bypass (a kernel unmask
+    /// eventfd: vfio-pci, or its simulated model).
+    pub fn bypass_capable(&self) -> bool {
+        self.backend == BackendKind::Vfio
+            || (self.backend == BackendKind::Sim && self.sim_kernel == SimKernelSetting::VfioPci)
+    }
+
     /// A device with every setting at its default.
     pub fn defaults(bdf: Bdf, backend: BackendKind) -> Self {
         Self {

@@ -383,20 +383,11 @@ async fn attach(
     validate_eventfd(&irqfd, "the irqfd (first descriptor)").map_err(bad)?;
     validate_eventfd(&resample, "the resample eventfd (second descriptor)").map_err(bad)?;
     let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
-    if dev.config.path == crate::daemon::config::PathSetting::Fast {
-        return Err(Response::error(
-            ErrorKind::Unsupported,
-            format!(
-                "{bdf}: path = \"fast\" is configured, but daemon sessions use the user-space EOI \
-                 path (the kernel bypass for daemon sessions is not implemented yet)"
-            ),
-        ));
-    }
     dev.attach(sys::into_eventfd(irqfd), sys::into_eventfd(resample))
         .await
         .map_err(|e| {
             let kind = match e {
-                AttachError::Busy { .. } => ErrorKind::Busy,
+                AttachError::Busy { .. } | AttachError::Held { .. } => ErrorKind::Busy,
                 _ => ErrorKind::Failed,
             };
             Response::error(kind, crate::error_chain(&e))

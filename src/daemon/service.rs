@@ -74,6 +74,14 @@ pub enum DeviceError {
         /// The device.
         bdf: Bdf,
     },
+    /// The operation is not possible in the device's current state.
+    #[error("{bdf}: {what}")]
+    Unsupported {
+        /// The device.
+        bdf: Bdf,
+        /// What and why.
+        what: &'static str,
+    },
     /// A blocking operation for several devices could not be run.
     #[error("{op} could not run")]
     Pool {
@@ -120,6 +128,21 @@ pub enum AttachError {
         /// The device.
         bdf: Bdf,
     },
+    /// The line is held masked (operator or storm); attach after release.
+    #[error("{bdf}: INTx is held masked; unmask it before attaching a session")]
+    Held {
+        /// The device.
+        bdf: Bdf,
+    },
+    /// path = "fast" and the kernel bypass could not be wired.
+    #[error("{bdf}: path = \"fast\" is configured but the kernel bypass could not be wired")]
+    Bypass {
+        /// The device.
+        bdf: Bdf,
+        /// Why.
+        #[source]
+        source: IntxError,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,10 +180,16 @@ impl SessionSink {
         lock(&self.state).irqfd.is_some()
     }
 
-    fn attach(&self, irqfd: EventFd) -> io::Result<()> {
+    /// Attaches `irqfd`. On the user-space path an interrupt parked
+    /// meanwhile is delivered now; on the kernel bypass the engine's
+    /// re-check has the kernel signal it instead.
+    fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<()> {
         let mut s = lock(&self.state);
-        if std::mem::take(&mut s.parked) {
+        if std::mem::take(&mut s.parked) && !bypass {
             irqfd.write(1)?;
+        }
+        if bypass {
+            s.in_service_since = None;
         }
         s.irqfd = Some(irqfd);
         Ok(())
@@ -361,9 +390,6 @@ impl ManagedDevice {
         } else {
             "not probed (probe = false)".to_owned()
         };
-        if config.path == PathSetting::Fast {
-            warn!("path = \"fast\": the daemon services sessions on the user-space path; sessions on this device are refused until the kernel bypass is wired for daemon sessions");
-        }
         let metrics = Arc::new(DeviceMetrics::default());
         let sink = Arc::new(SessionSink::new(Arc::clone(&metrics)));
         let options = IntxOptions {
@@ -461,7 +487,7 @@ impl ManagedDevice {
         DeviceStatus {
             bdf: self.bdf().to_string(),
             backend: self.config.backend,
-            path: "user-space (the daemon carries each EOI)".to_owned(),
+            path: self.path_description().to_owned(),
             masking: self.masking.clone(),
             session: self.sink.attached(),
             held,
@@ -469,6 +495,15 @@ impl ManagedDevice {
             bound_by_daemon: lock(&self.binding).as_ref().is_some_and(Binding::changed),
             in_reset: self.engine.is_blocked(),
             stats: self.stats(),
+        }
+    }
+
+    /// The EOI path sessions on this device take now.
+    pub fn path_description(&self) -> &'static str {
+        if self.engine.is_kernel_bypass() {
+            "kernel bypass (KVM resample eventfd -> vfio-pci check-and-unmask)"
+        } else {
+            "user-space (the daemon carries each EOI)"
         }
     }
 
@@ -717,15 +752,18 @@ impl Task {
                 msg = rx.recv() => match msg {
                     None | Some(Control::Stop) => break,
                     Some(Control::Attach { irqfd, resample: fd, reply }) => {
-                        let _ = reply.send(self.attach(&mut resample, irqfd, fd));
+                        let _ = reply.send(self.attach(&mut resample, irqfd, fd).await);
                     }
                     Some(Control::Detach) => {
                         resample = None;
-                        self.detach();
+                        self.detach().await;
                     }
                     Some(Control::Hold { reply }) => {
-                        self.dev.held_operator.store(true, Ordering::SeqCst);
-                        let _ = reply.send(self.hold().await);
+                        let r = self.hold().await;
+                        if r.is_ok() {
+                            self.dev.held_operator.store(true, Ordering::SeqCst);
+                        }
+                        let _ = reply.send(r);
                     }
                     Some(Control::Release { reply }) => {
                         self.dev.held_operator.store(false, Ordering::SeqCst);
@@ -766,7 +804,7 @@ impl Task {
                             if e.kind() != io::ErrorKind::WouldBlock {
                                 warn!(error = %e, "reading the resample eventfd failed; detaching the session");
                                 resample = None;
-                                self.detach();
+                                self.detach().await;
                                 continue;
                             }
                         }
@@ -779,7 +817,7 @@ impl Task {
                     Err(e) => {
                         warn!(error = %e, "polling the resample eventfd failed; detaching the session");
                         resample = None;
-                        self.detach();
+                        self.detach().await;
                     }
                 },
                 _ = tokio::time::sleep_until(self.next_tick), if !holding => self.tick(),
@@ -788,7 +826,7 @@ impl Task {
         debug!("service task stopped");
     }
 
-    fn attach(
+    async fn attach(
         &mut self,
         resample: &mut Option<AsyncFd<EventFd>>,
         irqfd: EventFd,
@@ -798,23 +836,76 @@ impl Task {
         if self.dev.sink.attached() {
             return Err(AttachError::Busy { bdf });
         }
-        let fd = crate::daemon::sys::async_eventfd(fd)
-            .map_err(|source| AttachError::Register { bdf, source })?;
-        self.dev
-            .sink
-            .attach(irqfd)
-            .map_err(|source| AttachError::Register { bdf, source })?;
+        let register = |source| AttachError::Register { bdf, source };
+        let config = &self.dev.config;
+        let bypass = match config.path {
+            PathSetting::Userspace => false,
+            PathSetting::Auto | PathSetting::Fast => config.bypass_capable(),
+        };
+        if bypass && self.holding() {
+            return Err(AttachError::Held { bdf });
+        }
+        if bypass {
+            let wiring = (
+                irqfd.try_clone().map_err(register)?,
+                fd.try_clone().map_err(register)?,
+            );
+            self.dev
+                .sink
+                .attach(irqfd.try_clone().map_err(register)?, true)
+                .map_err(register)?;
+            let engine = Arc::clone(&self.dev.engine);
+            let wired = tokio::task::spawn_blocking(move || engine.set_kernel_bypass(Some(wiring)))
+                .await
+                .map_err(|e| AttachError::Register {
+                    bdf,
+                    source: io::Error::other(e),
+                })?;
+            match wired {
+                Ok(()) => {
+                    self.dev
+                        .metrics
+                        .sessions
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    info!(
+                        "session attached on the kernel bypass: no user-space work per interrupt"
+                    );
+                    return Ok(());
+                }
+                Err(source) if config.path == PathSetting::Fast => {
+                    self.dev.sink.detach();
+                    return Err(AttachError::Bypass { bdf, source });
+                }
+                Err(e) => {
+                    self.dev.sink.detach();
+                    warn!(error = %crate::error_chain(&e), "the kernel bypass could not be wired; the session takes the user-space path");
+                }
+            }
+        }
+        let fd = crate::daemon::sys::async_eventfd(fd).map_err(register)?;
+        self.dev.sink.attach(irqfd, false).map_err(register)?;
         *resample = Some(fd);
         self.dev
             .metrics
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        info!("session attached");
+        info!("session attached on the user-space EOI path");
         Ok(())
     }
 
-    fn detach(&mut self) {
-        if self.dev.sink.detach() {
+    async fn detach(&mut self) {
+        if self.dev.engine.is_kernel_bypass() {
+            self.dev.sink.detach();
+            self.dev.sink.take_in_service();
+            // Back to the user-space wiring; an interrupt the VMM never
+            // EOIed is re-checked and parks for the next session.
+            let engine = Arc::clone(&self.dev.engine);
+            match tokio::task::spawn_blocking(move || engine.set_kernel_bypass(None)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.report(&e),
+                Err(e) => self.report(&e),
+            }
+        } else if self.dev.sink.detach() {
             // The VMM left with an interrupt in service: nobody will EOI
             // it. Treat it as EOIed; a line still asserting parks again.
             self.dev.sink.take_in_service();
@@ -900,6 +991,13 @@ impl Task {
         if self.holding() {
             return Ok(());
         }
+        if self.dev.engine.is_kernel_bypass() {
+            return Err(DeviceError::Unsupported {
+                bdf: self.dev.bdf(),
+                what: "cannot hold INTx masked while a session runs on the kernel bypass (the \
+                       kernel unmasks at each EOI); configure path = \"userspace\" to hold it",
+            });
+        }
         self.held_since = Some(Instant::now());
         let engine = Arc::clone(&self.dev.engine);
         let bdf = self.dev.bdf();
@@ -945,7 +1043,7 @@ impl Task {
         let (_, delay) = self.dev.engine.watchdog_tick(now.into_std());
         self.next_tick = now + delay;
         let timeout = self.dev.config.eoi_timeout;
-        if timeout.is_zero() || !self.dev.sink.attached() {
+        if timeout.is_zero() || !self.dev.sink.attached() || self.dev.engine.is_kernel_bypass() {
             return;
         }
         if let Some(since) = self.dev.sink.in_service_since() {
