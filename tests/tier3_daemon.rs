@@ -72,7 +72,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("running 1 test");
-    run();
+    // The user-space EOI path, then the kernel bypass (the session's
+    // resample eventfd as vfio-pci's unmask eventfd).
+    run("userspace");
+    run("auto");
     println!("test {TEST} ... ok");
     println!("\ntest result: ok. 1 passed; 0 failed");
     ExitCode::SUCCESS
@@ -114,14 +117,14 @@ fn ask(c: &mut Client, r: &Request) -> serde_json::Value {
     }
 }
 
-fn start_daemon(dir: &Path, bdf: &str, this: &Path) -> Daemon {
+fn start_daemon(dir: &Path, bdf: &str, this: &Path, path: &str) -> Daemon {
     let socket = dir.join("control.sock");
     let config = dir.join("daemon.toml");
     std::fs::write(
         &config,
         format!(
             "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
-             [[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"userspace\"\nprobe = true\n\
+             [[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"{path}\"\nprobe = true\n\
              reset = true\nedu-test-hooks = true\n",
             socket.display()
         ),
@@ -201,7 +204,8 @@ fn phys_asserting(bdf: &str) -> bool {
     u16::from_le_bytes(b) & vfio_intx::pci::regs::STATUS_INTERRUPT != 0
 }
 
-fn run() {
+fn run(path: &str) {
+    eprintln!("{TEST}: path = {path:?}");
     let bdf = std::env::var("VFIO_INTX_EDU_RESET").expect("VFIO_INTX_EDU_RESET is not set");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon");
@@ -216,7 +220,7 @@ fn run() {
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let started = Instant::now();
-    let mut d = start_daemon(&dir, &bdf, &this);
+    let mut d = start_daemon(&dir, &bdf, &this, path);
     eprintln!("{TEST}: daemon READY after {:?}", started.elapsed());
 
     // The VMM: a session with plain eventfds; each injection is handled
@@ -232,7 +236,16 @@ fn run() {
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
-    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    let Response::Ok { data } = r else {
+        panic!("{r:?}")
+    };
+    let wired = data["path"].as_str().unwrap_or_default().to_owned();
+    eprintln!("{TEST}: session on {wired}");
+    assert_eq!(
+        wired.starts_with("kernel bypass"),
+        path == "auto",
+        "{wired}"
+    );
     let acked = Arc::new(AtomicU64::new(0));
     let empty = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -354,7 +367,7 @@ fn run() {
         }
     }
     eprintln!(
-        "{TEST}: {i} interrupts ({raises} raises, {dropped_by_reset} re-raised after \
+        "{TEST} ({wired}): {i} interrupts ({raises} raises, {dropped_by_reset} re-raised after \
          edu's reset quirk dropped the line) in {flowing:?} (slowest {slowest:?}) while the \
          loops reset the edu {resets_ok} times through the daemon ({} resets in the engine, \
          {busy} busy-and-retried); engine {:?}",
@@ -369,11 +382,17 @@ fn run() {
         dev.stats.engine.resets
     );
     assert_eq!(acked.load(Ordering::SeqCst), raises, "interrupts lost");
-    assert_eq!(
-        empty.load(Ordering::SeqCst),
-        0,
-        "injections with nothing to acknowledge"
-    );
+    // On the user-space path every injection is for a pending interrupt.
+    // On the bypass a guest EOI goes straight into the kernel and can land
+    // inside a reset window (the gate cannot hold it back); the engine's
+    // watchdog then re-syncs the line, and the kernel may signal once more
+    // for an interrupt the guest is already servicing: a spurious ISR run,
+    // as real guests tolerate, never a lost interrupt.
+    let spurious = empty.load(Ordering::SeqCst);
+    eprintln!("{TEST} ({wired}): {spurious} ISR runs found nothing to acknowledge");
+    if path == "userspace" {
+        assert_eq!(spurious, 0, "injections with nothing to acknowledge");
+    }
     assert_eq!(dev.held, None);
     assert!(dev.session);
 
