@@ -35,7 +35,8 @@
 //! ```
 
 pub mod backend;
-#[cfg(feature = "sim")]
+// Not under loom: tokio's loom mode has no sockets or signals.
+#[cfg(all(feature = "sim", not(loom)))]
 pub mod daemon;
 pub mod gate;
 pub mod intx;

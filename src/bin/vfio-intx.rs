@@ -8,13 +8,11 @@ use clap::{Parser, Subcommand};
 
 use vfio_intx::sim::stress::{self, ExternalResetConfig, StressConfig};
 
-use vfio_intx::daemon::exit;
-
 /// Exit code: the run completed but broke a promise (an interrupt lost, a
-/// line left masked).
-const EXIT_FAILED_CHECK: u8 = exit::FAILED;
-/// Exit code: the run could not start.
-const EXIT_RUNTIME: u8 = exit::RUNTIME;
+/// line left masked). The same as `vfio_intx::daemon::exit::FAILED`.
+const EXIT_FAILED_CHECK: u8 = 1;
+/// Exit code: the run could not start (`vfio_intx::daemon::exit::RUNTIME`).
+const EXIT_RUNTIME: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +49,9 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         external_resets_ms: u64,
     },
+    // Not under loom (scripts/loom.sh builds the binary for its test):
+    // tokio's loom mode has no sockets or signals.
+    #[cfg(not(loom))]
     #[command(flatten)]
     Ops(vfio_intx::daemon::cli::Command),
 }
@@ -58,6 +59,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(not(loom))]
         Command::Ops(command) => vfio_intx::daemon::cli::run(command),
         Command::Demo {
             interrupts,
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
             reset_window_us,
             external_resets_ms,
         } => {
-            vfio_intx::daemon::init_logging("warn");
+            init_logging();
             let gate = demo(StressConfig {
                 interrupts,
                 reset_threads,
@@ -87,6 +89,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 fn demo(config: StressConfig) -> ExitCode {

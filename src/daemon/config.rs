@@ -4,17 +4,31 @@
 //! ```toml
 //! [daemon]
 //! socket = "/run/vfio-intx/control.sock"
-//! socket-mode = 0o600
+//! socket-mode = 0o660          # must include 0o600
+//! socket-group = "kvm"         # members may connect (SO_PEERCRED checked)
+//! max-clients = 64
+//! client-timeout-ms = 10000
+//! status-interval-ms = 10000
 //!
 //! [[device]]
 //! bdf = "0000:01:00.0"
-//! backend = "vfio"          # vfio | uio | sim
-//! path = "auto"             # auto | fast | userspace
-//! bind = true               # bind to vfio-pci / uio_pci_generic at start
-//! probe = true              # check PCI 2.3 masking at start
-//! reset = true              # reset through the gate at start
-//! storm-threshold = 20000   # unhandled interrupts per second before masking
-//! eoi-timeout-ms = 2000     # in service with no EOI for longer: recover
+//! backend = "vfio"             # vfio | uio | sim
+//! path = "auto"                # auto | fast | userspace (sessions' EOI path)
+//! bind = true                  # bind to vfio-pci / uio_pci_generic at start
+//! probe = true                 # check PCI 2.3 masking at start (default)
+//! reset = true                 # reset through the gate at start
+//! storm-threshold = 20000      # unhandled interrupts per second; 0 = off
+//! storm-backoff-ms = 1000      # first retry after a storm (doubles)
+//! stuck-after-ms = 50          # the stuck-INTx watchdog
+//! eoi-timeout-ms = 2000        # in service with no EOI: recover; 0 = off
+//! idle-interval-ms = 1000      # watchdog interval of an idle device
+//! # edu-test-hooks = true      # vfio + QEMU edu only: test-raise/test-ack
+//! # sim-command = 0x0006       # sim only: COMMAND as "firmware" left it
+//! # sim-kernel = "vfio-pci"    # sim only: bare | vfio-pci
+//!
+//! [example-guest]              # the built-in KVM guest (demo)
+//! bdf = "0000:00:04.0"         # a sim device
+//! interrupts-per-second = 100
 //! ```
 
 use std::fmt;
