@@ -618,7 +618,8 @@ impl Daemon {
         if let Some(dev) = self.device(bdf) {
             return Response::ok(ProbeReport {
                 bdf: bdf.to_string(),
-                supported: true,
+                // Devices whose masking is broken are refused at start.
+                supported: dev.config.probe.then_some(true),
                 verdict: dev.masking.clone(),
                 owned: true,
             });
@@ -626,7 +627,7 @@ impl Daemon {
         match tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict(bdf)).await {
             Ok(Ok(v)) => Response::ok(ProbeReport {
                 bdf: bdf.to_string(),
-                supported: v.supported,
+                supported: Some(v.supported),
                 verdict: v.to_string(),
                 owned: false,
             }),

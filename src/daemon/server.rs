@@ -27,8 +27,9 @@ use crate::pci::Bdf;
 pub struct ProbeReport {
     /// The device.
     pub bdf: String,
-    /// Whether PCI 2.3 INTx masking can be relied on.
-    pub supported: bool,
+    /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
+    /// the daemon owns without having probed it (`probe = false`).
+    pub supported: Option<bool>,
     /// Why, in words.
     pub verdict: String,
     /// Whether the daemon owns the device (the verdict is then the one from
