@@ -37,6 +37,7 @@ use vfio_intx::daemon::DaemonStatus;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const TEST: &str = "daemon_services_the_edu_while_two_reset_loops_run";
+const BIND_TEST: &str = "daemon_binds_vfio_pci_and_restores_the_previous_driver_on_sigterm";
 /// Interrupts raised during the reset loops, at least.
 const INTERRUPTS: u64 = 300;
 /// Resets the loops must have done through the daemon before the raising
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
     }
     if args.iter().any(|a| a == "--list") {
         println!("{TEST}: test");
+        println!("{BIND_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
@@ -69,15 +71,18 @@ fn main() -> ExitCode {
              scripts/tier3.sh"
         );
         println!("test {TEST} ... ok (skipped)");
+        println!("test {BIND_TEST} ... ok (skipped)");
         return ExitCode::SUCCESS;
     }
-    println!("running 1 test");
+    println!("running 2 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
     run("auto");
     println!("test {TEST} ... ok");
-    println!("\ntest result: ok. 1 passed; 0 failed");
+    bind_and_restore();
+    println!("test {BIND_TEST} ... ok");
+    println!("\ntest result: ok. 2 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -118,14 +123,24 @@ fn ask(c: &mut Client, r: &Request) -> serde_json::Value {
 }
 
 fn start_daemon(dir: &Path, bdf: &str, this: &Path, path: &str) -> Daemon {
+    start_daemon_with(
+        dir,
+        this,
+        &format!(
+            "[[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"{path}\"\nprobe = true\n\
+             reset = true\nedu-test-hooks = true\n"
+        ),
+    )
+}
+
+fn start_daemon_with(dir: &Path, this: &Path, devices: &str) -> Daemon {
     let socket = dir.join("control.sock");
     let config = dir.join("daemon.toml");
     std::fs::write(
         &config,
         format!(
             "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
-             [[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"{path}\"\nprobe = true\n\
-             reset = true\nedu-test-hooks = true\n",
+             {devices}",
             socket.display()
         ),
     )
@@ -185,6 +200,52 @@ fn reset_loop(bin_dir: &Path, bdf: &str, socket: &Path, log: &Path) -> Child {
         .process_group(0)
         .spawn()
         .unwrap()
+}
+
+/// The driver `bdf` is bound to, from sysfs.
+fn driver(bdf: &str) -> Option<String> {
+    std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// `bind = true`: the daemon takes the edu that the guest's init bound to
+/// uio_pci_generic, binds it to vfio-pci, arms it, and at SIGTERM hands it
+/// back to uio_pci_generic with driver_override as it was.
+fn bind_and_restore() {
+    let bdf = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-bind");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let override_path = format!("/sys/bus/pci/devices/{bdf}/driver_override");
+    let override_before = std::fs::read_to_string(&override_path).unwrap();
+    assert_eq!(driver(&bdf).as_deref(), Some("uio_pci_generic"));
+    let mut d = start_daemon_with(
+        &dir,
+        &this,
+        &format!("[[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\nbind = true\nprobe = true\n"),
+    );
+    assert_eq!(driver(&bdf).as_deref(), Some("vfio-pci"));
+    let mut c = d.client();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    assert!(status.devices[0].bound_by_daemon, "{status:?}");
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(d.child.wait().unwrap().code(), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log.lock().unwrap().clone();
+    assert!(log.contains("driver_restored=true"), "{log}");
+    assert_eq!(driver(&bdf).as_deref(), Some("uio_pci_generic"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&override_path).unwrap(),
+        override_before
+    );
+    eprintln!("{BIND_TEST}: {bdf} uio_pci_generic -> vfio-pci (daemon) -> uio_pci_generic");
 }
 
 /// Resets the engine has done so far.

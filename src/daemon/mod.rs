@@ -52,7 +52,7 @@ use tracing::{error, info, warn};
 use crate::daemon::config::{Config, ConfigError, DeviceConfig};
 use crate::daemon::metrics::DeviceStats;
 use crate::daemon::protocol::{ErrorKind, Request, Response};
-use crate::daemon::service::{DeviceError, DeviceStatus, ManagedDevice, Restored};
+use crate::daemon::service::{DeviceError, DeviceStatus, ManagedDevice};
 use crate::daemon::systemd::Notifier;
 use crate::pci::Bdf;
 
@@ -381,9 +381,10 @@ async fn open_devices(configs: Vec<DeviceConfig>) -> Result<Opened, DeviceError>
             match ManagedDevice::open(config) {
                 Ok(o) => opened.push(o),
                 Err(e) => {
-                    for (dev, _) in &opened {
-                        if let Err(e) = dev.restore() {
-                            warn!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "handing a device back failed");
+                    let devs = opened.into_iter().map(|(dev, _)| dev).collect();
+                    for (bdf, r) in service::hand_back(devs) {
+                        if let Err(e) = r {
+                            warn!(%bdf, error = %crate::error_chain(&e), "handing a device back failed");
                         }
                     }
                     return Err(e);
@@ -406,18 +407,25 @@ impl Daemon {
     }
 
     fn insert(&self, opened: Opened) {
-        let mut devices = lock(&self.devices);
-        for (dev, rx) in opened {
-            match dev.spawn(rx) {
-                Ok(task) => {
-                    devices.insert(dev.bdf(), Entry { dev, task });
-                }
-                Err(e) => {
-                    error!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "starting the device's task failed");
-                    if let Err(e) = dev.restore() {
-                        warn!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "handing a device back failed");
+        let mut failed = Vec::new();
+        {
+            let mut devices = lock(&self.devices);
+            for (dev, rx) in opened {
+                match dev.spawn(rx) {
+                    Ok(task) => {
+                        devices.insert(dev.bdf(), Entry { dev, task });
+                    }
+                    Err(e) => {
+                        error!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "starting the device's task failed");
+                        failed.push(dev);
                     }
                 }
+            }
+        }
+        // Rare (the reactor refused an eventfd): hand back in place.
+        for (bdf, r) in service::hand_back(failed) {
+            if let Err(e) = r {
+                warn!(%bdf, error = %crate::error_chain(&e), "handing a device back failed");
             }
         }
     }
@@ -690,12 +698,7 @@ impl Daemon {
             let _ = e.task.await;
             devs.push(e.dev);
         }
-        let restored = tokio::task::spawn_blocking(move || {
-            devs.iter()
-                .map(|d| (d.bdf(), d.restore()))
-                .collect::<Vec<(Bdf, Result<Restored, DeviceError>)>>()
-        })
-        .await;
+        let restored = tokio::task::spawn_blocking(move || service::hand_back(devs)).await;
         let Ok(restored) = restored else {
             error!("handing devices back could not run");
             return 1;

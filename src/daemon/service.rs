@@ -74,6 +74,13 @@ pub enum DeviceError {
         /// The device.
         bdf: Bdf,
     },
+    /// The device is still in use, so its previous driver cannot be put
+    /// back (vfio-pci's remove would wait for it).
+    #[error("{bdf}: the device is still open elsewhere in the daemon; its previous driver was not restored")]
+    StillOpen {
+        /// The device.
+        bdf: Bdf,
+    },
     /// The operation is not possible in the device's current state.
     #[error("{bdf}: {what}")]
     Unsupported {
@@ -595,9 +602,10 @@ impl ManagedDevice {
     }
 
     /// Hands the device back (blocking): INTx delivery stopped, COMMAND as
-    /// found, the previous driver restored if the daemon bound it.
+    /// found. The previous driver is restored by [`hand_back`], once the
+    /// device is closed.
     #[instrument(skip_all, fields(bdf = %self.bdf()))]
-    pub fn restore(&self) -> Result<Restored, DeviceError> {
+    fn restore(&self) -> Result<Restored, DeviceError> {
         let bdf = self.bdf();
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
         let disarmed = self.engine.disarm();
@@ -614,20 +622,60 @@ impl ManagedDevice {
         disarmed?;
         written.map_err(backend_error("restoring COMMAND"))?;
         let now = now.map_err(backend_error("reading COMMAND back"))?;
-        let binding = lock(&self.binding).take();
-        let driver_restored = match binding {
-            Some(b) if b.changed() => {
-                PciSysfs::default().unbind(&b)?;
-                true
-            }
-            _ => false,
-        };
         Ok(Restored {
             found: self.found_command,
             now,
-            driver_restored,
+            driver_restored: false,
         })
     }
+}
+
+/// How long [`hand_back`] waits for the last user of a device to let go
+/// before it restores the driver.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Hands devices back (blocking): each is disarmed with COMMAND as found
+/// and closed; then the drivers the daemon bound are restored. The order
+/// matters: vfio-pci's remove waits until the device's user has closed it,
+/// so unbinding a device still open would hang.
+pub(crate) fn hand_back(
+    devs: Vec<Arc<ManagedDevice>>,
+) -> Vec<(Bdf, Result<Restored, DeviceError>)> {
+    let mut out = Vec::with_capacity(devs.len());
+    let mut unbind = Vec::new();
+    for dev in devs {
+        let bdf = dev.bdf();
+        let r = dev.restore();
+        let binding = lock(&dev.binding).take().filter(Binding::changed);
+        let engine = Arc::downgrade(&dev.engine);
+        drop(dev);
+        if let Some(b) = binding {
+            unbind.push((out.len(), engine, b));
+        }
+        out.push((bdf, r));
+    }
+    for (i, engine, binding) in unbind {
+        let bdf = binding.bdf();
+        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+        while engine.strong_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let restored = if engine.strong_count() > 0 {
+            Err(DeviceError::StillOpen { bdf })
+        } else {
+            PciSysfs::default()
+                .unbind(&binding)
+                .map_err(DeviceError::from)
+        };
+        if let Some((_, result)) = out.get_mut(i) {
+            match (restored, result) {
+                (Ok(()), Ok(r)) => r.driver_restored = true,
+                (Ok(()), Err(_)) => {}
+                (Err(e), result) => *result = Err(e),
+            }
+        }
+    }
+    out
 }
 
 /// Storm detection window: short, so that a storm costs at most this much
