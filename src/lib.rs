@@ -17,7 +17,9 @@
 //! - [`gate`]: the config-access gate;
 //! - [`intx`]: the per-device INTx engine and its event loop;
 //! - [`vfio`]: the kernel VFIO backend (vfio-pci);
-//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device.
+//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device;
+//! - [`daemon`] (feature `daemon`): the tokio daemon, its control socket and
+//!   the operator CLI (the only part with an async runtime).
 //!
 //! ```
 //! # #[cfg(feature = "sim")] {
@@ -33,6 +35,9 @@
 //! ```
 
 pub mod backend;
+// Not under loom: tokio's loom mode has no sockets or signals.
+#[cfg(all(feature = "daemon", not(loom)))]
+pub mod daemon;
 pub mod gate;
 pub mod intx;
 pub mod kvm;

@@ -5,14 +5,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use vfio_intx::sim::stress::{self, ExternalResetConfig, StressConfig};
 
 /// Exit code: the run completed but broke a promise (an interrupt lost, a
-/// line left masked).
+/// line left masked). The same as `vfio_intx::daemon::exit::FAILED`.
 const EXIT_FAILED_CHECK: u8 = 1;
-/// Exit code: the run could not start.
+/// Exit code: the run could not start (`vfio_intx::daemon::exit::RUNTIME`).
 const EXIT_RUNTIME: u8 = 3;
 
 #[derive(Parser)]
@@ -50,18 +49,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         external_resets_ms: u64,
     },
+    // Not under loom (scripts/loom.sh builds the binary for its test):
+    // tokio's loom mode has no sockets or signals.
+    #[cfg(not(loom))]
+    #[command(flatten)]
+    Ops(vfio_intx::daemon::cli::Command),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
     match cli.command {
+        #[cfg(not(loom))]
+        Command::Ops(command) => vfio_intx::daemon::cli::run(command),
         Command::Demo {
             interrupts,
             reset_threads,
@@ -70,6 +69,7 @@ fn main() -> ExitCode {
             reset_window_us,
             external_resets_ms,
         } => {
+            init_logging();
             let gate = demo(StressConfig {
                 interrupts,
                 reset_threads,
@@ -89,6 +89,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }
 
 fn demo(config: StressConfig) -> ExitCode {

@@ -1,14 +1,15 @@
 //! The INTx engine: PCI 2.3 masking on behalf of a guest, one device at a
 //! time, behind the config-access gate.
 
-#[cfg(feature = "tokio")]
+// Not under loom: tokio's loom mode has no I/O driver.
+#[cfg(all(feature = "tokio", not(loom)))]
 pub mod asyncio;
 mod engine;
 mod error;
 mod guest;
 mod sink;
 mod stats;
-#[cfg(feature = "tokio")]
+#[cfg(all(feature = "tokio", not(loom)))]
 mod sys;
 mod worker;
 

@@ -971,6 +971,32 @@ impl PciSysfs {
         Ok(())
     }
 
+    /// Unbinds the device from whatever driver it has and clears
+    /// `driver_override`, leaving it unbound (the operator's `vfio-intx
+    /// unbind`, where no [`Binding`] was kept). Returns the driver it had.
+    #[instrument(skip_all, fields(bdf = %bdf))]
+    pub fn unbind_device(&self, bdf: Bdf) -> Result<Option<String>, SysfsError> {
+        let dir = self.existing_device_dir(bdf)?;
+        let previous = self.driver(bdf)?;
+        self.unbind_current(bdf)?;
+        write_attr(
+            bdf,
+            &dir.join("driver_override"),
+            "\n",
+            "clearing driver_override",
+        )?;
+        info!(previous = previous.as_deref().unwrap_or("none"), "unbound");
+        Ok(previous)
+    }
+
+    /// Resets the function through its sysfs `reset` attribute (the kernel
+    /// saves and restores config state around it, under its own config
+    /// access lock), as `echo 1 > .../reset` does.
+    pub fn reset_function(&self, bdf: Bdf) -> Result<(), SysfsError> {
+        let dir = self.existing_device_dir(bdf)?;
+        write_attr(bdf, &dir.join("reset"), "1", "resetting through sysfs")
+    }
+
     /// Unbinds the device from its current driver, if any.
     fn unbind_current(&self, bdf: Bdf) -> Result<(), SysfsError> {
         let dir = self.device_dir(bdf);

@@ -438,3 +438,51 @@ fn interrupts_keep_flowing_during_a_back_to_back_reset_storm() {
     );
     assert!(rig.wait_delivered(raised, Duration::from_secs(5)));
 }
+
+#[test]
+fn the_kernel_bypass_can_be_wired_and_unwired_on_an_armed_engine() {
+    use vfio_intx::sim::SimKernel;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let rig = crate::Stepper::new(SimDevice::builder().kernel(SimKernel::VfioPci).build());
+    // A parked interrupt on the user-space path: injected, masked.
+    rig.sim.raise();
+    rig.poll_host();
+    assert_eq!(rig.injected(), 1);
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    rig.dev
+        .set_kernel_bypass(Some((
+            irqfd.try_clone().unwrap(),
+            resample.try_clone().unwrap(),
+        )))
+        .unwrap();
+    assert!(rig.dev.is_kernel_bypass());
+    // The kernel re-signals what the device still asserts, to the new irqfd.
+    assert!(
+        crate::readable(&irqfd),
+        "the pending interrupt goes to the irqfd"
+    );
+    irqfd.read().unwrap();
+    assert!(rig.sim.ack());
+    resample.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while rig.masked() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel never unmasked"
+        );
+        std::thread::yield_now();
+    }
+    rig.sim.raise();
+    assert!(
+        crate::readable(&irqfd),
+        "the next interrupt goes straight to the irqfd"
+    );
+    assert!(!rig.trigger_fired(), "no user-space work on the bypass");
+    assert_eq!(rig.injected(), 1);
+    // Back to user space with that interrupt never EOIed: re-delivered.
+    rig.dev.set_kernel_bypass(None).unwrap();
+    assert!(!rig.dev.is_kernel_bypass());
+    rig.poll_host();
+    assert_eq!(rig.injected(), 2);
+}

@@ -18,7 +18,7 @@ mod watchdog;
 pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -136,6 +136,8 @@ struct Device<B> {
     guest: GuestCommand,
     /// Offset of PCIe Device Control when the device advertises FLR.
     flr_devctl: Option<u16>,
+    /// The kernel-bypass wiring, while it is in place.
+    bypass: Option<Bypass>,
 }
 
 /// Borrowed context for the state machine's steps.
@@ -188,7 +190,8 @@ pub struct IntxDevice<B: PciBackend> {
     gate: ConfigGate<Device<B>>,
     wake: Arc<Wake>,
     sink: Box<dyn InterruptSink>,
-    bypass: Option<Bypass>,
+    /// Whether `Device::bypass` is set, readable without the gate.
+    bypass_active: AtomicBool,
     counters: Counters,
     failures: AtomicU32,
     options: IntxOptions,
@@ -272,7 +275,10 @@ impl<B: PciBackend> IntxDevice<B> {
             line: LineState::Idle,
             guest: GuestCommand::default(),
             flr_devctl: None,
+            bypass: None,
         };
+        let bypassed = bypass.is_some();
+        let device = Device { bypass, ..device };
         let this = Self {
             bdf,
             config_size,
@@ -280,13 +286,13 @@ impl<B: PciBackend> IntxDevice<B> {
             gate: ConfigGate::new(device, Box::new(move || kick_target.kick())),
             wake,
             sink,
-            bypass,
+            bypass_active: AtomicBool::new(bypassed),
             counters: Counters::default(),
             failures: AtomicU32::new(0),
             options,
         };
         this.arm()?;
-        info!(?disable_bit, bypass = this.bypass.is_some(), "INTx armed");
+        info!(?disable_bit, bypass = bypassed, "INTx armed");
         Ok(this)
     }
 
@@ -319,15 +325,16 @@ impl<B: PciBackend> IntxDevice<B> {
             dev.guest = GuestCommand::new(guest_view);
             dev.flr_devctl =
                 find_flr_devctl(&mut dev.backend, cs).during(Operation::ReadCapabilities)?;
-            match &self.bypass {
-                None => dev
+            let d = &mut *dev;
+            match &d.bypass {
+                None => d
                     .backend
                     .intx_enable(&self.wake.trigger)
                     .during(Operation::Enable)?,
                 Some(Bypass { irqfd, resample }) => {
-                    dev.backend.intx_enable(irqfd).during(Operation::Enable)?;
-                    dev.backend.intx_mask().during(Operation::Mask)?;
-                    dev.backend
+                    d.backend.intx_enable(irqfd).during(Operation::Enable)?;
+                    d.backend.intx_mask().during(Operation::Mask)?;
+                    d.backend
                         .intx_set_unmask_eventfd(Some(resample))
                         .during(Operation::SetUnmaskEventfd)?;
                 }
@@ -336,7 +343,7 @@ impl<B: PciBackend> IntxDevice<B> {
         })();
         if armed.is_err() {
             // Leave nothing half set up.
-            if self.bypass.is_some() {
+            if dev.bypass.is_some() {
                 let _ = dev.backend.intx_set_unmask_eventfd(None);
             }
             let _ = dev.backend.intx_disable();
@@ -541,7 +548,7 @@ impl<B: PciBackend> IntxDevice<B> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
         let result = (|| {
-            if self.bypass.is_some() {
+            if dev.bypass.is_some() {
                 dev.backend
                     .intx_set_unmask_eventfd(None)
                     .during(Operation::SetUnmaskEventfd)?;
@@ -550,6 +557,25 @@ impl<B: PciBackend> IntxDevice<B> {
             dev.line = LineState::Idle;
             dev.write_command(&ctx).during(Operation::RestoreState)
         })();
+        result.map_err(|f| self.fail(f))
+    }
+
+    /// Re-derives the line's mask from the state machine and the device's
+    /// STATUS, as the watchdog's recovery does: mask, then settle (a line in
+    /// service stays masked for its EOI; an idle one is check-and-unmasked,
+    /// delivering what the device asserts). Lifts a mask that a manager put
+    /// in place with [`with_backend`](Self::with_backend) (an operator
+    /// hold, a storm). Waits for the gate like any access.
+    pub fn resync(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let result = dev
+            .backend
+            .intx_mask()
+            .during(Operation::Mask)
+            .and_then(|()| dev.settle(&ctx));
+        Counters::bump(&self.counters.resyncs);
+        drop(dev);
         result.map_err(|f| self.fail(f))
     }
 
@@ -574,7 +600,77 @@ impl<B: PciBackend> IntxDevice<B> {
 
     /// Whether the kernel bypass carries this device's EOIs.
     pub fn is_kernel_bypass(&self) -> bool {
-        self.bypass.is_some()
+        self.bypass_active.load(Ordering::SeqCst)
+    }
+
+    /// Switches an armed engine onto the kernel-bypass path (`Some`:
+    /// KVM's irqfd and resample eventfd, e.g. of a VMM that attached
+    /// later) or back to the user-space path (`None`), under the gate.
+    ///
+    /// Onto the bypass: the backend signals `irqfd`, `resample` becomes its
+    /// unmask eventfd (enable order trigger -> mask -> unmask eventfd), and
+    /// the line is re-derived with the kernel's check-and-unmask, so an
+    /// interrupt the device asserts is signalled to the new irqfd; on
+    /// failure the user-space wiring is put back. Back: the unmask eventfd
+    /// is removed, the backend signals the engine's trigger again, and the
+    /// line is re-derived the same way (an interrupt the departed guest
+    /// never EOIed is delivered again on the user-space path).
+    pub fn set_kernel_bypass(&self, wiring: Option<(EventFd, EventFd)>) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        let ctx = self.ctx();
+        let d = &mut *dev;
+        let result = match wiring {
+            Some((irqfd, resample)) => {
+                let wired = d
+                    .backend
+                    .intx_enable(&irqfd)
+                    .during(Operation::Enable)
+                    .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
+                    .and_then(|()| {
+                        d.backend
+                            .intx_set_unmask_eventfd(Some(&resample))
+                            .during(Operation::SetUnmaskEventfd)
+                    });
+                match wired {
+                    Ok(()) => {
+                        d.bypass = Some(Bypass { irqfd, resample });
+                        self.bypass_active.store(true, Ordering::SeqCst);
+                        d.line = LineState::Idle;
+                        d.settle(&ctx)
+                    }
+                    Err(f) => {
+                        let _ = d.backend.intx_set_unmask_eventfd(None);
+                        let _ = d.backend.intx_enable(&self.wake.trigger);
+                        let _ = d.backend.intx_mask();
+                        let _ = d.settle(&ctx);
+                        Err(f)
+                    }
+                }
+            }
+            None => {
+                let unwired = if d.bypass.take().is_some() {
+                    d.backend
+                        .intx_set_unmask_eventfd(None)
+                        .during(Operation::SetUnmaskEventfd)
+                } else {
+                    Ok(())
+                };
+                self.bypass_active.store(false, Ordering::SeqCst);
+                unwired
+                    .and_then(|()| {
+                        d.backend
+                            .intx_enable(&self.wake.trigger)
+                            .during(Operation::Enable)
+                    })
+                    .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
+                    .and_then(|()| {
+                        d.line = LineState::Idle;
+                        d.settle(&ctx)
+                    })
+            }
+        };
+        drop(dev);
+        result.map_err(|f| self.fail(f))
     }
 
     /// Whether a reset holds the device right now.

@@ -1,0 +1,90 @@
+//! One backend type for every device the daemon owns, whichever way it is
+//! reached.
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::pci::{Bdf, Width};
+use crate::sim::SimBackend;
+use crate::uio::UioBackend;
+use crate::vfio::VfioBackend;
+
+/// A device backend chosen by the configuration.
+pub enum AnyBackend {
+    /// Kernel VFIO.
+    Vfio(VfioBackend),
+    /// uio_pci_generic.
+    Uio(UioBackend),
+    /// The simulated device.
+    Sim(SimBackend),
+}
+
+macro_rules! each {
+    ($self:expr, $b:ident => $e:expr) => {
+        match $self {
+            AnyBackend::Vfio($b) => $e,
+            AnyBackend::Uio($b) => $e,
+            AnyBackend::Sim($b) => $e,
+        }
+    };
+}
+
+impl std::fmt::Debug for AnyBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AnyBackend::Vfio(b) => b.fmt(f),
+            AnyBackend::Uio(b) => b.fmt(f),
+            AnyBackend::Sim(b) => write!(f, "SimBackend({})", b.bdf()),
+        }
+    }
+}
+
+impl AnyBackend {
+    /// Whether the backend takes a kernel unmask eventfd (the kernel
+    /// bypass).
+    pub fn has_unmask_eventfd(&self) -> bool {
+        matches!(self, AnyBackend::Vfio(_))
+    }
+}
+
+impl ConfigSpace for AnyBackend {
+    fn bdf(&self) -> Bdf {
+        each!(self, b => b.bdf())
+    }
+    fn config_size(&self) -> u16 {
+        each!(self, b => b.config_size())
+    }
+    fn config_read(&mut self, offset: u16, width: Width) -> Result<u32, BackendError> {
+        each!(self, b => b.config_read(offset, width))
+    }
+    fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError> {
+        each!(self, b => b.config_write(offset, width, value))
+    }
+}
+
+impl PciBackend for AnyBackend {
+    fn intx_disable_bit(&self) -> IntxDisableBit {
+        each!(self, b => b.intx_disable_bit())
+    }
+    fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError> {
+        each!(self, b => b.intx_enable(trigger))
+    }
+    fn intx_disable(&mut self) -> Result<(), BackendError> {
+        each!(self, b => b.intx_disable())
+    }
+    fn intx_check_and_mask(&mut self) -> Result<bool, BackendError> {
+        each!(self, b => b.intx_check_and_mask())
+    }
+    fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
+        each!(self, b => b.intx_check_and_unmask())
+    }
+    fn intx_mask(&mut self) -> Result<(), BackendError> {
+        each!(self, b => b.intx_mask())
+    }
+    fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
+        each!(self, b => b.intx_set_unmask_eventfd(fd))
+    }
+    fn reset(&mut self) -> Result<(), BackendError> {
+        each!(self, b => b.reset())
+    }
+}

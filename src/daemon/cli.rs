@@ -1,0 +1,531 @@
+//! The operator commands of `vfio-intx`: `daemon`, `status`, `probe`,
+//! `bind`, `unbind`, `reset`, `mask`, `unmask`, `metrics`, `validate`.
+//!
+//! Each talks to the daemon when it runs (a reset then goes through the
+//! device's gate in the daemon) and works standalone otherwise. With
+//! `--json` the result (or the error) is printed as one JSON document on
+//! stdout. Exit codes are those of [`crate::daemon::exit`].
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::daemon::client::{Client, ClientError};
+use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::daemon::protocol::{ErrorKind, Request, Response};
+use crate::daemon::{exit, exit_code, DaemonStatus};
+use crate::pci::sysfs::{PciSysfs, UIO_PCI_GENERIC, VFIO_PCI};
+use crate::pci::Bdf;
+
+/// Options every client command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+/// The operator commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Run the daemon: arm the configured devices and serve the control
+    /// socket until SIGTERM (SIGHUP reloads the configuration).
+    Daemon {
+        /// The configuration file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Listen here instead of the configuration's socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// The daemon's state and every device's counters.
+    Status {
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Whether PCI 2.3 INTx masking works on a device.
+    Probe {
+        /// The device, e.g. 0000:01:00.0.
+        bdf: String,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Bind a device to vfio-pci or uio_pci_generic.
+    Bind {
+        /// The device.
+        bdf: String,
+        /// The driver.
+        #[arg(long, value_parser = [VFIO_PCI, UIO_PCI_GENERIC])]
+        driver: String,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Unbind a device from its driver (and clear driver_override).
+    Unbind {
+        /// The device.
+        bdf: String,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Reset a device: through the daemon's gate when the daemon owns it,
+    /// directly otherwise.
+    Reset {
+        /// The device.
+        bdf: String,
+        /// How many times to retry while the device is busy.
+        #[arg(long, default_value_t = 20)]
+        retries: u32,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Mask a daemon-owned device's INTx and hold it masked.
+    Mask {
+        /// The device.
+        bdf: String,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Lift a hold put by `mask`.
+    Unmask {
+        /// The device.
+        bdf: String,
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Every device's metrics in the Prometheus text format.
+    Metrics {
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check configuration files (all must be valid).
+    Validate {
+        /// The files.
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A command's failure: an exit code and a message.
+#[derive(Debug)]
+struct Failure {
+    code: u8,
+    kind: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn from_error(e: &(dyn std::error::Error + 'static)) -> Self {
+        let code = exit_code(e);
+        Self::new(code, kind_name(code), crate::error_chain(e))
+    }
+
+    fn from_response(kind: ErrorKind, message: String) -> Self {
+        let code = match kind {
+            ErrorKind::NotFound => exit::NOT_FOUND,
+            ErrorKind::PermissionDenied => exit::PERMISSION,
+            ErrorKind::Busy | ErrorKind::TooManyClients => exit::BUSY,
+            ErrorKind::Timeout => exit::RUNTIME,
+            _ => exit::FAILED,
+        };
+        Self::new(code, kind_name(code), message)
+    }
+}
+
+fn kind_name(code: u8) -> &'static str {
+    match code {
+        exit::CONFIG => "config",
+        exit::NOT_FOUND => "not-found",
+        exit::PERMISSION => "permission-denied",
+        exit::UNREACHABLE => "unreachable",
+        exit::BUSY => "busy",
+        exit::RUNTIME => "runtime",
+        _ => "failed",
+    }
+}
+
+/// What a command prints on success.
+struct Output {
+    json: Value,
+    text: String,
+}
+
+/// Runs an operator command; returns the process exit code.
+pub fn run(command: Command) -> ExitCode {
+    if let Command::Daemon { config, socket } = &command {
+        crate::daemon::init_logging("info");
+        return match crate::daemon::run(config, socket.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", crate::error_chain(&e));
+                ExitCode::from(exit_code(&e))
+            }
+        };
+    }
+    crate::daemon::init_logging("warn");
+    let json = match &command {
+        Command::Daemon { .. } => false,
+        Command::Validate { json, .. } => *json,
+        Command::Status { common }
+        | Command::Probe { common, .. }
+        | Command::Bind { common, .. }
+        | Command::Unbind { common, .. }
+        | Command::Reset { common, .. }
+        | Command::Mask { common, .. }
+        | Command::Unmask { common, .. }
+        | Command::Metrics { common } => common.json,
+    };
+    let result = match command {
+        Command::Daemon { .. } => Err(Failure::new(exit::FAILED, "failed", "unreachable")),
+        Command::Status { common } => status(&common),
+        Command::Probe { bdf, common } => probe(&bdf, &common),
+        Command::Bind {
+            bdf,
+            driver,
+            common,
+        } => bind(&bdf, &driver, &common),
+        Command::Unbind { bdf, common } => unbind(&bdf, &common),
+        Command::Reset {
+            bdf,
+            retries,
+            common,
+        } => reset(&bdf, retries, &common),
+        Command::Mask { bdf, common } => simple(&common, Request::Mask { bdf }, "held masked"),
+        Command::Unmask { bdf, common } => simple(&common, Request::Unmask { bdf }, "released"),
+        Command::Metrics { common } => metrics(&common),
+        Command::Validate { configs, .. } => validate(&configs),
+    };
+    match result {
+        Ok(out) => {
+            if json {
+                println!("{}", out.json);
+            } else if !out.text.is_empty() {
+                println!("{}", out.text);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            if json {
+                println!(
+                    "{}",
+                    json!({ "error": { "kind": f.kind, "message": f.message } })
+                );
+            }
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn parse_bdf(text: &str) -> Result<Bdf, Failure> {
+    text.parse::<Bdf>().map_err(|e| {
+        Failure::new(
+            exit::USAGE,
+            "usage",
+            format!("invalid PCI address {text:?}: {e}"),
+        )
+    })
+}
+
+/// Connects to the daemon; `None` when it is not running.
+fn reach(socket: &Path) -> Result<Option<Client>, Failure> {
+    match Client::connect(socket, Duration::from_secs(30)) {
+        Ok(c) => Ok(Some(c)),
+        Err(ClientError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(Failure::from_error(&e)),
+    }
+}
+
+/// Sends a request; an error answer becomes a failure.
+fn ask(client: &mut Client, request: &Request) -> Result<Value, Failure> {
+    match client.request(request) {
+        Ok(Response::Ok { data }) => Ok(data),
+        Ok(Response::Error { kind, message }) => Err(Failure::from_response(kind, message)),
+        Err(e) => Err(Failure::from_error(&e)),
+    }
+}
+
+fn need_daemon(common: &Common) -> Result<Client, Failure> {
+    reach(&common.socket)?.ok_or_else(|| {
+        Failure::new(
+            exit::UNREACHABLE,
+            "unreachable",
+            format!(
+                "{}: the vfio-intx daemon is not running",
+                common.socket.display()
+            ),
+        )
+    })
+}
+
+fn status(common: &Common) -> Result<Output, Failure> {
+    let mut client = need_daemon(common)?;
+    let data = ask(&mut client, &Request::Status)?;
+    let status: DaemonStatus = serde_json::from_value(data.clone())
+        .map_err(|e| Failure::new(exit::FAILED, "failed", format!("decoding the status: {e}")))?;
+    let mut text = format!(
+        "vfio-intx daemon {} (pid {}), up {:.1} s, config {}, socket {}\n",
+        status.version,
+        status.pid,
+        status.uptime_ms as f64 / 1000.0,
+        status.config,
+        status.socket
+    );
+    for d in &status.devices {
+        let e = &d.stats.engine;
+        text.push_str(&format!(
+            "  {} {:<4} session={} held={} interrupts={} injected={} eois={} not-mine={} deferred={} resets={} errors={} storms={} stuck={}\n",
+            d.bdf,
+            d.backend.to_string(),
+            if d.session { "yes" } else { "no" },
+            d.held.as_deref().unwrap_or("no"),
+            e.interrupts,
+            e.injected,
+            e.eois,
+            e.not_mine,
+            e.deferred,
+            e.resets,
+            e.errors,
+            d.stats.daemon.storms,
+            e.stuck_detections,
+        ));
+    }
+    if let Some(g) = &status.example_guest {
+        text.push_str(&format!(
+            "  example guest on {}: raised {}, acknowledged {}\n",
+            g.bdf, g.raised, g.acked
+        ));
+    }
+    Ok(Output {
+        json: data,
+        text: text.trim_end().to_owned(),
+    })
+}
+
+fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
+    let bdf = parse_bdf(text)?;
+    let data = match reach(&common.socket)? {
+        Some(mut client) => ask(
+            &mut client,
+            &Request::Probe {
+                bdf: bdf.to_string(),
+            },
+        )?,
+        None => {
+            let v = PciSysfs::default()
+                .masking_verdict(bdf)
+                .map_err(|e| Failure::from_error(&e))?;
+            json!({ "bdf": bdf.to_string(), "supported": v.supported, "verdict": v.to_string(), "owned": false })
+        }
+    };
+    let text = data["verdict"].as_str().unwrap_or_default().to_owned();
+    Ok(Output { json: data, text })
+}
+
+/// Refuses to touch the binding of a device the daemon owns.
+fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> {
+    if let Some(mut client) = reach(&common.socket)? {
+        let data = ask(&mut client, &Request::Status)?;
+        let owned = data["devices"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["bdf"] == bdf.to_string()));
+        if owned {
+            return Err(Failure::new(
+                exit::BUSY,
+                "busy",
+                format!("{bdf}: the daemon owns this device; remove it from the daemon's configuration and reload first"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn bind(text: &str, driver: &str, common: &Common) -> Result<Output, Failure> {
+    let bdf = parse_bdf(text)?;
+    refuse_if_owned(bdf, common)?;
+    let binding = PciSysfs::default()
+        .bind(bdf, driver)
+        .map_err(|e| Failure::from_error(&e))?;
+    Ok(Output {
+        json: json!({
+            "bdf": bdf.to_string(),
+            "driver": driver,
+            "previous": binding.previous(),
+            "changed": binding.changed(),
+        }),
+        text: if binding.changed() {
+            format!(
+                "{bdf}: bound to {driver} (was {})",
+                binding.previous().unwrap_or("unbound")
+            )
+        } else {
+            format!("{bdf}: already bound to {driver}")
+        },
+    })
+}
+
+fn unbind(text: &str, common: &Common) -> Result<Output, Failure> {
+    let bdf = parse_bdf(text)?;
+    refuse_if_owned(bdf, common)?;
+    let previous = PciSysfs::default()
+        .unbind_device(bdf)
+        .map_err(|e| Failure::from_error(&e))?;
+    Ok(Output {
+        json: json!({ "bdf": bdf.to_string(), "previous": previous }),
+        text: format!(
+            "{bdf}: unbound (was {})",
+            previous.as_deref().unwrap_or("unbound")
+        ),
+    })
+}
+
+fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
+    let bdf = parse_bdf(text)?;
+    if let Some(mut client) = reach(&common.socket)? {
+        let request = Request::Reset {
+            bdf: bdf.to_string(),
+        };
+        let mut backoff = Duration::from_millis(5);
+        let mut attempt = 0;
+        loop {
+            match client.request(&request) {
+                Ok(Response::Ok { data }) => {
+                    return Ok(Output {
+                        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": "daemon", "retries": attempt, "data": data }),
+                        text: format!("{bdf}: reset through the daemon's gate"),
+                    })
+                }
+                Ok(Response::Error {
+                    kind: ErrorKind::Busy,
+                    message,
+                }) if attempt < retries => {
+                    attempt += 1;
+                    eprintln!("{bdf}: busy, retried ({message})");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                // Not the daemon's: reset it directly.
+                Ok(Response::Error {
+                    kind: ErrorKind::NotFound,
+                    ..
+                }) => break,
+                Ok(Response::Error { kind, message }) => {
+                    return Err(Failure::from_response(kind, message))
+                }
+                Err(e) => return Err(Failure::from_error(&e)),
+            }
+        }
+    }
+    standalone_reset(bdf)
+}
+
+fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
+    use crate::backend::PciBackend;
+    let sysfs = PciSysfs::default();
+    let driver = sysfs.driver(bdf).map_err(|e| Failure::from_error(&e))?;
+    let how = match driver.as_deref() {
+        Some(VFIO_PCI) => {
+            let mut b = crate::vfio::VfioBackend::open(bdf).map_err(|e| Failure::from_error(&e))?;
+            b.reset().map_err(|e| {
+                let code = if e.is_transient() {
+                    exit::BUSY
+                } else {
+                    exit::FAILED
+                };
+                Failure::new(
+                    code,
+                    kind_name(code),
+                    format!("{bdf}: VFIO_DEVICE_RESET: {}", crate::error_chain(&e)),
+                )
+            })?;
+            "VFIO_DEVICE_RESET"
+        }
+        _ => {
+            sysfs
+                .reset_function(bdf)
+                .map_err(|e| Failure::from_error(&e))?;
+            "sysfs reset"
+        }
+    };
+    Ok(Output {
+        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": how }),
+        text: format!("{bdf}: reset ({how}; no daemon owns it)"),
+    })
+}
+
+fn simple(common: &Common, request: Request, done: &str) -> Result<Output, Failure> {
+    let mut client = need_daemon(common)?;
+    let data = ask(&mut client, &request)?;
+    let bdf = data["bdf"].as_str().unwrap_or_default().to_owned();
+    Ok(Output {
+        json: data,
+        text: format!("{bdf}: {done}"),
+    })
+}
+
+fn metrics(common: &Common) -> Result<Output, Failure> {
+    let mut client = need_daemon(common)?;
+    let data = ask(&mut client, &Request::Metrics)?;
+    let text = data["text"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned();
+    Ok(Output { json: data, text })
+}
+
+fn validate(paths: &[PathBuf]) -> Result<Output, Failure> {
+    let mut results = Vec::new();
+    let mut text = Vec::new();
+    let mut first_error = None;
+    for path in paths {
+        match Config::load(path) {
+            Ok(c) => {
+                results.push(json!({ "path": path.display().to_string(), "ok": true, "devices": c.devices.len() }));
+                text.push(format!(
+                    "{}: OK ({} device(s))",
+                    path.display(),
+                    c.devices.len()
+                ));
+            }
+            Err(e) => {
+                let message = crate::error_chain(&e);
+                results.push(
+                    json!({ "path": path.display().to_string(), "ok": false, "error": message }),
+                );
+                text.push(message.clone());
+                first_error.get_or_insert(message);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(Output {
+            json: Value::Array(results),
+            text: text.join("\n"),
+        }),
+        Some(_) => Err(Failure::new(exit::CONFIG, "config", text.join("\n"))),
+    }
+}

@@ -1,0 +1,183 @@
+//! A synchronous client of the control socket, for the CLI, tests and
+//! VMMs (no async runtime needed).
+
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+use crate::daemon::protocol::{self, FrameError, Request, Response, HEADER, MAX_FRAME};
+
+/// Why talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody listens on the socket (the daemon is not running).
+    #[error("{}: the vfio-intx daemon is not running", .path.display())]
+    NotRunning {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Connecting failed otherwise (e.g. permission denied).
+    #[error("{}: connecting to the vfio-intx daemon failed", .path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Sending or receiving failed.
+    #[error("talking to the vfio-intx daemon failed")]
+    Io(#[from] io::Error),
+    /// The daemon's answer could not be decoded.
+    #[error("the vfio-intx daemon's answer could not be decoded")]
+    Frame(#[from] FrameError),
+    /// The daemon closed the connection without answering.
+    #[error("the vfio-intx daemon closed the connection without answering")]
+    Closed,
+}
+
+/// A connection to the daemon.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+}
+
+impl Client {
+    /// Connects to the socket at `path`; requests time out after `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| {
+            if matches!(
+                source.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) {
+                ClientError::NotRunning {
+                    path: path.to_owned(),
+                    source,
+                }
+            } else {
+                ClientError::Connect {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(Self { stream })
+    }
+
+    /// Waits for answers without a time limit (sessions).
+    pub fn without_timeout(&self) -> io::Result<()> {
+        self.stream.set_read_timeout(None)
+    }
+
+    /// Sends `request` and waits for the answer.
+    pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        self.request_with_fds(request, &[])
+    }
+
+    /// Sends `request` with the descriptors `fds` attached (`SCM_RIGHTS`;
+    /// the daemon receives duplicates) and waits for the answer.
+    pub fn request_with_fds(
+        &mut self,
+        request: &Request,
+        fds: &[RawFd],
+    ) -> Result<Response, ClientError> {
+        let frame = protocol::encode(request)?;
+        if let Err(e) = self.send_frame(&frame, fds) {
+            // The daemon may have answered and closed before reading (a
+            // refused peer): its answer says more than EPIPE.
+            return self.read_response().map_err(|_| ClientError::Io(e));
+        }
+        self.read_response()
+    }
+
+    fn send_frame(&mut self, frame: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        if fds.is_empty() {
+            self.stream.write_all(frame)?;
+        } else {
+            let cmsg = [ControlMessage::ScmRights(fds)];
+            let sent = sendmsg::<()>(
+                self.stream.as_raw_fd(),
+                &[IoSlice::new(frame)],
+                &cmsg,
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(io::Error::from)?;
+            self.stream.write_all(frame.get(sent..).unwrap_or(&[]))?;
+        }
+        Ok(())
+    }
+
+    /// Sends raw bytes (tests of malformed frames).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        Ok(self.stream.write_all(bytes)?)
+    }
+
+    /// Sends `json` as one frame and reads the answer (tests of requests
+    /// the typed API cannot express); a transport error becomes a
+    /// [`Response::Error`].
+    pub fn request_raw_json(&mut self, json: &[u8]) -> Response {
+        let mut frame = Vec::with_capacity(HEADER + json.len());
+        frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+        frame.extend_from_slice(json);
+        match self.send_raw(&frame).and_then(|()| self.read_response()) {
+            Ok(r) => r,
+            Err(e) => Response::error(
+                crate::daemon::protocol::ErrorKind::Failed,
+                crate::error_chain(&e),
+            ),
+        }
+    }
+
+    /// Closes the sending side (the daemon sees the end of the stream).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Reads one answer.
+    pub fn read_response(&mut self) -> Result<Response, ClientError> {
+        let mut header = [0u8; HEADER];
+        if let Err(e) = self.stream.read_exact(&mut header) {
+            return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
+                ClientError::Closed
+            } else {
+                e.into()
+            });
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge { len }.into());
+        }
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body)?;
+        Ok(protocol::decode(&body)?)
+    }
+
+    /// Blocks until the daemon closes the connection (a session ends when
+    /// either side closes).
+    pub fn wait_closed(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+}

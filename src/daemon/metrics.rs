@@ -1,0 +1,364 @@
+//! Per-device metrics beyond the engine's counters: the interrupt round trip
+//! (injection to the guest's EOI), time held masked, storms, EOI timeouts;
+//! and the Prometheus text rendering of everything.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::intx::IntxStats;
+
+/// Upper bounds of the round-trip histogram's buckets, in microseconds.
+pub const BUCKETS_US: [u64; 12] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000,
+];
+
+/// A lock-free latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Counts per bucket of [`BUCKETS_US`], plus one for larger values.
+    buckets: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BUCKETS_US.len());
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A histogram's counts at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramSnapshot {
+    /// Counts per bucket of [`BUCKETS_US`] (not cumulative), then the
+    /// overflow bucket.
+    pub buckets: Vec<u64>,
+    /// Sum of all observations, in nanoseconds.
+    pub sum_ns: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl HistogramSnapshot {
+    /// The bucket bound (in microseconds) under which quantile `q` falls;
+    /// `None` without observations or in the overflow bucket.
+    pub fn quantile_bound_us(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let target = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return BUCKETS_US.get(i).copied();
+            }
+        }
+        None
+    }
+}
+
+/// The daemon's own counters for one device.
+#[derive(Debug, Default)]
+pub struct DeviceMetrics {
+    /// Injection to EOI.
+    pub round_trip: Histogram,
+    /// Storms detected (line masked).
+    pub storms: AtomicU64,
+    /// Interrupts in service past the EOI timeout, recovered.
+    pub eoi_timeouts: AtomicU64,
+    /// Nanoseconds the line was held masked by the daemon (storm or
+    /// operator).
+    pub held_ns: AtomicU64,
+    /// Resets requested through the control socket that failed.
+    pub reset_failures: AtomicU64,
+    /// Sessions served.
+    pub sessions: AtomicU64,
+    /// Interrupts delivered while no session was attached, kept for the
+    /// next one.
+    pub parked: AtomicU64,
+}
+
+impl DeviceMetrics {
+    /// Adds `d` to the held time.
+    pub fn add_held(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.held_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// A snapshot.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            round_trip: self.round_trip.snapshot(),
+            storms: get(&self.storms),
+            eoi_timeouts: get(&self.eoi_timeouts),
+            held_ns: get(&self.held_ns),
+            reset_failures: get(&self.reset_failures),
+            sessions: get(&self.sessions),
+            parked: get(&self.parked),
+        }
+    }
+}
+
+/// [`DeviceMetrics`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsSnapshot {
+    /// Injection to EOI.
+    pub round_trip: HistogramSnapshot,
+    /// Storms detected.
+    pub storms: u64,
+    /// EOI timeouts recovered.
+    pub eoi_timeouts: u64,
+    /// Nanoseconds held masked by the daemon.
+    pub held_ns: u64,
+    /// Failed resets.
+    pub reset_failures: u64,
+    /// Sessions served.
+    pub sessions: u64,
+    /// Interrupts parked while no session was attached.
+    pub parked: u64,
+}
+
+/// The engine's counters, serializable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineCounters {
+    /// Host interrupts handled.
+    pub interrupts: u64,
+    /// Host interrupts the device did not assert ("not mine").
+    pub not_mine: u64,
+    /// Injections into the guest.
+    pub injected: u64,
+    /// Re-injections at EOI (device still asserting).
+    pub reinjected: u64,
+    /// EOIs handled.
+    pub eois: u64,
+    /// EOIs with nothing in service.
+    pub spurious_eois: u64,
+    /// Interrupt-path attempts deferred behind a reset.
+    pub deferred: u64,
+    /// Resets through the gate.
+    pub resets: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Retries of transient failures.
+    pub retries: u64,
+    /// Stuck lines found by the watchdog.
+    pub stuck_detections: u64,
+    /// Re-syncs of the mask.
+    pub resyncs: u64,
+    /// Nanoseconds lines were stuck before recovery.
+    pub stuck_ns: u64,
+}
+
+impl From<IntxStats> for EngineCounters {
+    fn from(s: IntxStats) -> Self {
+        Self {
+            interrupts: s.host_interrupts,
+            not_mine: s.not_mine,
+            injected: s.injected,
+            reinjected: s.reinjected,
+            eois: s.eois,
+            spurious_eois: s.spurious_eois,
+            deferred: s.deferred,
+            resets: s.resets,
+            errors: s.errors,
+            retries: s.retries,
+            stuck_detections: s.stuck_detections,
+            resyncs: s.resyncs,
+            stuck_ns: u64::try_from(s.stuck_time.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// Everything measured about one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// The device.
+    pub bdf: String,
+    /// The engine's counters.
+    pub engine: EngineCounters,
+    /// The daemon's.
+    pub daemon: MetricsSnapshot,
+}
+
+fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+/// Renders `devices` in the Prometheus text exposition format (0.0.4).
+pub fn prometheus(devices: &[DeviceStats]) -> String {
+    let mut out = String::new();
+    type Get = fn(&DeviceStats) -> f64;
+    let counters: [(&str, &str, Get); 14] = [
+        ("interrupts_total", "Host interrupts handled.", |d| {
+            d.engine.interrupts as f64
+        }),
+        (
+            "not_mine_total",
+            "Host interrupts on a shared line the device did not assert.",
+            |d| d.engine.not_mine as f64,
+        ),
+        (
+            "injected_total",
+            "Interrupts injected into the guest.",
+            |d| d.engine.injected as f64,
+        ),
+        (
+            "reinjected_total",
+            "Re-injections at EOI because the device still asserted.",
+            |d| d.engine.reinjected as f64,
+        ),
+        ("eois_total", "Guest EOIs handled.", |d| {
+            d.engine.eois as f64
+        }),
+        (
+            "deferred_total",
+            "Interrupt-path attempts deferred behind a reset.",
+            |d| d.engine.deferred as f64,
+        ),
+        (
+            "resets_total",
+            "Resets through the config-access gate.",
+            |d| d.engine.resets as f64,
+        ),
+        ("errors_total", "Failed operations.", |d| {
+            d.engine.errors as f64
+        }),
+        (
+            "stuck_total",
+            "Lines found stuck masked by the watchdog.",
+            |d| d.engine.stuck_detections as f64,
+        ),
+        (
+            "storms_total",
+            "Interrupt storms detected (line masked).",
+            |d| d.daemon.storms as f64,
+        ),
+        (
+            "eoi_timeouts_total",
+            "Interrupts in service past the EOI timeout, recovered.",
+            |d| d.daemon.eoi_timeouts as f64,
+        ),
+        (
+            "masked_seconds_total",
+            "Time the line was masked by the host: in service, held, or stuck.",
+            |d| {
+                seconds(
+                    d.daemon
+                        .round_trip
+                        .sum_ns
+                        .saturating_add(d.daemon.held_ns)
+                        .saturating_add(d.engine.stuck_ns),
+                )
+            },
+        ),
+        (
+            "held_seconds_total",
+            "Time the line was held masked by the daemon (storm or operator).",
+            |d| seconds(d.daemon.held_ns),
+        ),
+        ("sessions_total", "VMM sessions served.", |d| {
+            d.daemon.sessions as f64
+        }),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP vfio_intx_{name} {help}");
+        let _ = writeln!(out, "# TYPE vfio_intx_{name} counter");
+        for d in devices {
+            let _ = writeln!(out, "vfio_intx_{name}{{bdf=\"{}\"}} {}", d.bdf, get(d));
+        }
+    }
+    let name = "vfio_intx_round_trip_seconds";
+    let _ = writeln!(out, "# HELP {name} Interrupt injection to guest EOI.");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for d in devices {
+        let h = &d.daemon.round_trip;
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS_US.iter().enumerate() {
+            cumulative += h.buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{bdf=\"{}\",le=\"{}\"}} {cumulative}",
+                d.bdf,
+                *bound as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{bdf=\"{}\",le=\"+Inf\"}} {}",
+            d.bdf, h.count
+        );
+        let _ = writeln!(out, "{name}_sum{{bdf=\"{}\"}} {}", d.bdf, seconds(h.sum_ns));
+        let _ = writeln!(out, "{name}_count{{bdf=\"{}\"}} {}", d.bdf, h.count);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_buckets_and_quantiles_agree() {
+        let h = Histogram::default();
+        for us in [5, 20, 20, 90, 3_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 5);
+        assert_eq!(s.quantile_bound_us(0.5), Some(25));
+        assert_eq!(s.quantile_bound_us(1.0), Some(5_000));
+    }
+
+    #[test]
+    fn prometheus_text_has_cumulative_buckets() {
+        let h = Histogram::default();
+        h.record(Duration::from_micros(5));
+        h.record(Duration::from_micros(40));
+        let d = DeviceStats {
+            bdf: "0000:00:04.0".into(),
+            daemon: MetricsSnapshot {
+                round_trip: h.snapshot(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = prometheus(&[d]);
+        assert!(
+            text.contains(
+                "vfio_intx_round_trip_seconds_bucket{bdf=\"0000:00:04.0\",le=\"0.00005\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("vfio_intx_round_trip_seconds_count{bdf=\"0000:00:04.0\"} 2"));
+        assert!(text.contains("# TYPE vfio_intx_interrupts_total counter"));
+    }
+}

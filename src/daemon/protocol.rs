@@ -1,0 +1,272 @@
+//! The control protocol: frames of a 4-byte big-endian length followed by
+//! that many bytes of JSON, at most [`MAX_FRAME`] bytes each. A client sends
+//! a [`Request`] and receives one [`Response`]; descriptors travel with the
+//! request's bytes as `SCM_RIGHTS` (sessions).
+//!
+//! The decoder is synchronous and pure so that it can be fuzzed without a
+//! socket.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest frame body accepted, in bytes (1 MiB).
+pub const MAX_FRAME: usize = 1 << 20;
+/// Size of the length prefix.
+pub const HEADER: usize = 4;
+
+/// Why a frame could not be decoded or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix announces more than [`MAX_FRAME`] bytes.
+    #[error("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The body is not a valid message.
+    #[error("malformed message")]
+    Json(#[source] serde_json::Error),
+}
+
+/// Splits a byte stream into frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet returned as a frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next complete frame's body, `None` if more bytes are needed.
+    /// An oversized length is an error as soon as the prefix is complete,
+    /// before its body is read.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        let Some(header) = self.buf.get(..HEADER) else {
+            return Ok(None);
+        };
+        let mut len = [0u8; HEADER];
+        len.copy_from_slice(header);
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge { len });
+        }
+        if self.buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        let body = self.buf[HEADER..HEADER + len].to_vec();
+        self.buf.drain(..HEADER + len);
+        Ok(Some(body))
+    }
+}
+
+/// Encodes `message` as one frame.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(message).map_err(FrameError::Json)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge { len: body.len() });
+    }
+    let mut frame = Vec::with_capacity(HEADER + body.len());
+    // At most MAX_FRAME, so it fits in 32 bits.
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decodes a frame body.
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(body).map_err(FrameError::Json)
+}
+
+/// A request to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is the daemon alive?
+    Ping,
+    /// The daemon's state and every device's.
+    Status,
+    /// Per-device statistics (one device or all).
+    Stats {
+        /// The device; all when absent.
+        #[serde(default)]
+        bdf: Option<String>,
+    },
+    /// Every device's metrics in the Prometheus text format.
+    Metrics,
+    /// Resets a device through its gate.
+    Reset {
+        /// The device.
+        bdf: String,
+    },
+    /// Masks a device's INTx and holds it masked (operator hold).
+    Mask {
+        /// The device.
+        bdf: String,
+    },
+    /// Lifts an operator hold.
+    Unmask {
+        /// The device.
+        bdf: String,
+    },
+    /// Reports whether PCI 2.3 INTx masking works on a device.
+    Probe {
+        /// The device.
+        bdf: String,
+    },
+    /// Starts a VMM session. With `bdf` (a device the daemon owns) the
+    /// request carries two descriptors: KVM's irqfd (trigger) and resample
+    /// eventfd. Without `bdf` it carries three: the VMM's VFIO device fd
+    /// first. The connection is the session: it ends when the VMM closes
+    /// it or dies.
+    Session {
+        /// A device the daemon owns.
+        #[serde(default)]
+        bdf: Option<String>,
+    },
+    /// Test hook of simulated devices (and of an edu with
+    /// `edu-test-hooks`): the device raises `count` interrupts.
+    #[serde(alias = "test-raise")]
+    SimRaise {
+        /// The device.
+        bdf: String,
+        /// How many.
+        #[serde(default = "one")]
+        count: u64,
+    },
+    /// Test hook of simulated devices (and of an edu with
+    /// `edu-test-hooks`): the driver acknowledges one interrupt (what a
+    /// guest ISR's BAR write does).
+    #[serde(alias = "test-ack")]
+    SimAck {
+        /// The device.
+        bdf: String,
+    },
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Request {
+    /// How many descriptors must accompany the request.
+    pub fn fds_expected(&self) -> usize {
+        match self {
+            Request::Session { bdf: Some(_) } => 2,
+            Request::Session { bdf: None } => 3,
+            _ => 0,
+        }
+    }
+}
+
+/// What kind of failure a [`Response::Error`] reports; the CLI maps each to
+/// an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// Not a valid request (bad JSON, wrong descriptors, bad argument).
+    BadRequest,
+    /// The frame exceeded [`MAX_FRAME`].
+    FrameTooLarge,
+    /// The device is not one the daemon owns.
+    NotFound,
+    /// The peer may not use the daemon.
+    PermissionDenied,
+    /// The device is busy (a reset did not get through in time); retry.
+    Busy,
+    /// The request is valid but not supported.
+    Unsupported,
+    /// Too many clients are connected.
+    TooManyClients,
+    /// The client took too long to send its request.
+    Timeout,
+    /// The operation failed.
+    Failed,
+}
+
+/// The daemon's answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// Done; `data` depends on the request.
+    Ok {
+        /// The answer.
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+    /// Refused or failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// The whole error chain, sentence style.
+        message: String,
+    },
+}
+
+impl Response {
+    /// A success carrying `data`.
+    pub fn ok(data: impl Serialize) -> Self {
+        match serde_json::to_value(data) {
+            Ok(data) => Response::Ok { data },
+            Err(e) => Response::error(ErrorKind::Failed, format!("encoding the answer: {e}")),
+        }
+    }
+
+    /// A failure.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Response::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_across_reads_are_reassembled() {
+        let frame = encode(&Request::Status).unwrap();
+        let mut d = FrameDecoder::new();
+        for b in &frame[..frame.len() - 1] {
+            d.push(std::slice::from_ref(b));
+            assert!(d.next_frame().unwrap().is_none());
+        }
+        d.push(&frame[frame.len() - 1..]);
+        let body = d.next_frame().unwrap().unwrap();
+        assert_eq!(decode::<Request>(&body).unwrap(), Request::Status);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn an_oversized_prefix_fails_before_the_body() {
+        let mut d = FrameDecoder::new();
+        d.push(&((MAX_FRAME + 1) as u32).to_be_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn requests_are_kebab_case_json() {
+        let r: Request = decode(br#"{"op":"sim-raise","bdf":"0000:00:04.0"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::SimRaise {
+                bdf: "0000:00:04.0".into(),
+                count: 1
+            }
+        );
+        assert!(decode::<Request>(br#"{"op":"format-disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,410 @@
+//! The control socket: a Unix stream socket, peers checked with
+//! `SO_PEERCRED`, length-prefixed JSON frames (see [`protocol`]), a bounded
+//! number of clients, a per-connection timeout, back-off when the process
+//! runs out of descriptors, and VMM sessions with descriptors passed as
+//! `SCM_RIGHTS`.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
+use crate::daemon::service::{AttachError, ManagedDevice, RateLimit};
+use crate::daemon::{sys, Daemon, DaemonError};
+use crate::kvm::validate_eventfd;
+use crate::pci::Bdf;
+
+/// What `probe` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// The device.
+    pub bdf: String,
+    /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
+    /// the daemon owns without having probed it (`probe = false`).
+    pub supported: Option<bool>,
+    /// Why, in words.
+    pub verdict: String,
+    /// Whether the daemon owns the device (the verdict is then the one from
+    /// its start: nothing is toggled under a device in service).
+    pub owned: bool,
+}
+
+/// What a successful session request answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// The device.
+    pub bdf: String,
+    /// The EOI path.
+    pub path: String,
+}
+
+/// Creates the control socket: its directory if missing, refusing to take
+/// over a socket another daemon still answers on, with the configured mode
+/// and group.
+pub(crate) fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<UnixListener, DaemonError> {
+    let fail = |op: &'static str| {
+        let path = path.to_owned();
+        move |source| DaemonError::Socket { path, op, source }
+    };
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(fail("creating the socket's directory"))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(fail("removing a stale socket"))?;
+    }
+    // Created with no access for anyone until the mode is set.
+    let listener = {
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let l = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        l.map_err(fail("binding"))?
+    };
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(fail("setting the socket's group"))?;
+    }
+    std::fs::set_permissions(
+        path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+    )
+    .map_err(fail("setting the socket's mode"))?;
+    Ok(listener)
+}
+
+/// Accepts clients until the task is dropped.
+pub(crate) async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    let clients = Arc::new(Semaphore::new(daemon.config().daemon.max_clients));
+    let mut backoff = Duration::from_millis(10);
+    let mut log = RateLimit::new();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                let daemon = Arc::clone(&daemon);
+                match Arc::clone(&clients).try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(connection(daemon, stream, permit));
+                    }
+                    Err(_) => {
+                        tokio::spawn(refuse(stream));
+                    }
+                }
+            }
+            Err(e) => {
+                let exhausted = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if let Some(suppressed) = log.admit() {
+                    warn!(error = %e, suppressed, ?backoff, "accepting a client failed");
+                }
+                if exhausted {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: UnixStream) {
+    let r = Response::error(
+        ErrorKind::TooManyClients,
+        "too many clients are connected; try again later",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &r)).await;
+}
+
+async fn send(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+    let frame = protocol::encode(response).map_err(io::Error::other)?;
+    stream.write_all(&frame).await
+}
+
+/// Why reading a request failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("reading from the client failed")]
+    Io(#[from] io::Error),
+    #[error("the client closed the connection in the middle of a frame")]
+    Truncated,
+    #[error("the client sent more descriptors than fit in one message")]
+    TooManyFds,
+}
+
+struct Conn {
+    stream: UnixStream,
+    decoder: FrameDecoder,
+    fds: Vec<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// The next frame's body; `None` at a clean end of stream.
+    async fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let Self {
+                stream, fds, buf, ..
+            } = self;
+            let received = loop {
+                stream.readable().await?;
+                match stream.try_io(Interest::READABLE, || {
+                    sys::recv_with_fds(stream.as_fd(), buf, fds)
+                }) {
+                    Ok(r) => break r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if received.truncated {
+                return Err(ReadError::TooManyFds);
+            }
+            if received.bytes == 0 {
+                return if self.decoder.buffered() == 0 {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated)
+                };
+            }
+            let chunk = self.buf.get(..received.bytes).unwrap_or(&[]);
+            self.decoder.push(chunk);
+        }
+    }
+}
+
+async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaphorePermit) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "reading the client's credentials (SO_PEERCRED) failed");
+            return;
+        }
+    };
+    let mut conn = Conn {
+        stream,
+        decoder: FrameDecoder::new(),
+        fds: Vec::new(),
+        buf: vec![0; 64 * 1024],
+    };
+    if !daemon.authorized(cred.uid(), cred.gid(), cred.pid()) {
+        info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refusing a client: not allowed by uid or group");
+        let r = Response::error(
+            ErrorKind::PermissionDenied,
+            format!(
+                "uid {} (gid {}) may not use the vfio-intx daemon (allowed: root, the daemon's uid, \
+                 the socket group)",
+                cred.uid(),
+                cred.gid()
+            ),
+        );
+        let _ = send(&mut conn.stream, &r).await;
+        return;
+    }
+    let timeout = daemon.config().daemon.client_timeout;
+    loop {
+        let frame = match tokio::time::timeout(timeout, conn.next_frame()).await {
+            Err(_) => {
+                let r = Response::error(
+                    ErrorKind::Timeout,
+                    format!("no complete request within {timeout:?}; closing"),
+                );
+                let _ = send(&mut conn.stream, &r).await;
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Err(e)) => {
+                let kind = match e {
+                    ReadError::Frame(FrameError::TooLarge { .. }) => ErrorKind::FrameTooLarge,
+                    _ => ErrorKind::BadRequest,
+                };
+                debug!(error = %crate::error_chain(&e), "closing a client after a bad frame");
+                let r = Response::error(kind, crate::error_chain(&e));
+                let _ = send(&mut conn.stream, &r).await;
+                return;
+            }
+        };
+        let request: Request = match protocol::decode(&frame) {
+            Ok(r) => r,
+            Err(e) => {
+                let r = Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
+                let _ = send(&mut conn.stream, &r).await;
+                return;
+            }
+        };
+        let fds = std::mem::take(&mut conn.fds);
+        if fds.len() != request.fds_expected() {
+            let r = Response::error(
+                ErrorKind::BadRequest,
+                format!(
+                    "the request carries {} descriptor(s), {} expected",
+                    fds.len(),
+                    request.fds_expected()
+                ),
+            );
+            let _ = send(&mut conn.stream, &r).await;
+            return;
+        }
+        if let Request::Session { bdf } = request {
+            session(&daemon, conn, bdf, fds, permit).await;
+            return;
+        }
+        let response = daemon.handle(request).await;
+        if send(&mut conn.stream, &response).await.is_err() {
+            return;
+        }
+    }
+}
+
+pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
+    text.parse::<Bdf>().map_err(|e| {
+        Response::error(
+            ErrorKind::BadRequest,
+            format!("invalid PCI address {text:?}: {e}"),
+        )
+    })
+}
+
+fn is_vfio_device_fd(fd: &OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .is_ok_and(|l| l == Path::new("anon_inode:[vfio-device]"))
+}
+
+/// Validates a session request and attaches it; on success the
+/// connection is the session until the VMM closes it or dies.
+async fn session(
+    daemon: &Arc<Daemon>,
+    mut conn: Conn,
+    bdf: Option<String>,
+    fds: Vec<OwnedFd>,
+    permit: OwnedSemaphorePermit,
+) {
+    let attached = attach(daemon, bdf, fds).await;
+    let dev = match attached {
+        Ok((dev, report)) => {
+            if send(&mut conn.stream, &Response::ok(&report))
+                .await
+                .is_err()
+            {
+                dev.detach();
+                return;
+            }
+            dev
+        }
+        Err(r) => {
+            let _ = send(&mut conn.stream, &r).await;
+            return;
+        }
+    };
+    info!(bdf = %dev.bdf(), "VMM session started");
+    // Sessions are bounded by the devices (one each), not by the client
+    // limit, which is for short requests.
+    drop(permit);
+    // The session lasts as long as the connection: until the VMM closes it
+    // or dies (the kernel closes it then), or the device goes away (reload,
+    // shutdown), which closes the connection. It takes no further requests.
+    loop {
+        tokio::select! {
+            frame = conn.next_frame() => match frame {
+                Ok(Some(_)) => {
+                    drop(std::mem::take(&mut conn.fds));
+                    let r = Response::error(
+                        ErrorKind::BadRequest,
+                        "a session connection takes no further requests",
+                    );
+                    if send(&mut conn.stream, &r).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+            () = dev.gone() => {
+                info!(bdf = %dev.bdf(), "the device is no longer the daemon's; closing its VMM session");
+                break;
+            }
+        }
+    }
+    dev.detach();
+    info!(bdf = %dev.bdf(), "VMM session ended; its descriptors are released");
+}
+
+async fn attach(
+    daemon: &Arc<Daemon>,
+    bdf: Option<String>,
+    fds: Vec<OwnedFd>,
+) -> Result<(Arc<ManagedDevice>, SessionReport), Response> {
+    let mut fds = fds.into_iter();
+    let mut next = || {
+        fds.next()
+            .ok_or_else(|| Response::error(ErrorKind::BadRequest, "missing descriptor"))
+    };
+    let Some(bdf) = bdf else {
+        let device = next()?;
+        if !is_vfio_device_fd(&device) {
+            return Err(Response::error(
+                ErrorKind::BadRequest,
+                "the first descriptor is not a VFIO device fd (anon_inode:[vfio-device])",
+            ));
+        }
+        return Err(Response::error(
+            ErrorKind::Unsupported,
+            "sessions on a VMM's own VFIO device fd are not supported yet; name a device the \
+             daemon owns (\"bdf\") and pass the irqfd and resample eventfd",
+        ));
+    };
+    let bdf = bdf_arg(&bdf)?;
+    let irqfd = next()?;
+    let resample = next()?;
+    let bad =
+        |e: crate::kvm::KvmError| Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
+    validate_eventfd(&irqfd, "the irqfd (first descriptor)").map_err(bad)?;
+    validate_eventfd(&resample, "the resample eventfd (second descriptor)").map_err(bad)?;
+    let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
+    dev.attach(sys::into_eventfd(irqfd), sys::into_eventfd(resample))
+        .await
+        .map_err(|e| {
+            let kind = match e {
+                AttachError::Busy { .. } | AttachError::Held { .. } => ErrorKind::Busy,
+                _ => ErrorKind::Failed,
+            };
+            Response::error(kind, crate::error_chain(&e))
+        })?;
+    Ok((
+        Arc::clone(&dev),
+        SessionReport {
+            bdf: bdf.to_string(),
+            path: dev.status().path,
+        },
+    ))
+}
+
+pub(crate) fn not_owned(bdf: Bdf) -> Response {
+    Response::error(
+        ErrorKind::NotFound,
+        format!("{bdf}: not a device this daemon owns"),
+    )
+}
