@@ -271,6 +271,9 @@ pub struct ManagedDevice {
     pub masking: String,
     binding: Mutex<Option<Binding>>,
     held_operator: AtomicBool,
+    /// A session's end is being processed: the VMM's irqfd is already
+    /// detached but the device is not back on its own wiring yet.
+    session_ending: AtomicBool,
     held_storm: AtomicBool,
     control: mpsc::UnboundedSender<Control>,
 }
@@ -429,6 +432,7 @@ impl ManagedDevice {
                 masking,
                 binding: Mutex::new(binding),
                 held_operator: AtomicBool::new(false),
+                session_ending: AtomicBool::new(false),
                 held_storm: AtomicBool::new(false),
                 control,
             }),
@@ -496,7 +500,7 @@ impl ManagedDevice {
             backend: self.config.backend,
             path: self.path_description().to_owned(),
             masking: self.masking.clone(),
-            session: self.sink.attached(),
+            session: self.sink.attached() || self.session_ending.load(Ordering::SeqCst),
             held,
             found_command: self.found_command,
             bound_by_daemon: lock(&self.binding).as_ref().is_some_and(Binding::changed),
@@ -523,7 +527,7 @@ impl ManagedDevice {
             .engine
             .trigger()
             .try_clone()
-            .and_then(crate::daemon::sys::async_eventfd)
+            .and_then(crate::intx::sys::async_eventfd)
             .map_err(|e| DeviceError::Backend {
                 bdf: self.bdf(),
                 op: "registering the trigger eventfd",
@@ -930,7 +934,7 @@ impl Task {
                 }
             }
         }
-        let fd = crate::daemon::sys::async_eventfd(fd).map_err(register)?;
+        let fd = crate::intx::sys::async_eventfd(fd).map_err(register)?;
         self.dev.sink.attach(irqfd, false).map_err(register)?;
         *resample = Some(fd);
         self.dev
@@ -942,6 +946,13 @@ impl Task {
     }
 
     async fn detach(&mut self) {
+        self.dev.session_ending.store(true, Ordering::SeqCst);
+        self.detach_wiring().await;
+        self.dev.session_ending.store(false, Ordering::SeqCst);
+        info!("session detached");
+    }
+
+    async fn detach_wiring(&mut self) {
         if self.dev.engine.is_kernel_bypass() {
             self.dev.sink.detach();
             self.dev.sink.take_in_service();
@@ -961,7 +972,6 @@ impl Task {
                 self.report(&e);
             }
         }
-        info!("session detached");
     }
 
     fn report(&mut self, e: &dyn std::error::Error) {

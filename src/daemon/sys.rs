@@ -21,7 +21,10 @@ pub(crate) struct Received {
 
 /// Reads bytes and any `SCM_RIGHTS` descriptors from a stream socket
 /// (non-blocking: `WouldBlock` when nothing is there). Every received
-/// descriptor is close-on-exec and owned by `fds`.
+/// descriptor is close-on-exec and owned by `fds`, also when the control
+/// buffer was truncated — which is why this is not nix's `recvmsg`, whose
+/// `cmsgs()` refuses a truncated buffer and would leave the descriptors
+/// that did arrive open in the daemon.
 pub(crate) fn recv_with_fds(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -96,12 +99,4 @@ pub(crate) fn into_eventfd(fd: OwnedFd) -> EventFd {
     // SAFETY: the caller checked (by its /proc link) that `fd` is an
     // eventfd; ownership moves from the OwnedFd to the EventFd.
     unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
-}
-
-/// Registers an eventfd with the tokio reactor.
-pub(crate) fn async_eventfd(fd: EventFd) -> io::Result<tokio::io::unix::AsyncFd<EventFd>> {
-    // SAFETY: the EventFd owns its descriptor and nothing replaces or
-    // closes it while the AsyncFd owns the EventFd (it is closed when the
-    // AsyncFd, and with it the EventFd, is dropped, after deregistering).
-    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }

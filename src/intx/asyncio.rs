@@ -26,12 +26,11 @@ pub async fn serve<B: PciBackend>(
 ) -> Result<(), WorkerError> {
     let bdf = device.bdf();
     let fail = |op| move |source| WorkerError::new(bdf, op, source);
-    let trigger =
-        async_eventfd(device.trigger()).map_err(fail("registering the trigger with tokio"))?;
+    // The engine and the caller keep their descriptors; tokio owns dups.
+    let dup = |fd: &EventFd| fd.try_clone().and_then(async_eventfd);
+    let trigger = dup(device.trigger()).map_err(fail("registering the trigger with tokio"))?;
     let resample_fd = match resample {
-        Some(r) => {
-            Some(async_eventfd(r).map_err(fail("registering the resample eventfd with tokio"))?)
-        }
+        Some(r) => Some(dup(r).map_err(fail("registering the resample eventfd with tokio"))?),
         None => None,
     };
     let mut next_tick = Instant::now();

@@ -10,7 +10,7 @@ mod guest;
 mod sink;
 mod stats;
 #[cfg(all(feature = "tokio", not(loom)))]
-mod sys;
+pub(crate) mod sys;
 mod worker;
 
 pub use engine::{

@@ -1,5 +1,5 @@
-//! The unsafe edge of the async adapter: registering an eventfd with
-//! tokio's reactor.
+//! The unsafe edge of the async adapter and the daemon: registering an
+//! eventfd with tokio's reactor.
 
 use std::io;
 
@@ -7,13 +7,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use vmm_sys_util::eventfd::EventFd;
 
-/// A duplicate of `fd`, registered with the current tokio reactor for
-/// readability. Must be called inside a tokio runtime.
-pub(crate) fn async_eventfd(fd: &EventFd) -> io::Result<AsyncFd<EventFd>> {
-    let owned = fd.try_clone()?;
-    // SAFETY: `owned` is a fresh duplicate owned by the `AsyncFd` from here
-    // on: its descriptor stays open, and `EventFd::as_raw_fd` keeps
-    // returning it, until the `AsyncFd` is dropped or unwrapped.
-    unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+/// Registers `fd` with the current tokio reactor for readability; the
+/// `AsyncFd` owns it. Must be called inside a tokio runtime.
+pub(crate) fn async_eventfd(fd: EventFd) -> io::Result<AsyncFd<EventFd>> {
+    // SAFETY: the `AsyncFd` owns the `EventFd` from here on: its descriptor
+    // stays open, and `EventFd::as_raw_fd` keeps returning it, until the
+    // `AsyncFd` is dropped (after deregistering) or unwrapped.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
