@@ -42,6 +42,7 @@ pub mod gate;
 pub mod intx;
 pub mod kvm;
 pub mod pci;
+mod ratelimit;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod sync;

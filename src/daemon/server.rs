@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
-use crate::daemon::service::{AttachError, ManagedDevice, RateLimit};
+use crate::daemon::service::{rate_limit, AttachError, ManagedDevice};
 use crate::daemon::{sys, Daemon, DaemonError};
 use crate::kvm::validate_eventfd;
 use crate::pci::Bdf;
@@ -94,7 +94,7 @@ pub(crate) fn bind(
 pub(crate) async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     let clients = Arc::new(Semaphore::new(daemon.config().daemon.max_clients));
     let mut backoff = Duration::from_millis(10);
-    let mut log = RateLimit::new();
+    let mut log = rate_limit();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

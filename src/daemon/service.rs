@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::ratelimit::LogLimiter;
+
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
@@ -691,34 +693,9 @@ const STORM_MEMORY: Duration = Duration::from_secs(2);
 /// Upper bound of the storm back-off.
 const STORM_MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// Logs at most a few messages per window per device.
-pub(crate) struct RateLimit {
-    window_start: Instant,
-    seen: u32,
-}
-
-impl RateLimit {
-    pub(crate) fn new() -> Self {
-        Self {
-            window_start: Instant::now(),
-            seen: 0,
-        }
-    }
-
-    /// Whether to log now; with the number suppressed since the last.
-    pub(crate) fn admit(&mut self) -> Option<u32> {
-        const WINDOW: Duration = Duration::from_secs(5);
-        const BURST: u32 = 3;
-        let now = Instant::now();
-        if now.duration_since(self.window_start) >= WINDOW {
-            let suppressed = self.seen.saturating_sub(BURST);
-            self.window_start = now;
-            self.seen = 1;
-            return Some(suppressed);
-        }
-        self.seen += 1;
-        (self.seen <= BURST).then_some(0)
-    }
+/// Logs at most three messages per five seconds per device.
+pub(crate) fn rate_limit() -> LogLimiter {
+    LogLimiter::new(Duration::from_secs(5), 3)
 }
 
 /// The counts storm detection compares between windows.
@@ -756,8 +733,8 @@ struct Task {
     next_tick: Instant,
     storm: Storm,
     held_since: Option<Instant>,
-    errors: RateLimit,
-    eoi_log: RateLimit,
+    errors: LogLimiter,
+    eoi_log: LogLimiter,
 }
 
 /// Waits until `fd` is readable; never, without an fd.
@@ -784,8 +761,8 @@ impl Task {
                 retry_at: None,
             },
             held_since: None,
-            errors: RateLimit::new(),
-            eoi_log: RateLimit::new(),
+            errors: rate_limit(),
+            eoi_log: rate_limit(),
         }
     }
 

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::PciBackend;
 use crate::intx::sys::async_eventfd;
 use crate::intx::{IntxDevice, WorkerError};
+use crate::ratelimit::LogLimiter;
 
 /// Services `device` until the future is dropped: host interrupts from its
 /// trigger, guest EOIs from `resample` (the user-space path), and the
@@ -34,16 +35,11 @@ pub async fn serve<B: PciBackend>(
         None => None,
     };
     let mut next_tick = Instant::now();
-    let mut logged = (Instant::now(), 0u32);
+    let mut limiter = LogLimiter::new(Duration::from_secs(1), 10);
     let mut report = |result: Result<_, crate::intx::IntxError>| {
         if let Err(error) = result {
-            let now = Instant::now();
-            if now.duration_since(logged.0) >= Duration::from_secs(1) {
-                logged = (now, 0);
-            }
-            logged.1 += 1;
-            if logged.1 <= 10 {
-                warn!(%bdf, error = %crate::error_chain(&error), "INTx servicing failed");
+            if let Some(suppressed) = limiter.admit() {
+                warn!(%bdf, suppressed, error = %crate::error_chain(&error), "INTx servicing failed");
             }
         }
     };

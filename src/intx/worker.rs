@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::PciBackend;
 use crate::intx::IntxDevice;
+use crate::ratelimit::LogLimiter;
 
 /// Why the worker loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -31,38 +32,6 @@ impl WorkerError {
 const TOKEN_TRIGGER: u64 = 0;
 const TOKEN_RESAMPLE: u64 = 1;
 const TOKEN_STOP: u64 = 2;
-
-/// Logs at most `burst` messages per `window`, then counts the rest.
-struct LogLimiter {
-    window: Duration,
-    burst: u32,
-    start: Instant,
-    seen: u32,
-}
-
-impl LogLimiter {
-    fn new(window: Duration, burst: u32) -> Self {
-        Self {
-            window,
-            burst,
-            start: Instant::now(),
-            seen: 0,
-        }
-    }
-
-    /// Whether to log this one; returns how many were suppressed before it.
-    fn admit(&mut self) -> Option<u32> {
-        let now = Instant::now();
-        if now.duration_since(self.start) >= self.window {
-            let suppressed = self.seen.saturating_sub(self.burst);
-            self.start = now;
-            self.seen = 1;
-            return Some(suppressed);
-        }
-        self.seen += 1;
-        (self.seen <= self.burst).then_some(0)
-    }
-}
 
 /// Services `device` until `stop` is signalled, and runs its watchdog ticks
 /// (see [`IntxDevice::watchdog_tick`]) from the same thread with epoll
