@@ -175,17 +175,12 @@ impl ExampleGuest {
         self.control.request_stop();
         if let Some(vcpu) = self.vcpu.take() {
             let stopped = tokio::task::spawn_blocking(move || {
-                use vmm_sys_util::signal::Killable;
-                let deadline = std::time::Instant::now() + Duration::from_secs(2);
-                while !vcpu.is_finished() {
-                    if std::time::Instant::now() > deadline {
-                        return false;
-                    }
-                    let _ = vcpu.kill(crate::kvm::testvm::kick_signal());
-                    thread::sleep(Duration::from_millis(1));
+                let finished =
+                    crate::kvm::testvm::kick_until_finished(&vcpu, Duration::from_secs(2));
+                if finished {
+                    let _ = vcpu.join();
                 }
-                let _ = vcpu.join();
-                true
+                finished
             })
             .await;
             if !matches!(stopped, Ok(true)) {

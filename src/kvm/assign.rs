@@ -381,20 +381,14 @@ impl<B: PciBackend + 'static> Assignment<B> {
     }
 
     fn stop(&mut self) -> Result<(), AssignError> {
-        use vmm_sys_util::signal::Killable;
         // Kick the vCPU out of KVM_RUN until its loop sees the request.
         self.control.request_stop();
         if let Some(vcpu) = &self.vcpu {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !vcpu.is_finished() {
-                if Instant::now() > deadline {
-                    return Err(AssignError::Thread(format!(
-                        "the vCPU thread does not stop: {}",
-                        self.diagnose()
-                    )));
-                }
-                let _ = vcpu.kill(crate::kvm::testvm::kick_signal());
-                thread::sleep(Duration::from_millis(2));
+            if !crate::kvm::testvm::kick_until_finished(vcpu, Duration::from_secs(5)) {
+                return Err(AssignError::Thread(format!(
+                    "the vCPU thread does not stop: {}",
+                    self.diagnose()
+                )));
             }
         }
         let vcpu = self.vcpu.take().map(|t| t.join());

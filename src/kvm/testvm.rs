@@ -383,6 +383,27 @@ pub fn install_kick_handler() -> Result<(), KvmError> {
         })
 }
 
+/// Kicks the vCPU thread `vcpu` out of `KVM_RUN` (after the caller's
+/// [`VmControl::request_stop`]) until it has finished; `false` if it is
+/// still running after `timeout`.
+pub fn kick_until_finished<T>(
+    vcpu: &std::thread::JoinHandle<T>,
+    timeout: std::time::Duration,
+) -> bool {
+    use vmm_sys_util::signal::Killable;
+    let deadline = std::time::Instant::now() + timeout;
+    while !vcpu.is_finished() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        // A kick that arrives between the loop's stop check and KVM_RUN is
+        // lost; the next one is not.
+        let _ = vcpu.kill(kick_signal());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
 /// The guest PIC's registers as KVM holds them, for diagnosing a guest
 /// that stopped taking interrupts.
 pub fn pic_state(vm: &VmFd) -> String {
