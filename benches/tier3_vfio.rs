@@ -103,7 +103,7 @@ enum Inject {
 
 fn bare_cycles(bdf: Bdf, n: usize, inject: Inject) -> Vec<Duration> {
     let (backend, bar) = open(bdf);
-    let device = Arc::clone(backend.device());
+    let device = Arc::clone(backend.device().expect("opened through its group"));
     let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
     device
         .enable_irq(VFIO_PCI_INTX_IRQ_INDEX, vec![&trigger])
@@ -242,7 +242,7 @@ fn main() {
     // (b) and (c) on one armed engine.
     let (backend, _bar) = open(bdf);
     let config = backend.region(CONFIG_REGION).unwrap();
-    let vfio_device = Arc::clone(backend.device());
+    let vfio_device = Arc::clone(backend.device().expect("opened through its group"));
     let sink = EventFd::new(EFD_NONBLOCK).unwrap();
     let device = IntxDevice::new(backend, sink).unwrap();
 

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use vfio_intx::backend::ConfigSpace;
 use vfio_intx::kvm::assign::{run_assignment, AssignmentConfig, AssignmentReport, DeviceSide};
 use vfio_intx::kvm::PathPolicy;
-use vfio_intx::pci::regs::{COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
-use vfio_intx::pci::{Bdf, Width};
+use vfio_intx::pci::Bdf;
 use vfio_intx::sim::{SimDevice, SimKernel};
 use vfio_intx::vfio::edu::Edu;
 use vfio_intx::vfio::VfioBackend;
@@ -116,23 +114,12 @@ fn main() -> ExitCode {
 fn run_vfio(bdf: Bdf, config: AssignmentConfig) -> Result<AssignmentReport, String> {
     let chain = |e: &dyn std::error::Error| vfio_intx::error_chain(e);
     let mut backend = VfioBackend::open(bdf).map_err(|e| chain(&e))?;
-    // The guest's firmware would enable decoding; the edu's BAR needs it.
-    let command = backend
-        .config_read(PCI_COMMAND, Width::Word)
-        .map_err(|e| chain(&e))?;
-    backend
-        .config_write(
-            PCI_COMMAND,
-            Width::Word,
-            command | u32::from(COMMAND_MEMORY | COMMAND_MASTER),
-        )
-        .map_err(|e| chain(&e))?;
-    let edu = Edu::new(backend.region(0).map_err(|e| chain(&e))?).map_err(|e| chain(&e))?;
-    let stale = edu.status().map_err(|e| chain(&e))?;
-    if stale != 0 {
-        edu.ack_bits(stale).map_err(|e| chain(&e))?;
-    }
-    let container = Arc::clone(backend.container());
+    // As the guest's firmware and driver would: decoding on, BAR0 mapped.
+    let edu = Edu::enable(&mut backend).map_err(|e| chain(&e))?;
+    let container = backend
+        .container()
+        .cloned()
+        .ok_or_else(|| format!("{bdf}: opened without a container of its own"))?;
     vfio_intx::kvm::assign::run_assignment_with_dma(
         backend,
         true,

@@ -10,12 +10,11 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vfio_intx::backend::ConfigSpace;
 use vfio_intx::kvm::assign::{
     run_assignment_with_dma, Assignment, AssignmentConfig, AssignmentReport, DeviceSide,
 };
 use vfio_intx::kvm::{Path, PathPolicy};
-use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
+use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
 use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::vfio::edu::Edu;
 use vfio_intx::vfio::VfioBackend;
@@ -44,25 +43,14 @@ fn guest_edu(test: &str) -> Option<Bdf> {
 fn open(bdf: Bdf) -> (VfioBackend, Arc<Edu>) {
     let mut backend =
         VfioBackend::open(bdf).unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)));
-    let command = backend.config_read(PCI_COMMAND, Width::Word).unwrap();
-    backend
-        .config_write(
-            PCI_COMMAND,
-            Width::Word,
-            command | u32::from(COMMAND_MEMORY | COMMAND_MASTER),
-        )
-        .unwrap();
-    let edu = Edu::new(backend.region(0).unwrap()).unwrap();
-    let stale = edu.status().unwrap();
-    if stale != 0 {
-        edu.ack_bits(stale).unwrap();
-    }
+    let edu =
+        Edu::enable(&mut backend).unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)));
     (backend, Arc::new(edu))
 }
 
 fn run(bdf: Bdf, policy: PathPolicy, interrupts: u64) -> AssignmentReport {
     let (backend, edu) = open(bdf);
-    let container = Arc::clone(backend.container());
+    let container = Arc::clone(backend.container().expect("opened through its group"));
     run_assignment_with_dma(
         backend,
         true,
@@ -125,7 +113,7 @@ fn guest_intx_disable_holds_the_interrupt_until_cleared_on_both_paths() {
     };
     for policy in [PathPolicy::Fast, PathPolicy::UserSpace] {
         let (backend, edu) = open(bdf);
-        let container = Arc::clone(backend.container());
+        let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
             Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))
@@ -167,7 +155,7 @@ fn engine_resets_and_bus_resets_mid_stream_leave_delivery_working_on_both_paths(
     };
     for policy in [PathPolicy::Fast, PathPolicy::UserSpace] {
         let (backend, edu) = open(bdf);
-        let container = Arc::clone(backend.container());
+        let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
             Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))

@@ -8,8 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use tracing::warn;
 
+use crate::backend::ConfigSpace;
 use crate::kvm::assign::DeviceSide;
-use crate::vfio::{RegionAccess, VfioError};
+use crate::pci::regs::{COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
+use crate::pci::Width;
+use crate::vfio::{RegionAccess, VfioBackend, VfioError};
 
 /// PCI vendor and device ID of the edu device.
 pub const EDU_ID: (u16, u16) = (0x1234, 0x11e8);
@@ -45,6 +48,31 @@ impl Edu {
             bar,
             next_bit: AtomicU32::new(0),
         })
+    }
+
+    /// Sets an edu up as a guest's firmware and driver would: memory
+    /// decoding and bus mastering on in COMMAND (through `backend`'s
+    /// config space), BAR0 mapped, and an interrupt status left by an
+    /// earlier user acknowledged.
+    pub fn enable(backend: &mut VfioBackend) -> Result<Self, VfioError> {
+        let bdf = backend.bdf();
+        let config = |op| move |source| VfioError::Config { bdf, op, source };
+        let command = backend
+            .config_read(PCI_COMMAND, Width::Word)
+            .map_err(config("reading COMMAND"))?;
+        backend
+            .config_write(
+                PCI_COMMAND,
+                Width::Word,
+                command | u32::from(COMMAND_MEMORY | COMMAND_MASTER),
+            )
+            .map_err(config("enabling memory decoding and bus mastering"))?;
+        let edu = Self::new(backend.region(0)?)?;
+        let stale = edu.status()?;
+        if stale != 0 {
+            edu.ack_bits(stale)?;
+        }
+        Ok(edu)
     }
 
     /// Raises the interrupt with status `bits`.

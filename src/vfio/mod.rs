@@ -19,6 +19,11 @@
 //! done with the backend's own system calls in the private `sys` module, not
 //! with vfio-ioctls' `region_read`/`region_write`/`reset`, which drop errors.
 //!
+//! A backend can also be built on a device fd that another process opened
+//! ([`VfioBackend::from_device_fd`]): a VMM keeps its container and group
+//! and hands the daemon the device fd, whose PCI address is then checked
+//! against the one the VMM names (see [`handover`]).
+//!
 //! ```no_run
 //! use vfio_intx::intx::IntxDevice;
 //! use vfio_intx::vfio::VfioBackend;
@@ -27,7 +32,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let backend = VfioBackend::open("0000:01:00.0".parse()?)?;
 //! // The VMM maps guest memory for DMA through the same container.
-//! let _container = backend.container().clone();
+//! let _container = backend.container().cloned();
 //! let irqfd = EventFd::new(EFD_NONBLOCK)?;
 //! let device = IntxDevice::new(backend, irqfd)?;
 //! device.reset()?; // VFIO_DEVICE_RESET, under the engine's protocol
@@ -38,13 +43,14 @@
 pub mod edu;
 #[cfg(test)]
 mod fake_sysfs;
+pub mod handover;
 mod layout;
 mod sys;
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +72,7 @@ use crate::pci::regs::PCI_CFG_SPACE_EXP_SIZE;
 use crate::pci::{check_access, check_write, Bdf, Width};
 
 use crate::pci::sysfs::{PciSysfs, SysfsError};
+use handover::DeviceIdentity;
 use layout::{DependentDevice, HotResetInfo, IrqAction, IrqSet};
 
 /// The container node every VFIO user opens first.
@@ -174,6 +181,17 @@ pub enum VfioError {
         #[source]
         source: io::Error,
     },
+    /// A config-space access through the device fd failed.
+    #[error("{bdf}: {op} failed")]
+    Config {
+        /// The device.
+        bdf: Bdf,
+        /// What the access was for.
+        op: &'static str,
+        /// Why it failed.
+        #[source]
+        source: BackendError,
+    },
     /// VFIO reports something that is not a PCI device.
     #[error(
         "{bdf}: VFIO reports a device that is not PCI (VFIO_DEVICE_GET_INFO flags {flags:#x})"
@@ -230,6 +248,27 @@ pub enum VfioError {
         bdf: Bdf,
         /// Which interrupt ("INTx", "ERR", "REQ").
         irq: &'static str,
+    },
+    /// A descriptor handed over as a VFIO device fd is something else.
+    #[error("the descriptor handed over is not a VFIO device fd (it is {what})")]
+    NotADeviceFd {
+        /// What `/proc/self/fd` says it is.
+        what: String,
+    },
+    /// The kernel does not name a handed-over device fd's device, and no
+    /// address was given to check it against.
+    #[error(
+        "the PCI address of a VFIO device fd cannot be read on this kernel (its fdinfo has no \
+         vfio-device-syspath, which Linux 6.18 adds): name the device"
+    )]
+    Unidentified,
+    /// A handed-over device fd is not the device it was said to be.
+    #[error("{claimed}: the VFIO device fd handed over is another device: {evidence}")]
+    NotThisDevice {
+        /// The address the fd was said to be.
+        claimed: Bdf,
+        /// What shows that it is not.
+        evidence: String,
     },
     /// A hot reset would reset devices in groups this process does not own.
     #[error(
@@ -321,9 +360,27 @@ pub struct VfioBackend {
     intx_enabled: bool,
     err_enabled: bool,
     req_enabled: bool,
+    identity: Option<DeviceIdentity>,
     // Declared before `container` so that the device is closed first.
-    device: Arc<VfioDevice>,
-    container: Arc<VfioContainer>,
+    device: DeviceFile,
+    container: Option<Arc<VfioContainer>>,
+}
+
+/// The device file a backend drives: one it opened through its group with
+/// vfio-ioctls, or one another process opened and handed over.
+#[derive(Clone)]
+enum DeviceFile {
+    Opened(Arc<VfioDevice>),
+    HandedOver(Arc<OwnedFd>),
+}
+
+impl DeviceFile {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DeviceFile::Opened(device) => sys::device_fd(device),
+            DeviceFile::HandedOver(fd) => fd.as_fd(),
+        }
+    }
 }
 
 impl fmt::Debug for VfioBackend {
@@ -337,6 +394,7 @@ impl fmt::Debug for VfioBackend {
             .field("err", &self.err)
             .field("req", &self.req)
             .field("intx_enabled", &self.intx_enabled)
+            .field("identity", &self.identity)
             .finish_non_exhaustive()
     }
 }
@@ -374,9 +432,87 @@ impl VfioBackend {
         let ops: Arc<dyn VfioOps> = container.clone();
         let device = VfioDevice::new(&sysfs.device_dir(bdf), ops, false)
             .map_err(|e| classify_setup_error(bdf, group, e))?;
-        let device = Arc::new(device);
+        Self::with_device(
+            bdf,
+            group,
+            DeviceFile::Opened(Arc::new(device)),
+            Some(container),
+        )
+    }
 
-        let fd = sys::device_fd(&device);
+    /// A backend on a VFIO device fd that another process opened — a VMM
+    /// that keeps its container and group and hands the device fd over (by
+    /// `SCM_RIGHTS`) so that this process services the device's INTx.
+    ///
+    /// `claimed` is the address the fd is said to be. The fd is checked to
+    /// be a VFIO device fd and matched to its address with the strongest
+    /// evidence the kernel gives (see [`handover`]): the kernel's own
+    /// word in fdinfo (Linux 6.18+; `claimed` may then be `None`), else a
+    /// hot-reset scope or the config header, which must agree with
+    /// `claimed`. A fd that turns out to be another device is refused
+    /// ([`VfioError::NotThisDevice`]), and nothing is changed on it.
+    ///
+    /// The backend has no container ([`container`](Self::container) is
+    /// `None`) and cannot hot-reset (that needs the group fd, which the
+    /// owner keeps); everything else works as on a device this process
+    /// opened. INTx is the backend's from [`intx_enable`](PciBackend::intx_enable)
+    /// until it is dropped: the owner must not set INTx up itself meanwhile.
+    #[instrument(skip_all, fields(claimed = ?claimed))]
+    pub fn from_device_fd(fd: OwnedFd, claimed: Option<Bdf>) -> Result<Self, VfioError> {
+        Self::from_device_fd_with(&PciSysfs::new(), fd, claimed)
+    }
+
+    fn from_device_fd_with(
+        sysfs: &PciSysfs,
+        fd: OwnedFd,
+        claimed: Option<Bdf>,
+    ) -> Result<Self, VfioError> {
+        handover::check_device_fd(fd.as_fd())?;
+        let named = handover::fdinfo_device(fd.as_fd())?;
+        let bdf = match (named, claimed) {
+            (Some(named), Some(claimed)) if named != claimed => {
+                return Err(VfioError::NotThisDevice {
+                    claimed,
+                    evidence: format!("the kernel's fdinfo names {named}"),
+                })
+            }
+            (Some(named), _) => named,
+            (None, Some(claimed)) => claimed,
+            (None, None) => return Err(VfioError::Unidentified),
+        };
+        if !sysfs.exists(bdf) {
+            return Err(VfioError::DeviceNotFound {
+                bdf,
+                path: sysfs.device_dir(bdf),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        }
+        let group = sysfs.iommu_group(bdf)?.ok_or_else(|| VfioError::NoIommu {
+            bdf,
+            missing: sysfs.device_dir(bdf).join("iommu_group"),
+        })?;
+        let mut backend =
+            Self::with_device(bdf, group, DeviceFile::HandedOver(Arc::new(fd)), None)?;
+        let identity = match named {
+            Some(_) => DeviceIdentity::Fdinfo,
+            None => handover::identify(sysfs, &mut backend)?,
+        };
+        if identity.proven() {
+            info!(%identity, "device fd handed over");
+        } else {
+            tracing::warn!(%identity, "device fd handed over; its address is not proven");
+        }
+        backend.identity = Some(identity);
+        Ok(backend)
+    }
+
+    fn with_device(
+        bdf: Bdf,
+        group: u32,
+        device: DeviceFile,
+        container: Option<Arc<VfioContainer>>,
+    ) -> Result<Self, VfioError> {
+        let fd = device.fd();
         let ioctl = |op| move |source| VfioError::Ioctl { bdf, op, source };
         let info = sys::device_info(fd).map_err(ioctl("VFIO_DEVICE_GET_INFO"))?;
         if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
@@ -445,9 +581,16 @@ impl VfioBackend {
             intx_enabled: false,
             err_enabled: false,
             req_enabled: false,
+            identity: None,
             device,
             container,
         })
+    }
+
+    /// How a handed-over device fd was matched to its address; `None` for a
+    /// device this backend opened itself.
+    pub fn identity(&self) -> Option<DeviceIdentity> {
+        self.identity
     }
 
     /// The device's IOMMU group.
@@ -457,14 +600,19 @@ impl VfioBackend {
 
     /// The container the device's group is attached to: map guest memory for
     /// the device's DMA through it, or open further devices into it with
-    /// [`open_in`](Self::open_in).
-    pub fn container(&self) -> &Arc<VfioContainer> {
-        &self.container
+    /// [`open_in`](Self::open_in). `None` on a handed-over device fd (its
+    /// owner keeps the container).
+    pub fn container(&self) -> Option<&Arc<VfioContainer>> {
+        self.container.as_ref()
     }
 
-    /// The vfio-ioctls device (MSI/MSI-X setup, mmap of BARs, ...).
-    pub fn device(&self) -> &Arc<VfioDevice> {
-        &self.device
+    /// The vfio-ioctls device (MSI/MSI-X setup, mmap of BARs, ...). `None`
+    /// on a handed-over device fd.
+    pub fn device(&self) -> Option<&Arc<VfioDevice>> {
+        match &self.device {
+            DeviceFile::Opened(device) => Some(device),
+            DeviceFile::HandedOver(_) => None,
+        }
     }
 
     /// `VFIO_DEVICE_GET_INFO` flags (`VFIO_DEVICE_FLAGS_*`).
@@ -503,7 +651,7 @@ impl VfioBackend {
     /// backend (it shares the device), so it can be used from other threads
     /// while the engine owns the backend.
     pub fn region(&self, index: u32) -> Result<RegionAccess, VfioError> {
-        let info = region(sys::device_fd(&self.device), index).map_err(|source| {
+        let info = region(self.device.fd(), index).map_err(|source| {
             if source.raw_os_error() == Some(libc::EINVAL) {
                 VfioError::NoSuchRegion {
                     bdf: self.bdf,
@@ -520,7 +668,7 @@ impl VfioBackend {
         Ok(RegionAccess {
             bdf: self.bdf,
             info,
-            device: Arc::clone(&self.device),
+            device: self.device.clone(),
         })
     }
 
@@ -574,12 +722,10 @@ impl VfioBackend {
         // count 0 would fail with EINVAL when none is).
         let raw = fd.map_or(-1, AsRawFd::as_raw_fd);
         let set = IrqSet::eventfds(index, IrqAction::Trigger, &[raw]);
-        sys::set_irqs(sys::device_fd(&self.device), set.words()).map_err(|source| {
-            VfioError::Ioctl {
-                bdf: self.bdf,
-                op,
-                source,
-            }
+        sys::set_irqs(self.device.fd(), set.words()).map_err(|source| VfioError::Ioctl {
+            bdf: self.bdf,
+            op,
+            source,
         })
     }
 
@@ -598,25 +744,15 @@ impl VfioBackend {
     pub fn hot_reset(&mut self) -> Result<(), BackendError> {
         const OP_INFO: &str = "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO";
         const OP_RESET: &str = "VFIO_DEVICE_PCI_HOT_RESET";
-        let fd = sys::device_fd(&self.device);
-        let mut info = HotResetInfo::with_capacity(1);
-        // The device count can change between two calls (hotplug): a few
-        // rounds, each sized by the previous ENOSPC answer.
-        let mut rounds = 0;
-        loop {
-            match sys::hot_reset_info(fd, info.words_mut()) {
-                Ok(()) => break,
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && rounds < 4 => {
-                    rounds += 1;
-                    info = HotResetInfo::with_capacity(info.count());
-                }
-                // Neither the slot nor the bus can be reset.
-                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
-                    return Err(BackendError::NoResetMethod)
-                }
-                Err(e) => return Err(BackendError::os(OP_INFO, e)),
+        let fd = self.device.fd();
+        let info = match hot_reset_info(fd) {
+            Ok(info) => info,
+            // Neither the slot nor the bus can be reset.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return Err(BackendError::NoResetMethod)
             }
-        }
+            Err(e) => return Err(BackendError::os(OP_INFO, e)),
+        };
         if info.flags() & VFIO_PCI_HOT_RESET_FLAG_DEV_ID != 0 {
             // Only iommufd (cdev) users get device ids instead of groups.
             return Err(BackendError::os(
@@ -671,8 +807,7 @@ impl VfioBackend {
     fn set_intx(&self, set: IrqSet, op: &'static str) -> Result<(), BackendError> {
         self.require_intx()?;
         trace!(bdf = %self.bdf, op, "SET_IRQS");
-        sys::set_irqs(sys::device_fd(&self.device), set.words())
-            .map_err(|e| BackendError::os(op, e))
+        sys::set_irqs(self.device.fd(), set.words()).map_err(|e| BackendError::os(op, e))
     }
 
     fn config_io_offset(&self, offset: u16) -> u64 {
@@ -715,7 +850,7 @@ impl ConfigSpace for VfioBackend {
         check_access(offset, width, self.config_size)?;
         let mut bytes = [0u8; 4];
         let buf = &mut bytes[..usize::from(width.bytes())];
-        let fd = sys::device_fd(&self.device);
+        let fd = self.device.fd();
         match sys::pread(fd, buf, self.config_io_offset(offset)) {
             Ok(n) if n == buf.len() => {}
             Ok(n) => return Err(BackendError::os("config pread", short(n, buf.len()))),
@@ -729,7 +864,7 @@ impl ConfigSpace for VfioBackend {
         check_write(offset, width, self.config_size, value)?;
         let bytes = value.to_le_bytes();
         let buf = &bytes[..usize::from(width.bytes())];
-        let fd = sys::device_fd(&self.device);
+        let fd = self.device.fd();
         match sys::pwrite(fd, buf, self.config_io_offset(offset)) {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(n) => Err(BackendError::os("config pwrite", short(n, buf.len()))),
@@ -837,7 +972,7 @@ impl PciBackend for VfioBackend {
         if !self.has_reset() {
             return Err(BackendError::NoResetMethod);
         }
-        match sys::reset(sys::device_fd(&self.device)) {
+        match sys::reset(self.device.fd()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 return Err(BackendError::NoResetMethod)
@@ -854,7 +989,7 @@ impl PciBackend for VfioBackend {
 pub struct RegionAccess {
     bdf: Bdf,
     info: RegionInfo,
-    device: Arc<VfioDevice>,
+    device: DeviceFile,
 }
 
 impl fmt::Debug for RegionAccess {
@@ -900,7 +1035,7 @@ impl RegionAccess {
     /// Reads `buf.len()` bytes at `offset` in the region.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VfioError> {
         let at = self.check(offset, buf.len())?;
-        match sys::pread(sys::device_fd(&self.device), buf, at) {
+        match sys::pread(self.device.fd(), buf, at) {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(n) => Err(self.io_error("read", offset, buf.len(), short(n, buf.len()))),
             Err(e) => Err(self.io_error("read", offset, buf.len(), e)),
@@ -910,7 +1045,7 @@ impl RegionAccess {
     /// Writes `buf` at `offset` in the region.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), VfioError> {
         let at = self.check(offset, buf.len())?;
-        match sys::pwrite(sys::device_fd(&self.device), buf, at) {
+        match sys::pwrite(self.device.fd(), buf, at) {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(n) => Err(self.io_error("write", offset, buf.len(), short(n, buf.len()))),
             Err(e) => Err(self.io_error("write", offset, buf.len(), e)),
@@ -938,7 +1073,26 @@ fn short(done: usize, wanted: usize) -> io::Error {
     )
 }
 
-fn region(fd: std::os::fd::BorrowedFd<'_>, index: u32) -> io::Result<RegionInfo> {
+/// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`: the devices a slot or bus reset
+/// of the device would affect (ENODEV: it has neither).
+fn hot_reset_info(fd: BorrowedFd<'_>) -> io::Result<HotResetInfo> {
+    let mut info = HotResetInfo::with_capacity(1);
+    // The device count can change between two calls (hotplug): a few
+    // rounds, each sized by the previous ENOSPC answer.
+    let mut rounds = 0;
+    loop {
+        match sys::hot_reset_info(fd, info.words_mut()) {
+            Ok(()) => return Ok(info),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && rounds < 4 => {
+                rounds += 1;
+                info = HotResetInfo::with_capacity(info.count());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn region(fd: BorrowedFd<'_>, index: u32) -> io::Result<RegionInfo> {
     let r = sys::region_info(fd, index)?;
     Ok(RegionInfo {
         index,
