@@ -164,9 +164,7 @@ fn attach(socket: &Path, bdf: &str) -> Session {
     let mut client = Client::connect(socket, Duration::from_secs(10)).unwrap();
     let r = client
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(bdf.into()),
-            },
+            &Request::session(bdf),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();

@@ -594,9 +594,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let r = d
         .client()
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(A.into()),
-            },
+            &Request::session(A),
             &[pipe.0.as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -604,29 +602,53 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
         matches!(&r, Response::Error { kind: ErrorKind::BadRequest, message } if message.contains("not an eventfd")),
         "{r:?}"
     );
-    // A VMM's own VFIO device fd is validated, then not supported yet.
+    // A VMM's own VFIO device fd is checked for its type before anything
+    // else, with or without an address, and whether or not the daemon owns
+    // the address.
+    for request in [
+        Request::device_fd_session(None, None),
+        Request::device_fd_session(Some(A.into()), None),
+        Request::device_fd_session(Some("0000:00:1f.7".into()), None),
+    ] {
+        let r = d
+            .client()
+            .request_with_fds(
+                &request,
+                &[
+                    pipe.1.as_raw_fd(),
+                    irqfd.trigger().as_raw_fd(),
+                    irqfd.resample().as_raw_fd(),
+                ],
+            )
+            .unwrap();
+        assert!(
+            matches!(&r, Response::Error { kind: ErrorKind::BadRequest, message }
+                if message.contains("not a VFIO device fd (it is pipe:[")),
+            "{request:?}: {r:?}"
+        );
+    }
+    // "path" belongs to a VMM's own device: the daemon's config sets it for
+    // the devices it owns.
     let r = d
         .client()
         .request_with_fds(
-            &Request::Session { bdf: None },
-            &[
-                pipe.1.as_raw_fd(),
-                irqfd.trigger().as_raw_fd(),
-                irqfd.resample().as_raw_fd(),
-            ],
+            &Request::Session {
+                bdf: Some(A.into()),
+                vfio_device_fd: false,
+                path: Some(vfio_intx::daemon::config::PathSetting::Userspace),
+            },
+            &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
     assert!(
-        matches!(&r, Response::Error { kind: ErrorKind::BadRequest, message } if message.contains("VFIO device fd")),
+        matches!(&r, Response::Error { kind: ErrorKind::BadRequest, message } if message.contains("\"path\"")),
         "{r:?}"
     );
 
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(A.into()),
-            },
+            &Request::session(A),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -635,9 +657,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let r = d
         .client()
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(A.into()),
-            },
+            &Request::session(A),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -712,9 +732,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let mut again = d.client();
     let r = again
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(A.into()),
-            },
+            &Request::session(A),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -829,9 +847,7 @@ impl FakeVmm {
         let mut session = d.client();
         let r = session
             .request_with_fds(
-                &Request::Session {
-                    bdf: Some(bdf.into()),
-                },
+                &Request::session(bdf),
                 &[irqfd.as_raw_fd(), resample.as_raw_fd()],
             )
             .unwrap();
@@ -1161,9 +1177,7 @@ fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(A.into()),
-            },
+            &Request::session(A),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();

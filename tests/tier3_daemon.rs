@@ -38,6 +38,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const TEST: &str = "daemon_services_the_edu_while_two_reset_loops_run";
 const BIND_TEST: &str = "daemon_binds_vfio_pci_and_restores_the_previous_driver_on_sigterm";
+const HANDOVER_TEST: &str =
+    "a_vmm_hands_over_its_own_vfio_device_fd_and_the_daemon_services_its_real_kvm_guest";
+/// Interrupts raised into the KVM guest per path in the handover test.
+const HANDOVER_INTERRUPTS: u64 = 120;
 /// Interrupts raised during the reset loops, at least.
 const INTERRUPTS: u64 = 300;
 /// Resets the loops must have done through the daemon before the raising
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--list") {
         println!("{TEST}: test");
         println!("{BIND_TEST}: test");
+        println!("{HANDOVER_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
@@ -72,9 +77,10 @@ fn main() -> ExitCode {
         );
         println!("test {TEST} ... ok (skipped)");
         println!("test {BIND_TEST} ... ok (skipped)");
+        println!("test {HANDOVER_TEST} ... ok (skipped)");
         return ExitCode::SUCCESS;
     }
-    println!("running 2 tests");
+    println!("running 3 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -82,7 +88,10 @@ fn main() -> ExitCode {
     println!("test {TEST} ... ok");
     bind_and_restore();
     println!("test {BIND_TEST} ... ok");
-    println!("\ntest result: ok. 2 passed; 0 failed");
+    handover("userspace");
+    handover("auto");
+    println!("test {HANDOVER_TEST} ... ok");
+    println!("\ntest result: ok. 3 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -291,9 +300,7 @@ fn run(path: &str) {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::Session {
-                bdf: Some(bdf.clone()),
-            },
+            &Request::session(bdf.clone()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -492,4 +499,323 @@ fn run(path: &str) {
     assert!(log.contains("device restored"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
     eprintln!("{TEST}: SIGTERM to exit {took:?}");
+}
+
+/// The VMM's device as its tiny KVM guest sees it: config cycles through
+/// the VMM's own VFIO device fd (the daemon masks through its copy), the
+/// ISR's acknowledgement a write to the edu's BAR0 that the VMM mapped.
+struct VmmEdu {
+    backend: Mutex<vfio_intx::vfio::VfioBackend>,
+    edu: Arc<vfio_intx::vfio::edu::Edu>,
+}
+
+impl vfio_intx::kvm::testvm::GuestDevice for VmmEdu {
+    fn config_read(&self, offset: u16, width: vfio_intx::pci::Width) -> u32 {
+        use vfio_intx::backend::ConfigSpace;
+        self.backend
+            .lock()
+            .unwrap()
+            .config_read(offset, width)
+            .unwrap_or(u32::MAX)
+    }
+    fn config_write(&self, _: u16, _: vfio_intx::pci::Width, _: u32) {}
+    fn ack(&self) -> bool {
+        vfio_intx::kvm::assign::DeviceSide::ack(&*self.edu)
+    }
+}
+
+/// VFIO device fds the process `pid` holds.
+fn vfio_device_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t == Path::new("anon_inode:[vfio-device]"))
+        .count()
+}
+
+/// A session on the VMM's own device: this test is the VMM. It opens the
+/// edu through VFIO itself (container, group, device fd), runs a tiny KVM
+/// guest with the edu's INTx at GSI 5, and hands the daemon (which owns no
+/// device) its device fd with the KVM irqfd and resample eventfd. Claims
+/// the fd contradicts are refused first, and nothing is kept of them; then
+/// the daemon services the INTx into the guest, an operator's `reset BDF`
+/// goes through the daemon's gate mid-session, and when the session ends
+/// the daemon lets go of the fd while the VMM's own stays usable.
+fn handover(path: &str) {
+    use vfio_intx::backend::ConfigSpace;
+    use vfio_intx::kvm::assign::DeviceSide;
+    use vfio_intx::kvm::testvm::{kick_until_finished, pic_state, TinyVm, VmControl};
+    use vfio_intx::kvm::{Irqchip, ResampleIrqfd};
+    use vfio_intx::pci::regs::PCI_STATUS;
+    use vfio_intx::pci::Width;
+    use vfio_intx::vfio::{edu::Edu, VfioBackend};
+    const GSI: u8 = 5;
+    const DEVFN: u8 = 3 << 3;
+
+    eprintln!("{HANDOVER_TEST}: path = {path:?}");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "no /dev/kvm inside the guest: the guest's init loads kvm"
+    );
+    let bdf = std::env::var("VFIO_INTX_EDU_RESET").expect("VFIO_INTX_EDU_RESET is not set");
+    let noreset = std::env::var("VFIO_INTX_EDU_NORESET").expect("VFIO_INTX_EDU_NORESET is not set");
+    let uio = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-handover");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut d = start_daemon_with(&dir, &this, "");
+    let pid = d.child.id();
+
+    // The VMM's side: its own VFIO open, decoding on as firmware would.
+    let mut backend = VfioBackend::open(bdf.parse().unwrap())
+        .unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)));
+    let edu = Arc::new(
+        Edu::enable(&mut backend).unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e))),
+    );
+    let device_fd = backend
+        .device()
+        .expect("opened through its group")
+        .as_raw_fd();
+    let mut vm = TinyVm::new(GSI, DEVFN, Irqchip::Full).unwrap();
+    let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(GSI)).unwrap();
+    let vm_fd = Arc::clone(vm.vm());
+    let fds = [
+        device_fd,
+        irqfd.trigger().as_raw_fd(),
+        irqfd.resample().as_raw_fd(),
+    ];
+    let setting: vfio_intx::daemon::config::PathSetting =
+        serde_json::from_value(serde_json::Value::String(path.into())).unwrap();
+    let session_request =
+        |claim: Option<&str>| Request::device_fd_session(claim.map(str::to_owned), Some(setting));
+
+    // Claims the evidence contradicts are refused, naming both devices.
+    for (claim, evidence) in [
+        (noreset.as_str(), "hot-reset scope".to_owned()),
+        (uio.as_str(), "bound to uio_pci_generic".to_owned()),
+    ] {
+        let r = d
+            .client()
+            .request_with_fds(&session_request(Some(claim)), &fds)
+            .unwrap();
+        eprintln!("{HANDOVER_TEST}: claiming {claim}: {r:?}");
+        assert!(
+            matches!(&r, Response::Error { kind: vfio_intx::daemon::protocol::ErrorKind::BadRequest, message }
+                if message.contains(claim) && message.contains("is another device")
+                    && message.contains(&evidence)),
+            "{claim}: {r:?}"
+        );
+    }
+    // Without an address the kernel must name the device (Linux 6.18+).
+    let kernel_names = std::fs::read_to_string(format!("/proc/self/fdinfo/{device_fd}"))
+        .unwrap()
+        .contains("vfio-device-syspath:");
+    if !kernel_names {
+        let r = d
+            .client()
+            .request_with_fds(&session_request(None), &fds)
+            .unwrap();
+        assert!(
+            matches!(&r, Response::Error { kind: vfio_intx::daemon::protocol::ErrorKind::BadRequest, message }
+                if message.contains("name the device")),
+            "{r:?}"
+        );
+    }
+    let status: DaemonStatus =
+        serde_json::from_value(ask(&mut d.client(), &Request::Status)).unwrap();
+    assert!(status.devices.is_empty(), "a refused claim left {status:?}");
+    assert_eq!(
+        vfio_device_fds(pid),
+        0,
+        "the daemon kept a refused device fd"
+    );
+
+    // The real claim: proven by the hot-reset scope (the edu is alone
+    // behind its root port) or by the kernel's fdinfo.
+    let mut session = d.client();
+    let r = session
+        .request_with_fds(&session_request(Some(&bdf)), &fds)
+        .unwrap();
+    let Response::Ok { data } = r else {
+        panic!("{r:?}\nlog:\n{}", d.log.lock().unwrap())
+    };
+    eprintln!("{HANDOVER_TEST}: session {data}");
+    let identity = data["identity"].as_str().unwrap_or_default().to_owned();
+    let expected_identity = if kernel_names {
+        "named by the kernel"
+    } else {
+        "the only device in the fd's hot-reset scope"
+    };
+    assert!(identity.starts_with(expected_identity), "{identity}");
+    let wired = data["path"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        wired.starts_with("kernel bypass"),
+        path == "auto",
+        "{wired}"
+    );
+    assert_eq!(vfio_device_fds(pid), 1);
+    // The same device twice is busy, and so is a session naming it alone.
+    let r = d
+        .client()
+        .request_with_fds(&session_request(Some(&bdf)), &fds)
+        .unwrap();
+    assert!(
+        matches!(
+            &r,
+            Response::Error {
+                kind: vfio_intx::daemon::protocol::ErrorKind::Busy,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let status: DaemonStatus =
+        serde_json::from_value(ask(&mut d.client(), &Request::Status)).unwrap();
+    let [dev] = &status.devices[..] else {
+        panic!("{status:?}")
+    };
+    assert_eq!(dev.bdf, bdf);
+    assert!(dev.session);
+    assert_eq!(dev.handed_over.as_deref(), Some(identity.as_str()));
+    assert!(!dev.bound_by_daemon);
+    let out = Command::new(&this)
+        .args(["cli", "status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the VMM's own VFIO device fd, for its session; address {identity}"
+        )),
+        "{text}"
+    );
+
+    // The VMM's guest runs; the daemon services its INTx.
+    let control = Arc::new(VmControl::default());
+    let chipset = VmmEdu {
+        backend: Mutex::new(backend),
+        edu: Arc::clone(&edu),
+    };
+    let vcpu = {
+        let control = Arc::clone(&control);
+        std::thread::spawn(move || {
+            let r = vm.run(DEVFN, &chipset, &control);
+            (r, vm, chipset)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !control.ready() {
+        assert!(Instant::now() < deadline, "the KVM guest did not come up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut c = d.client();
+    let t = Instant::now();
+    let mut resets = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 1..=HANDOVER_INTERRUPTS {
+        if i % 40 == 0 {
+            // An operator's reset between interrupts, through the gate of
+            // the daemon's copy of the fd (the VMM's fd is the same device).
+            let mut cli = Command::new(&this);
+            let out = cli
+                .args(["cli", "reset", &bdf, "--socket"])
+                .arg(&d.socket)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "reset {bdf}: {text}");
+            assert!(text.contains("reset through the daemon's gate"), "{text}");
+            resets += 1;
+        }
+        let raised = Instant::now();
+        edu.raise();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.acked() < i {
+            if Instant::now() > deadline {
+                let status = ask(&mut c, &Request::Status);
+                panic!(
+                    "interrupt {i} did not reach the guest (acked {}, empty ISR runs {}); \
+                     daemon status {status}; edu status {:?}; guest {}",
+                    control.acked(),
+                    control.empty_isr_runs(),
+                    edu.status(),
+                    pic_state(&vm_fd)
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        slowest = slowest.max(raised.elapsed());
+    }
+    let flowing = t.elapsed();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    let dev = &status.devices[0];
+    eprintln!(
+        "{HANDOVER_TEST} ({wired}): {HANDOVER_INTERRUPTS} interrupts into the KVM guest in \
+         {flowing:?} (slowest {slowest:?}), {resets} operator resets; engine {:?}",
+        dev.stats.engine
+    );
+    assert_eq!(control.acked(), HANDOVER_INTERRUPTS, "interrupts lost");
+    assert_eq!(control.empty_isr_runs(), 0, "injections for nothing");
+    assert!(dev.stats.engine.resets >= resets, "{:?}", dev.stats.engine);
+    if path == "userspace" {
+        assert_eq!(dev.stats.engine.injected, HANDOVER_INTERRUPTS);
+    }
+
+    control.request_stop();
+    assert!(
+        kick_until_finished(&vcpu, Duration::from_secs(10)),
+        "the vCPU did not stop"
+    );
+    let (r, vm, chipset) = vcpu.join().unwrap();
+    r.unwrap();
+
+    // The session ends: the daemon lets go of the device and its fd.
+    drop(session);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+        if status.devices.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not released: {status:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        vfio_device_fds(pid),
+        0,
+        "the daemon kept the VMM's device fd"
+    );
+    assert!(
+        d.log.lock().unwrap().contains("VMM device released"),
+        "{}",
+        d.log.lock().unwrap()
+    );
+    // The VMM's own fd still drives the device: an interrupt it raises
+    // shows in STATUS through it, and nothing masks it any more.
+    let mut backend = chipset.backend.into_inner().unwrap();
+    edu.raise();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend.config_read(PCI_STATUS, Width::Word).unwrap() as u16
+        & vfio_intx::pci::regs::STATUS_INTERRUPT
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the VMM's fd sees no interrupt");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(edu.ack());
+    drop((irqfd, vm, vm_fd, edu, backend));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let code = d.child.wait().unwrap().code();
+    let log = d.log.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
 }

@@ -312,6 +312,11 @@ fn status(common: &Common) -> Result<Output, Failure> {
             d.stats.daemon.storms,
             e.stuck_detections,
         ));
+        if let Some(identity) = &d.handed_over {
+            text.push_str(&format!(
+                "    the VMM's own VFIO device fd, for its session; address {identity}\n"
+            ));
+        }
     }
     if let Some(g) = &status.example_guest {
         text.push_str(&format!(

@@ -17,13 +17,26 @@
 //! alone); SIGTERM or SIGINT hands every device back (INTx delivery
 //! stopped, COMMAND as found, the previous driver restored) and exits.
 //!
-//! Sessions: a VMM names a device the daemon owns and passes its KVM irqfd
-//! and resample eventfd; the daemon injects through the irqfd and takes
-//! each EOI from the resample eventfd (the user-space EOI path) until the
-//! connection closes. For simulated devices, `sim-raise` makes the device
-//! interrupt and `sim-ack` is the guest driver's acknowledgement (the BAR
-//! write a real ISR does), so a VMM in a test can run a real KVM guest
-//! against a daemon-owned simulated device.
+//! Sessions come in two forms, each on a connection of its own that lasts
+//! as long as the session:
+//!
+//! - A VMM names a device the daemon owns and passes its KVM irqfd and
+//!   resample eventfd.
+//! - A VMM that opened the device through VFIO itself passes its device fd
+//!   first (`"vfio-device-fd": true`, with the address it claims and an
+//!   optional EOI `path`). The daemon matches the fd to its address
+//!   ([`crate::vfio::handover`]: fdinfo, hot-reset scope, config header;
+//!   a contradicted claim is refused), lists the device for the session's
+//!   length, and at its end stops INTx delivery and closes its copy of the
+//!   fd, leaving COMMAND and everything else to the VMM.
+//!
+//! Either way the daemon wires the irqfd and resample eventfd to the
+//! device (the kernel bypass where the path allows it, else the user-space
+//! EOI path) until the connection closes or the VMM dies. For simulated
+//! devices, `sim-raise` makes the device interrupt and `sim-ack` is the
+//! guest driver's acknowledgement (the BAR write a real ISR does), so a VMM
+//! in a test can run a real KVM guest against a daemon-owned simulated
+//! device.
 
 pub mod backend;
 pub mod cli;
@@ -411,6 +424,13 @@ impl Daemon {
         {
             let mut devices = lock(&self.devices);
             for (dev, rx) in opened {
+                if devices.contains_key(&dev.bdf()) {
+                    // Only a VMM's session can hold an address that is not
+                    // in the configuration.
+                    error!(bdf = %dev.bdf(), "the device is in use by a VMM session; not started");
+                    failed.push(dev);
+                    continue;
+                }
                 match dev.spawn(rx) {
                     Ok(task) => {
                         devices.insert(dev.bdf(), Entry { dev, task });
@@ -427,6 +447,49 @@ impl Daemon {
             if let Err(e) = r {
                 warn!(%bdf, error = %crate::error_chain(&e), "handing a device back failed");
             }
+        }
+    }
+
+    /// Lists a VMM's own device for its session and starts its task.
+    /// Refused when the daemon already has a device at that address; the
+    /// caller then hands `dev` back.
+    pub(crate) fn insert_handed_over(
+        &self,
+        dev: &Arc<ManagedDevice>,
+        rx: tokio::sync::mpsc::UnboundedReceiver<service::Control>,
+    ) -> Result<(), DeviceError> {
+        let bdf = dev.bdf();
+        let mut devices = lock(&self.devices);
+        if devices.contains_key(&bdf) {
+            return Err(DeviceError::Unsupported {
+                bdf,
+                what: "the daemon already has a device at this address",
+            });
+        }
+        let task = dev.spawn(rx)?;
+        devices.insert(
+            bdf,
+            Entry {
+                dev: Arc::clone(dev),
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends a VMM device's session: stops its task, disarms it and lets go
+    /// of the daemon's copy of its fd (once the last reference is dropped).
+    /// Does nothing if the device is no longer listed (a shutdown took it).
+    pub(crate) async fn release_handed_over(&self, dev: &Arc<ManagedDevice>) {
+        let entry = {
+            let mut devices = lock(&self.devices);
+            match devices.get(&dev.bdf()) {
+                Some(e) if Arc::ptr_eq(&e.dev, dev) => devices.remove(&dev.bdf()),
+                _ => None,
+            }
+        };
+        if let Some(entry) = entry {
+            self.finish_removal(vec![entry]).await;
         }
     }
 
@@ -690,6 +753,12 @@ impl Daemon {
                 Some(list) => list.iter().filter_map(|b| devices.remove(b)).collect(),
             }
         };
+        self.finish_removal(entries).await
+    }
+
+    /// Stops and hands back devices already taken out of the list; returns
+    /// how many could not be restored.
+    async fn finish_removal(&self, entries: Vec<Entry>) -> usize {
         for e in &entries {
             e.dev.stop();
         }
@@ -706,6 +775,10 @@ impl Daemon {
         let mut failed = 0;
         for (bdf, r) in restored {
             match r {
+                Ok(r) if r.handed_over => {
+                    info!(%bdf, command = format_args!("{:#06x}", r.now),
+                        "VMM device released: INTx delivery stopped, COMMAND left to the VMM");
+                }
                 Ok(r) if r.now == r.found => {
                     info!(%bdf, command = format_args!("{:#06x}", r.now), driver_restored = r.driver_restored,
                         "device restored: INTx delivery stopped, COMMAND as found");

@@ -125,15 +125,30 @@ pub enum Request {
         /// The device.
         bdf: String,
     },
-    /// Starts a VMM session. With `bdf` (a device the daemon owns) the
-    /// request carries two descriptors: KVM's irqfd (trigger) and resample
-    /// eventfd. Without `bdf` it carries three: the VMM's VFIO device fd
-    /// first. The connection is the session: it ends when the VMM closes
-    /// it or dies.
+    /// Starts a VMM session. The connection is the session: it ends when
+    /// the VMM closes it or dies.
+    ///
+    /// - On a device the daemon owns: `bdf`, and two descriptors: KVM's
+    ///   irqfd (trigger) and resample eventfd.
+    /// - On the VMM's own VFIO device: `vfio-device-fd = true` (implied
+    ///   when `bdf` is absent) and three descriptors: the VFIO device fd,
+    ///   then the irqfd and the resample eventfd. `bdf` names the device;
+    ///   it may be left out where the kernel names a device fd's device
+    ///   (Linux 6.18+). The daemon services the device's INTx through that
+    ///   fd for the session and releases it when the session ends; the VMM
+    ///   keeps its container and group, and must not set INTx up itself
+    ///   meanwhile.
     Session {
-        /// A device the daemon owns.
+        /// The device.
         #[serde(default)]
         bdf: Option<String>,
+        /// The first descriptor is the VMM's VFIO device fd.
+        #[serde(default, rename = "vfio-device-fd")]
+        vfio_device_fd: bool,
+        /// The EOI path on the VMM's own device (the daemon's configuration
+        /// decides it for devices the daemon owns); `auto` when absent.
+        #[serde(default)]
+        path: Option<crate::daemon::config::PathSetting>,
     },
     /// Test hook of simulated devices (and of an edu with
     /// `edu-test-hooks`): the device raises `count` interrupts.
@@ -160,11 +175,39 @@ fn one() -> u64 {
 }
 
 impl Request {
+    /// A session on a device the daemon owns (send the irqfd and the
+    /// resample eventfd with it).
+    pub fn session(bdf: impl Into<String>) -> Self {
+        Request::Session {
+            bdf: Some(bdf.into()),
+            vfio_device_fd: false,
+            path: None,
+        }
+    }
+
+    /// A session on the VMM's own VFIO device (send the device fd, the
+    /// irqfd and the resample eventfd with it). `bdf` may be `None` where
+    /// the kernel names a device fd's device (Linux 6.18+).
+    pub fn device_fd_session(
+        bdf: Option<String>,
+        path: Option<crate::daemon::config::PathSetting>,
+    ) -> Self {
+        Request::Session {
+            bdf,
+            vfio_device_fd: true,
+            path,
+        }
+    }
+
     /// How many descriptors must accompany the request.
     pub fn fds_expected(&self) -> usize {
         match self {
-            Request::Session { bdf: Some(_) } => 2,
-            Request::Session { bdf: None } => 3,
+            Request::Session {
+                bdf: Some(_),
+                vfio_device_fd: false,
+                ..
+            } => 2,
+            Request::Session { .. } => 3,
             _ => 0,
         }
     }
@@ -268,5 +311,31 @@ mod tests {
             }
         );
         assert!(decode::<Request>(br#"{"op":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn sessions_name_their_descriptors() {
+        use crate::daemon::config::PathSetting;
+        // A device the daemon owns: irqfd and resample eventfd.
+        let owned: Request = decode(br#"{"op":"session","bdf":"0000:01:00.0"}"#).unwrap();
+        assert_eq!(owned, Request::session("0000:01:00.0"));
+        assert_eq!(owned.fds_expected(), 2);
+        // A VMM's own device: its device fd first.
+        let handed: Request = decode(
+            br#"{"op":"session","vfio-device-fd":true,"bdf":"0000:01:00.0","path":"userspace"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            handed,
+            Request::device_fd_session(Some("0000:01:00.0".into()), Some(PathSetting::Userspace))
+        );
+        assert_eq!(handed.fds_expected(), 3);
+        // Without an address the first descriptor can only be a device fd.
+        let unnamed: Request = decode(br#"{"op":"session"}"#).unwrap();
+        assert_eq!(unnamed.fds_expected(), 3);
+        // The wire form round-trips.
+        let bytes = serde_json::to_vec(&handed).unwrap();
+        assert_eq!(decode::<Request>(&bytes).unwrap(), handed);
+        assert!(decode::<Request>(br#"{"op":"session","path":"sideways"}"#).is_err());
     }
 }

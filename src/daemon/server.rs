@@ -16,11 +16,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::backend::ConfigSpace;
+use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
-use crate::daemon::service::{rate_limit, AttachError, ManagedDevice};
+use crate::daemon::service::{self, rate_limit, AttachError, DeviceError, ManagedDevice};
 use crate::daemon::{sys, Daemon, DaemonError};
 use crate::kvm::validate_eventfd;
 use crate::pci::Bdf;
+use crate::vfio::{VfioBackend, VfioError};
 
 /// What `probe` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,9 @@ pub struct SessionReport {
     pub bdf: String,
     /// The EOI path.
     pub path: String,
+    /// On a VMM's own device fd: how the daemon established its address.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// Creates the control socket: its directory if missing, refusing to take
@@ -268,8 +274,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
             let _ = send(&mut conn.stream, &r).await;
             return;
         }
-        if let Request::Session { bdf } = request {
-            session(&daemon, conn, bdf, fds, permit).await;
+        if let Request::Session {
+            bdf,
+            vfio_device_fd,
+            path,
+        } = request
+        {
+            let attached = attach(&daemon, bdf, vfio_device_fd, path, fds).await;
+            session(&daemon, conn, attached, permit).await;
             return;
         }
         let response = daemon.handle(request).await;
@@ -288,29 +300,21 @@ pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
     })
 }
 
-fn is_vfio_device_fd(fd: &OwnedFd) -> bool {
-    use std::os::fd::AsRawFd;
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .is_ok_and(|l| l == Path::new("anon_inode:[vfio-device]"))
-}
-
-/// Validates a session request and attaches it; on success the
-/// connection is the session until the VMM closes it or dies.
+/// Answers a session request; on success the connection is the session
+/// until the VMM closes it or dies.
 async fn session(
     daemon: &Arc<Daemon>,
     mut conn: Conn,
-    bdf: Option<String>,
-    fds: Vec<OwnedFd>,
+    attached: Result<(Arc<ManagedDevice>, SessionReport), Response>,
     permit: OwnedSemaphorePermit,
 ) {
-    let attached = attach(daemon, bdf, fds).await;
     let dev = match attached {
         Ok((dev, report)) => {
             if send(&mut conn.stream, &Response::ok(&report))
                 .await
                 .is_err()
             {
-                dev.detach();
+                end_session(daemon, &dev).await;
                 return;
             }
             dev
@@ -348,13 +352,24 @@ async fn session(
             }
         }
     }
-    dev.detach();
+    end_session(daemon, &dev).await;
     info!(bdf = %dev.bdf(), "VMM session ended; its descriptors are released");
 }
 
+/// Detaches a session; a VMM's own device is released with it.
+async fn end_session(daemon: &Arc<Daemon>, dev: &Arc<ManagedDevice>) {
+    dev.detach();
+    if dev.handed_over.is_some() {
+        daemon.release_handed_over(dev).await;
+    }
+}
+
+/// Validates a session request and attaches it.
 async fn attach(
     daemon: &Arc<Daemon>,
     bdf: Option<String>,
+    vfio_device_fd: bool,
+    path: Option<PathSetting>,
     fds: Vec<OwnedFd>,
 ) -> Result<(Arc<ManagedDevice>, SessionReport), Response> {
     let mut fds = fds.into_iter();
@@ -362,44 +377,133 @@ async fn attach(
         fds.next()
             .ok_or_else(|| Response::error(ErrorKind::BadRequest, "missing descriptor"))
     };
-    let Some(bdf) = bdf else {
-        let device = next()?;
-        if !is_vfio_device_fd(&device) {
-            return Err(Response::error(
-                ErrorKind::BadRequest,
-                "the first descriptor is not a VFIO device fd (anon_inode:[vfio-device])",
-            ));
-        }
-        return Err(Response::error(
-            ErrorKind::Unsupported,
-            "sessions on a VMM's own VFIO device fd are not supported yet; name a device the \
-             daemon owns (\"bdf\") and pass the irqfd and resample eventfd",
-        ));
-    };
-    let bdf = bdf_arg(&bdf)?;
-    let irqfd = next()?;
-    let resample = next()?;
     let bad =
         |e: crate::kvm::KvmError| Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
-    validate_eventfd(&irqfd, "the irqfd (first descriptor)").map_err(bad)?;
-    validate_eventfd(&resample, "the resample eventfd (second descriptor)").map_err(bad)?;
-    let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
-    dev.attach(sys::into_eventfd(irqfd), sys::into_eventfd(resample))
-        .await
-        .map_err(|e| {
-            let kind = match e {
-                AttachError::Busy { .. } | AttachError::Held { .. } => ErrorKind::Busy,
-                _ => ErrorKind::Failed,
-            };
-            Response::error(kind, crate::error_chain(&e))
-        })?;
-    Ok((
-        Arc::clone(&dev),
-        SessionReport {
+    let claimed = bdf.as_deref().map(bdf_arg).transpose()?;
+    let device_fd = if vfio_device_fd || claimed.is_none() {
+        let device = next()?;
+        crate::vfio::handover::check_device_fd(device.as_fd())
+            .map_err(|e| Response::error(ErrorKind::BadRequest, crate::error_chain(&e)))?;
+        Some(device)
+    } else {
+        None
+    };
+    let (irq_what, resample_what) = if device_fd.is_some() {
+        (
+            "the irqfd (second descriptor)",
+            "the resample eventfd (third descriptor)",
+        )
+    } else {
+        (
+            "the irqfd (first descriptor)",
+            "the resample eventfd (second descriptor)",
+        )
+    };
+    let irqfd = next()?;
+    let resample = next()?;
+    validate_eventfd(&irqfd, irq_what).map_err(bad)?;
+    validate_eventfd(&resample, resample_what).map_err(bad)?;
+    let (irqfd, resample) = (sys::into_eventfd(irqfd), sys::into_eventfd(resample));
+    let Some(device) = device_fd else {
+        // `claimed` is Some here: without an address the first descriptor
+        // is a device fd.
+        let Some(bdf) = claimed else {
+            return Err(Response::error(ErrorKind::BadRequest, "missing \"bdf\""));
+        };
+        if path.is_some() {
+            return Err(Response::error(
+                ErrorKind::BadRequest,
+                format!(
+                    "{bdf}: \"path\" applies to a VMM's own device fd; the daemon's \
+                     configuration sets it for devices the daemon owns"
+                ),
+            ));
+        }
+        let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
+        dev.attach(irqfd, resample).await.map_err(attach_error)?;
+        let report = SessionReport {
             bdf: bdf.to_string(),
             path: dev.status().path,
-        },
-    ))
+            identity: None,
+        };
+        return Ok((dev, report));
+    };
+    if let Some(bdf) = claimed.filter(|b| daemon.device(*b).is_some()) {
+        return Err(Response::error(
+            ErrorKind::Busy,
+            format!(
+                "{bdf}: the daemon owns this device already; start the session with \"bdf\" \
+                 alone and pass the irqfd and resample eventfd"
+            ),
+        ));
+    }
+    let dev = adopt(daemon, device, claimed, path.unwrap_or_default()).await?;
+    if let Err(e) = dev.attach(irqfd, resample).await {
+        daemon.release_handed_over(&dev).await;
+        return Err(attach_error(e));
+    }
+    let report = SessionReport {
+        bdf: dev.bdf().to_string(),
+        path: dev.status().path,
+        identity: dev.handed_over.map(|i| i.to_string()),
+    };
+    Ok((dev, report))
+}
+
+fn attach_error(e: AttachError) -> Response {
+    let kind = match e {
+        AttachError::Busy { .. } | AttachError::Held { .. } => ErrorKind::Busy,
+        _ => ErrorKind::Failed,
+    };
+    Response::error(kind, crate::error_chain(&e))
+}
+
+/// Takes a VMM's own VFIO device fd: identifies it, arms it and lists it
+/// among the daemon's devices for the session.
+async fn adopt(
+    daemon: &Arc<Daemon>,
+    device: OwnedFd,
+    claimed: Option<Bdf>,
+    path: PathSetting,
+) -> Result<Arc<ManagedDevice>, Response> {
+    let joined = tokio::task::spawn_blocking(move || {
+        let backend = VfioBackend::from_device_fd(device, claimed)?;
+        let config = DeviceConfig {
+            path,
+            ..DeviceConfig::defaults(backend.bdf(), BackendKind::Vfio)
+        };
+        ManagedDevice::adopt(config, backend)
+    })
+    .await;
+    let failed = |e: &DeviceError| {
+        let kind = match e {
+            DeviceError::Vfio(
+                VfioError::NotADeviceFd { .. }
+                | VfioError::Unidentified
+                | VfioError::NotThisDevice { .. },
+            ) => ErrorKind::BadRequest,
+            DeviceError::Vfio(VfioError::DeviceNotFound { .. }) => ErrorKind::NotFound,
+            _ => ErrorKind::Failed,
+        };
+        Response::error(kind, crate::error_chain(e))
+    };
+    let (dev, rx) = match joined {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => return Err(failed(&e)),
+        Err(e) => {
+            return Err(Response::error(
+                ErrorKind::Failed,
+                format!("taking the device fd over could not run: {e}"),
+            ))
+        }
+    };
+    if let Err(e) = daemon.insert_handed_over(&dev, rx) {
+        let response = failed(&e);
+        let devs = vec![dev];
+        let _ = tokio::task::spawn_blocking(move || service::hand_back(devs)).await;
+        return Err(response);
+    }
+    Ok(dev)
 }
 
 pub(crate) fn not_owned(bdf: Bdf) -> Response {

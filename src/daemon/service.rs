@@ -33,6 +33,7 @@ use crate::pci::sysfs::{Binding, PciSysfs, SysfsError};
 use crate::pci::{Bdf, Width};
 use crate::sim::{SimDevice, SimKernel};
 use crate::uio::{UioBackend, UioError};
+use crate::vfio::handover::DeviceIdentity;
 use crate::vfio::{VfioBackend, VfioError};
 
 /// Why a device could not be brought up, driven or handed back. Every
@@ -271,6 +272,10 @@ pub struct ManagedDevice {
     pub found_command: u16,
     /// The masking probe's verdict at start.
     pub masking: String,
+    /// `Some` for a VMM's own VFIO device fd, handed over for one session
+    /// (how its address was established): the daemon only services its
+    /// INTx and never touches COMMAND when it lets go.
+    pub handed_over: Option<DeviceIdentity>,
     binding: Mutex<Option<Binding>>,
     held_operator: AtomicBool,
     /// A session's end is being processed: the VMM's irqfd is already
@@ -309,6 +314,10 @@ pub struct DeviceStatus {
     pub bound_by_daemon: bool,
     /// Whether a reset holds the device right now.
     pub in_reset: bool,
+    /// For a VMM's own device fd, handed over for its session: how its
+    /// address was established. `None` for devices the daemon opened.
+    #[serde(default)]
+    pub handed_over: Option<String>,
     /// Counters.
     pub stats: DeviceStats,
 }
@@ -322,6 +331,8 @@ pub struct Restored {
     pub now: u16,
     /// Whether the previous driver was restored.
     pub driver_restored: bool,
+    /// A VMM's own device: only INTx was released, COMMAND is the VMM's.
+    pub handed_over: bool,
 }
 
 impl ManagedDevice {
@@ -355,7 +366,7 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
-        let (mut backend, sim) = match config.backend {
+        let (backend, sim) = match config.backend {
             BackendKind::Vfio => (AnyBackend::Vfio(VfioBackend::open(bdf)?), None),
             BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
             BackendKind::Sim => {
@@ -374,6 +385,50 @@ impl ManagedDevice {
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
+        Self::arm(sysfs, config, backend, sim, binding, None)
+    }
+
+    /// Takes over a VMM's own VFIO device fd for one session
+    /// ([`VfioBackend::from_device_fd`]): probed (read-only) and armed like
+    /// a configured device, never bound, reset or written to at start.
+    #[instrument(skip_all, fields(bdf = %config.bdf))]
+    pub(crate) fn adopt(
+        config: DeviceConfig,
+        backend: VfioBackend,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let Some(identity) = backend.identity() else {
+            return Err(DeviceError::Unsupported {
+                bdf: config.bdf,
+                what: "only a handed-over device fd can be adopted for a session",
+            });
+        };
+        let config = DeviceConfig {
+            bind: false,
+            reset: false,
+            edu_test_hooks: false,
+            ..config
+        };
+        Self::arm(
+            &PciSysfs::default(),
+            config,
+            AnyBackend::Vfio(backend),
+            None,
+            None,
+            Some(identity),
+        )
+    }
+
+    /// Probes and arms an opened backend.
+    fn arm(
+        sysfs: &PciSysfs,
+        config: DeviceConfig,
+        mut backend: AnyBackend,
+        sim: Option<SimDevice>,
+        binding: Option<Binding>,
+        handed_over: Option<DeviceIdentity>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
         let found_command = read_command_status(&mut backend)
             .map_err(backend_error("reading COMMAND"))?
             .command;
@@ -432,6 +487,7 @@ impl ManagedDevice {
                 metrics,
                 found_command,
                 masking,
+                handed_over,
                 binding: Mutex::new(binding),
                 held_operator: AtomicBool::new(false),
                 session_ending: AtomicBool::new(false),
@@ -451,7 +507,6 @@ impl ManagedDevice {
     /// first (the edu answers BAR accesses only then). COMMAND as found is
     /// read before, and restored at shutdown.
     fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<crate::vfio::edu::Edu>, DeviceError> {
-        use crate::pci::regs::{COMMAND_MASTER, COMMAND_MEMORY};
         let bdf = backend.bdf();
         let AnyBackend::Vfio(vfio) = backend else {
             return Err(DeviceError::Backend {
@@ -460,21 +515,7 @@ impl ManagedDevice {
                 source: BackendError::NoIntx,
             });
         };
-        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
-        let command = vfio
-            .config_read(PCI_COMMAND, Width::Word)
-            .map_err(backend_error("reading COMMAND"))?;
-        vfio.config_write(
-            PCI_COMMAND,
-            Width::Word,
-            command | u32::from(COMMAND_MEMORY | COMMAND_MASTER),
-        )
-        .map_err(backend_error("enabling memory decoding"))?;
-        let edu = vfio.region(0).and_then(crate::vfio::edu::Edu::new)?;
-        let stale = edu.status()?;
-        if stale != 0 {
-            edu.ack_bits(stale)?;
-        }
+        let edu = crate::vfio::edu::Edu::enable(vfio)?;
         Ok(Arc::new(edu))
     }
 
@@ -507,6 +548,7 @@ impl ManagedDevice {
             found_command: self.found_command,
             bound_by_daemon: lock(&self.binding).as_ref().is_some_and(Binding::changed),
             in_reset: self.engine.is_blocked(),
+            handed_over: self.handed_over.map(|i| i.to_string()),
             stats: self.stats(),
         }
     }
@@ -609,11 +651,26 @@ impl ManagedDevice {
 
     /// Hands the device back (blocking): INTx delivery stopped, COMMAND as
     /// found. The previous driver is restored by [`hand_back`], once the
-    /// device is closed.
+    /// device is closed. A VMM's own device is only disarmed: its COMMAND
+    /// is the VMM's guest's, which may have changed it during the session.
     #[instrument(skip_all, fields(bdf = %self.bdf()))]
     fn restore(&self) -> Result<Restored, DeviceError> {
         let bdf = self.bdf();
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
+        if self.handed_over.is_some() {
+            self.engine.disarm()?;
+            let now = self
+                .engine
+                .with_backend(read_command_status)
+                .map_err(backend_error("reading COMMAND back"))?
+                .command;
+            return Ok(Restored {
+                found: now,
+                now,
+                driver_restored: false,
+                handed_over: true,
+            });
+        }
         let disarmed = self.engine.disarm();
         let written = self.engine.with_backend(|b| {
             b.config_write(PCI_COMMAND, Width::Word, u32::from(self.found_command))
@@ -632,6 +689,7 @@ impl ManagedDevice {
             found: self.found_command,
             now,
             driver_restored: false,
+            handed_over: false,
         })
     }
 }
