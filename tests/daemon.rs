@@ -127,6 +127,21 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits for `needle` in the daemon's log. The log reaches the test
+    /// through a pipe and a reader thread, so a line the daemon wrote just
+    /// before answering a request may not be here yet.
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn client(&self) -> Client {
         Client::connect(&self.socket, Duration::from_secs(10)).unwrap()
     }
@@ -300,7 +315,7 @@ fn a_bad_config_is_reported_with_its_location_and_starts_nothing() {
         d.wait_exit(Duration::from_secs(5)).0,
         Some(i32::from(exit::CONFIG))
     );
-    assert!(d.log().contains(":6:7: invalid PCI address"), "{}", d.log());
+    d.wait_log(":6:7: invalid PCI address");
     // validate agrees, with --json.
     let out = Command::new(BIN)
         .args(["validate", "--json"])
@@ -475,7 +490,7 @@ fn a_peer_with_another_uid_is_refused() {
         .as_str()
         .unwrap()
         .contains("uid 65534"));
-    assert!(d.log().contains("refusing a client"), "{}", d.log());
+    d.wait_log("refusing a client");
     // Root still gets in.
     assert!(d.ask(&Request::Ping)["pid"].is_number());
 }
@@ -548,7 +563,7 @@ fn sighup_reload_adds_and_removes_devices_and_leaves_unchanged_ones_alone() {
     assert_eq!(bdfs, [A, C]);
     assert_eq!(d.interrupts(A), 1, "A keeps its statistics");
     vmm.session.wait_closed().unwrap();
-    assert!(d.log().contains("device restored"), "B was handed back");
+    d.wait_log("device restored");
 }
 
 /// The VMM's side of the device in the session test: the guest's config
@@ -727,7 +742,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
         assert!(Instant::now() < deadline, "the session was not released");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(d.log().contains("VMM session ended"));
+    d.wait_log("VMM session ended");
     // And a new session can start.
     let mut again = d.client();
     let r = again
@@ -918,7 +933,7 @@ fn a_line_nobody_handles_is_masked_as_a_storm_reported_and_retried() {
     wait_for("a storm", Duration::from_secs(5), || {
         device_status(&d, A).stats.daemon.storms >= 1
     });
-    assert!(d.log().contains("interrupt storm"), "{}", d.log());
+    d.wait_log("interrupt storm");
     // Retried after the back-off, and masked again while it goes on.
     wait_for("a second storm", Duration::from_secs(5), || {
         device_status(&d, A).stats.daemon.storms >= 2
@@ -959,7 +974,7 @@ fn an_interrupt_left_without_eoi_is_reported_and_recovered() {
     wait_for("the EOI timeout", Duration::from_secs(5), || {
         device_status(&d, A).stats.daemon.eoi_timeouts == 1
     });
-    assert!(d.log().contains("no EOI from the guest"), "{}", d.log());
+    d.wait_log("no EOI from the guest");
     // Recovered: the line is unmasked and the next interrupt arrives.
     d.ask(&Request::SimRaise {
         bdf: A.into(),
@@ -1149,7 +1164,7 @@ fn clients_beyond_the_limit_are_refused_and_the_daemon_survives_running_out_of_d
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(d.log().contains("accepting a client failed"), "{}", d.log());
+    d.wait_log("accepting a client failed");
 }
 
 #[test]

@@ -789,11 +789,16 @@ fn handover(path: &str) {
         0,
         "the daemon kept the VMM's device fd"
     );
-    assert!(
-        d.log.lock().unwrap().contains("VMM device released"),
-        "{}",
-        d.log.lock().unwrap()
-    );
+    // The log comes through a pipe: the line may trail the status.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !d.log.lock().unwrap().contains("VMM device released") {
+        assert!(
+            Instant::now() < deadline,
+            "no release in the log:\n{}",
+            d.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The VMM's own fd still drives the device: an interrupt it raises
     // shows in STATUS through it, and nothing masks it any more.
     let mut backend = chipset.backend.into_inner().unwrap();
