@@ -176,6 +176,17 @@ impl Client {
         }
     }
 
+    /// Ends the session on this connection and waits until the daemon has
+    /// let go: it closes the connection only after detaching the session
+    /// and, for a VMM's own device fd, disarming INTx and closing its copy
+    /// of the fd. After this returns the VMM may set the device's INTx up
+    /// itself. (Closing the connection also ends the session, without
+    /// waiting.)
+    pub fn end_session(mut self) -> io::Result<()> {
+        self.shutdown_write();
+        self.wait_closed()
+    }
+
     /// The underlying stream.
     pub fn stream(&self) -> &UnixStream {
         &self.stream

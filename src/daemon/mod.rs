@@ -477,17 +477,20 @@ impl Daemon {
         Ok(())
     }
 
-    /// Ends a VMM device's session: stops its task, disarms it and lets go
-    /// of the daemon's copy of its fd (once the last reference is dropped).
-    /// Does nothing if the device is no longer listed (a shutdown took it).
-    pub(crate) async fn release_handed_over(&self, dev: &Arc<ManagedDevice>) {
+    /// Ends a VMM device's session: stops its task, disarms it and closes
+    /// the daemon's copy of its fd, and returns once it is closed. Does
+    /// nothing if the device is no longer listed (a shutdown took it).
+    pub(crate) async fn release_handed_over(&self, dev: Arc<ManagedDevice>) {
         let entry = {
             let mut devices = lock(&self.devices);
             match devices.get(&dev.bdf()) {
-                Some(e) if Arc::ptr_eq(&e.dev, dev) => devices.remove(&dev.bdf()),
+                Some(e) if Arc::ptr_eq(&e.dev, &dev) => devices.remove(&dev.bdf()),
                 _ => None,
             }
         };
+        // The entry's reference is the last one: hand_back waits for the
+        // device to be closed.
+        drop(dev);
         if let Some(entry) = entry {
             self.finish_removal(vec![entry]).await;
         }
@@ -880,15 +883,16 @@ impl Daemon {
     }
 }
 
-/// Sets up logging: journald when stderr is connected to the journal
-/// (`JOURNAL_STREAM`, as systemd sets it), formatted stderr otherwise.
-/// `RUST_LOG` overrides `default`.
+/// Sets up logging: journald when systemd connected stderr to the journal
+/// ([`systemd::stderr_is_journal`]), with each event's span fields (the
+/// device's `F_BDF`) as journal fields; formatted stderr otherwise, and if
+/// the journal's socket cannot be reached. `RUST_LOG` overrides `default`.
 pub fn init_logging(default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if systemd::stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()
                 .with(filter)

@@ -314,7 +314,7 @@ async fn session(
                 .await
                 .is_err()
             {
-                end_session(daemon, &dev).await;
+                end_session(daemon, dev).await;
                 return;
             }
             dev
@@ -352,12 +352,16 @@ async fn session(
             }
         }
     }
-    end_session(daemon, &dev).await;
-    info!(bdf = %dev.bdf(), "VMM session ended; its descriptors are released");
+    let bdf = dev.bdf();
+    end_session(daemon, dev).await;
+    info!(%bdf, "VMM session ended; its descriptors are released");
+    // `conn` closes only now: a VMM that shut down its writing side and
+    // waits for the end of the stream knows the daemon has let go.
 }
 
-/// Detaches a session; a VMM's own device is released with it.
-async fn end_session(daemon: &Arc<Daemon>, dev: &Arc<ManagedDevice>) {
+/// Detaches a session; a VMM's own device is released with it (INTx
+/// disarmed, the daemon's copy of its fd closed) before this returns.
+async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
     dev.detach();
     if dev.handed_over.is_some() {
         daemon.release_handed_over(dev).await;
@@ -439,7 +443,7 @@ async fn attach(
     }
     let dev = adopt(daemon, device, claimed, path.unwrap_or_default()).await?;
     if let Err(e) = dev.attach(irqfd, resample).await {
-        daemon.release_handed_over(&dev).await;
+        daemon.release_handed_over(dev).await;
         return Err(attach_error(e));
     }
     let report = SessionReport {

@@ -84,6 +84,13 @@ pub enum DeviceError {
         /// The device.
         bdf: Bdf,
     },
+    /// A VMM's own device fd is still open in the daemon after its session
+    /// ended (something still uses the device).
+    #[error("{bdf}: the daemon still holds the VMM's device fd after its session ended")]
+    FdStillHeld {
+        /// The device.
+        bdf: Bdf,
+    },
     /// The operation is not possible in the device's current state.
     #[error("{bdf}: {what}")]
     Unsupported {
@@ -706,34 +713,40 @@ pub(crate) fn hand_back(
     devs: Vec<Arc<ManagedDevice>>,
 ) -> Vec<(Bdf, Result<Restored, DeviceError>)> {
     let mut out = Vec::with_capacity(devs.len());
-    let mut unbind = Vec::new();
+    // Devices that must be closed before this returns: those whose driver
+    // is restored, and a VMM's own device fds (the VMM may set INTx up
+    // itself as soon as the daemon says it let go).
+    let mut close = Vec::new();
     for dev in devs {
         let bdf = dev.bdf();
         let r = dev.restore();
         let binding = lock(&dev.binding).take().filter(Binding::changed);
+        let handed_over = dev.handed_over.is_some();
         let engine = Arc::downgrade(&dev.engine);
         drop(dev);
-        if let Some(b) = binding {
-            unbind.push((out.len(), engine, b));
+        if binding.is_some() || handed_over {
+            close.push((out.len(), bdf, engine, binding));
         }
         out.push((bdf, r));
     }
-    for (i, engine, binding) in unbind {
-        let bdf = binding.bdf();
+    for (i, bdf, engine, binding) in close {
         let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
         while engine.strong_count() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let restored = if engine.strong_count() > 0 {
-            Err(DeviceError::StillOpen { bdf })
-        } else {
-            PciSysfs::default()
+        let still_open = engine.strong_count() > 0;
+        let rebind = binding.is_some();
+        let restored = match binding {
+            Some(_) if still_open => Err(DeviceError::StillOpen { bdf }),
+            None if still_open => Err(DeviceError::FdStillHeld { bdf }),
+            Some(binding) => PciSysfs::default()
                 .unbind(&binding)
-                .map_err(DeviceError::from)
+                .map_err(DeviceError::from),
+            None => Ok(()),
         };
         if let Some((_, result)) = out.get_mut(i) {
             match (restored, result) {
-                (Ok(()), Ok(r)) => r.driver_restored = true,
+                (Ok(()), Ok(r)) => r.driver_restored = rebind,
                 (Ok(()), Err(_)) => {}
                 (Err(e), result) => *result = Err(e),
             }

@@ -2,12 +2,47 @@
 //! armed, STATUS= lines, WATCHDOG=1 at half of WatchdogSec, RELOADING=1 with
 //! MONOTONIC_USEC around a reload, STOPPING=1 at shutdown. Without
 //! `NOTIFY_SOCKET` every call is a no-op.
+//!
+//! [`stderr_is_journal`] tells whether systemd connected stderr to the
+//! journal, so that logs go to journald with their fields.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
+
+/// Whether stderr is the stream systemd connected to the journal: the
+/// service manager sets `JOURNAL_STREAM` to its `DEVICE:INODE`, and a
+/// process that inherited the variable with stderr redirected elsewhere
+/// (a shell, a pipe to a file) must keep writing to stderr.
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some(value) = value.to_str() else {
+        return false;
+    };
+    let stat = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata());
+    match stat {
+        Ok(m) => journal_stream_is(value, m.dev(), m.ino()),
+        Err(_) => false,
+    }
+}
+
+/// Whether a `JOURNAL_STREAM` value names the file `dev`, `ino`.
+fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = value.trim().split_once(':') else {
+        return false;
+    };
+    d.parse() == Ok(dev) && i.parse() == Ok(ino)
+}
 
 /// Sends notifications to the service manager, if there is one.
 #[derive(Debug, Clone, Copy)]
@@ -86,5 +121,24 @@ impl Notifier {
         let mut usec = 0;
         (self.enabled && sd_notify::watchdog_enabled(false, &mut usec))
             .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_stream_is_the_file_it_names() {
+        assert!(journal_stream_is("8:2617", 8, 2617));
+        assert!(journal_stream_is("8:2617\n", 8, 2617));
+        // Another file (stderr redirected after systemd set the variable).
+        assert!(!journal_stream_is("8:2617", 8, 2618));
+        assert!(!journal_stream_is("9:2617", 8, 2617));
+        // Malformed values are not the journal.
+        assert!(!journal_stream_is("", 8, 2617));
+        assert!(!journal_stream_is("8-2617", 8, 2617));
+        assert!(!journal_stream_is("8:", 8, 2617));
+        assert!(!journal_stream_is("x:2617", 8, 2617));
     }
 }
