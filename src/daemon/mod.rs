@@ -419,30 +419,16 @@ impl Daemon {
         lock(&self.config).clone()
     }
 
+    /// Lists devices the daemon opened and starts their tasks; one that
+    /// cannot be listed is handed back in place.
     fn insert(&self, opened: Opened) {
         let mut failed = Vec::new();
-        {
-            let mut devices = lock(&self.devices);
-            for (dev, rx) in opened {
-                if devices.contains_key(&dev.bdf()) {
-                    // Only a VMM's session can hold an address that is not
-                    // in the configuration.
-                    error!(bdf = %dev.bdf(), "the device is in use by a VMM session; not started");
-                    failed.push(dev);
-                    continue;
-                }
-                match dev.spawn(rx) {
-                    Ok(task) => {
-                        devices.insert(dev.bdf(), Entry { dev, task });
-                    }
-                    Err(e) => {
-                        error!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "starting the device's task failed");
-                        failed.push(dev);
-                    }
-                }
+        for (dev, rx) in opened {
+            if let Err(e) = self.list(&dev, rx) {
+                error!(bdf = %dev.bdf(), error = %crate::error_chain(&e), "the device was not started");
+                failed.push(dev);
             }
         }
-        // Rare (the reactor refused an eventfd): hand back in place.
         for (bdf, r) in service::hand_back(failed) {
             if let Err(e) = r {
                 warn!(%bdf, error = %crate::error_chain(&e), "handing a device back failed");
@@ -450,10 +436,12 @@ impl Daemon {
         }
     }
 
-    /// Lists a VMM's own device for its session and starts its task.
-    /// Refused when the daemon already has a device at that address; the
+    /// Lists a device and starts its task. Refused when the daemon already
+    /// has a device at that address (a configured device and a VMM's own
+    /// device fd for the same function: whichever came first keeps it), or
+    /// when the task cannot start (the reactor refused an eventfd); the
     /// caller then hands `dev` back.
-    pub(crate) fn insert_handed_over(
+    pub(crate) fn list(
         &self,
         dev: &Arc<ManagedDevice>,
         rx: tokio::sync::mpsc::UnboundedReceiver<service::Control>,

@@ -501,7 +501,7 @@ async fn adopt(
             ))
         }
     };
-    if let Err(e) = daemon.insert_handed_over(&dev, rx) {
+    if let Err(e) = daemon.list(&dev, rx) {
         let response = failed(&e);
         let devs = vec![dev];
         let _ = tokio::task::spawn_blocking(move || service::hand_back(devs)).await;

@@ -664,24 +664,15 @@ impl ManagedDevice {
     fn restore(&self) -> Result<Restored, DeviceError> {
         let bdf = self.bdf();
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
-        if self.handed_over.is_some() {
-            self.engine.disarm()?;
-            let now = self
-                .engine
-                .with_backend(read_command_status)
-                .map_err(backend_error("reading COMMAND back"))?
-                .command;
-            return Ok(Restored {
-                found: now,
-                now,
-                driver_restored: false,
-                handed_over: true,
-            });
-        }
+        let handed_over = self.handed_over.is_some();
         let disarmed = self.engine.disarm();
-        let written = self.engine.with_backend(|b| {
-            b.config_write(PCI_COMMAND, Width::Word, u32::from(self.found_command))
-        });
+        let written = if handed_over {
+            Ok(())
+        } else {
+            self.engine.with_backend(|b| {
+                b.config_write(PCI_COMMAND, Width::Word, u32::from(self.found_command))
+            })
+        };
         let now = match &self.sim {
             Some(sim) => Ok(sim.snapshot().command),
             None => self
@@ -693,10 +684,10 @@ impl ManagedDevice {
         written.map_err(backend_error("restoring COMMAND"))?;
         let now = now.map_err(backend_error("reading COMMAND back"))?;
         Ok(Restored {
-            found: self.found_command,
+            found: if handed_over { now } else { self.found_command },
             now,
             driver_restored: false,
-            handed_over: false,
+            handed_over,
         })
     }
 }

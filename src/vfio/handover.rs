@@ -24,17 +24,16 @@
 //! hot-reset scope) is accepted and reported as such.
 
 use std::fmt;
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::VFIO_PCI_HOT_RESET_FLAG_DEV_ID;
 
-use super::{sys, VfioBackend, VfioError};
-use crate::pci::sysfs::{PciSysfs, SysfsError};
-use crate::pci::Bdf;
+use super::{VfioBackend, VfioError};
+use crate::backend::ConfigSpace;
+use crate::pci::sysfs::{PciSysfs, SysfsConfig};
+use crate::pci::{Bdf, Width};
 
 /// What `/proc/self/fd/N` reads for a device fd from a group
 /// (`VFIO_GROUP_GET_DEVICE_FD`).
@@ -47,8 +46,6 @@ const FDINFO_SYSPATH: &str = "vfio-device-syspath:";
 /// Config-header dwords compared between the fd and sysfs: vendor and
 /// device ID (0x00), revision and class (0x08), subsystem (0x2c).
 const HEADER_DWORDS: [u16; 3] = [0x00, 0x08, 0x2c];
-/// The bytes of sysfs `config` that anyone may read, which hold them.
-const HEADER_BYTES: usize = 64;
 
 /// How a handed-over device fd was matched to its PCI address, strongest
 /// first.
@@ -176,7 +173,7 @@ pub(super) fn identify(
             )))
         }
     }
-    let header = fd_header(backend)?;
+    let header = header(backend)?;
     let claimed_header = sysfs_header(sysfs, claimed)?;
     if header != claimed_header {
         return Err(not_it(format!(
@@ -247,51 +244,27 @@ fn show_header(h: &[u32; 3]) -> String {
     )
 }
 
-/// The header dwords through the handed-over fd's config region.
-fn fd_header(backend: &VfioBackend) -> Result<[u32; 3], VfioError> {
+/// The header dwords of a config space: the handed-over fd's (through the
+/// backend) or a device's sysfs `config` file.
+fn header(config: &mut impl ConfigSpace) -> Result<[u32; 3], VfioError> {
+    let bdf = config.bdf();
     let mut out = [0u32; 3];
     for (word, offset) in out.iter_mut().zip(HEADER_DWORDS) {
-        let mut bytes = [0u8; 4];
-        let at = backend.config_io_offset(offset);
-        let n =
-            sys::pread(backend.device.fd(), &mut bytes, at).map_err(|source| VfioError::Ioctl {
-                bdf: backend.bdf,
-                op: "reading the config header through the device fd",
+        *word = config
+            .config_read(offset, Width::Dword)
+            .map_err(|source| VfioError::Config {
+                bdf,
+                op: "reading the config header",
                 source,
             })?;
-        if n != bytes.len() {
-            return Err(VfioError::Ioctl {
-                bdf: backend.bdf,
-                op: "reading the config header through the device fd",
-                source: super::short(n, bytes.len()),
-            });
-        }
-        *word = u32::from_le_bytes(bytes);
     }
     Ok(out)
 }
 
-/// The header dwords of `bdf` through its sysfs `config` file.
-fn sysfs_header(sysfs: &PciSysfs, bdf: Bdf) -> Result<[u32; 3], SysfsError> {
-    let path = sysfs.device_dir(bdf).join("config");
-    let io = |source| SysfsError::Io {
-        bdf,
-        op: "reading the config header",
-        path: path.clone(),
-        source,
-    };
-    let mut bytes = [0u8; HEADER_BYTES];
-    File::open(&path)
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(io)?;
-    let mut out = [0u32; 3];
-    for (word, offset) in out.iter_mut().zip(HEADER_DWORDS) {
-        let at = usize::from(offset);
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&bytes[at..at + 4]);
-        *word = u32::from_le_bytes(b);
-    }
-    Ok(out)
+/// The header dwords of `bdf` through its sysfs `config` file (the part
+/// anyone may read).
+fn sysfs_header(sysfs: &PciSysfs, bdf: Bdf) -> Result<[u32; 3], VfioError> {
+    header(&mut SysfsConfig::open_read_only(sysfs, bdf)?)
 }
 
 #[cfg(test)]

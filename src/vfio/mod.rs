@@ -481,16 +481,11 @@ impl VfioBackend {
             (None, None) => return Err(VfioError::Unidentified),
         };
         if !sysfs.exists(bdf) {
-            return Err(VfioError::DeviceNotFound {
-                bdf,
-                path: sysfs.device_dir(bdf),
-                source: io::Error::from(io::ErrorKind::NotFound),
-            });
+            return Err(not_found(sysfs, bdf));
         }
-        let group = sysfs.iommu_group(bdf)?.ok_or_else(|| VfioError::NoIommu {
-            bdf,
-            missing: sysfs.device_dir(bdf).join("iommu_group"),
-        })?;
+        let group = sysfs
+            .iommu_group(bdf)?
+            .ok_or_else(|| no_iommu_group(sysfs, bdf))?;
         let mut backend =
             Self::with_device(bdf, group, DeviceFile::HandedOver(Arc::new(fd)), None)?;
         let identity = match named {
@@ -1105,23 +1100,15 @@ fn region(fd: BorrowedFd<'_>, index: u32) -> io::Result<RegionInfo> {
 /// The checks `open` makes in sysfs before asking the kernel; returns the
 /// device's IOMMU group.
 fn preflight(sysfs: &PciSysfs, bdf: Bdf) -> Result<u32, VfioError> {
-    let dir = sysfs.device_dir(bdf);
     if !sysfs.exists(bdf) {
-        return Err(VfioError::DeviceNotFound {
-            bdf,
-            path: dir,
-            source: io::Error::from_raw_os_error(libc::ENOENT),
-        });
+        return Err(not_found(sysfs, bdf));
     }
     let driver = sysfs.driver(bdf)?;
     if !driver.as_deref().is_some_and(|d| d.contains("vfio")) {
         return Err(VfioError::NotBoundToVfio { bdf, driver });
     }
     if sysfs.iommu_group(bdf)?.is_none() {
-        return Err(VfioError::NoIommu {
-            bdf,
-            missing: dir.join("iommu_group"),
-        });
+        return Err(no_iommu_group(sysfs, bdf));
     }
     let viability = sysfs.vfio_viability(bdf)?;
     let blockers: Vec<String> = viability
@@ -1142,6 +1129,21 @@ fn preflight(sysfs: &PciSysfs, bdf: Bdf) -> Result<u32, VfioError> {
         });
     }
     Ok(viability.group)
+}
+
+fn not_found(sysfs: &PciSysfs, bdf: Bdf) -> VfioError {
+    VfioError::DeviceNotFound {
+        bdf,
+        path: sysfs.device_dir(bdf),
+        source: io::Error::from_raw_os_error(libc::ENOENT),
+    }
+}
+
+fn no_iommu_group(sysfs: &PciSysfs, bdf: Bdf) -> VfioError {
+    VfioError::NoIommu {
+        bdf,
+        missing: sysfs.device_dir(bdf).join("iommu_group"),
+    }
 }
 
 /// Turns vfio-ioctls' setup errors into ours, keeping the OS error.
