@@ -1,0 +1,112 @@
+//! Failures outside the interrupt path queue a re-check, and work re-queued
+//! after a partial failure runs only what was left: nothing is left masked
+//! with the watchdog off, and nothing is injected twice before an EOI.
+
+use vfio_intx::intx::{IntxOptions, LineState, Serviced, WatchdogOptions};
+use vfio_intx::pci::regs::*;
+use vfio_intx::pci::Width;
+use vfio_intx::sim::{Fault, SimDevice, SimOp};
+
+use crate::Stepper;
+
+fn watchdog_off() -> IntxOptions {
+    IntxOptions {
+        watchdog: WatchdogOptions {
+            enabled: false,
+            ..WatchdogOptions::default()
+        },
+        ..IntxOptions::default()
+    }
+}
+
+/// What a worker does between events: everything the trigger wakes it for.
+fn run_worker_until_quiet(t: &Stepper) {
+    for _ in 0..100 {
+        if !t.trigger_fired() {
+            return;
+        }
+        let _ = t.dev.on_host_interrupt();
+    }
+    panic!("the worker never went quiet");
+}
+
+/// Issue 11 item 6: the guest clears its INTX_DISABLE while the device
+/// asserts, and the settle that should deliver fails once. The worker must
+/// re-check; with the watchdog off nothing else would.
+#[test]
+fn a_failed_settle_in_a_guest_config_write_is_rechecked_by_the_worker() {
+    let t = Stepper::with_options(SimDevice::builder().build(), watchdog_off());
+    let disabled = u32::from(COMMAND_MEMORY | COMMAND_INTX_DISABLE);
+    t.dev
+        .guest_config_write(PCI_COMMAND, Width::Word, disabled)
+        .unwrap();
+    t.sim.raise();
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 0, "held while the guest disabled INTx");
+    t.sim.inject_fault(SimOp::CheckAndUnmask, Fault::Eio, 0, 1);
+    assert!(t
+        .dev
+        .guest_config_write(PCI_COMMAND, Width::Word, COMMAND_MEMORY.into())
+        .is_err());
+    run_worker_until_quiet(&t);
+    t.dev.watchdog_tick(std::time::Instant::now());
+    assert_eq!(
+        t.injected(),
+        1,
+        "the interrupt the guest enabled was never delivered: {:?}",
+        t.sim.snapshot()
+    );
+    assert!(t.guest_isr());
+    assert!(!t.masked(), "line left masked");
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
+
+/// Issue 11 item 6: `resync()` masks, then settles; when the settle fails
+/// the line must not stay masked for good.
+#[test]
+fn a_failed_settle_in_resync_is_rechecked_by_the_worker() {
+    let t = Stepper::with_options(SimDevice::builder().build(), watchdog_off());
+    t.sim.inject_fault(SimOp::CheckAndUnmask, Fault::Eio, 0, 1);
+    assert!(t.dev.resync().is_err());
+    run_worker_until_quiet(&t);
+    t.dev.watchdog_tick(std::time::Instant::now());
+    assert!(!t.masked(), "resync left the line masked");
+    t.sim.raise();
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 1, "the next interrupt never arrived");
+}
+
+/// Issue 11 item 11: an EOI deferred behind a config access re-injects for
+/// a device still asserting; the re-check after it fails once. Only the
+/// re-check may run again — not the EOI, which would inject a second time
+/// before the guest's next EOI.
+#[test]
+fn work_requeued_after_a_partial_failure_injects_once_per_eoi() {
+    let t = Stepper::new(SimDevice::builder().build());
+    t.sim.raise();
+    t.sim.raise();
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 1);
+    // The guest's ISR acks one; its EOI arrives while a vCPU's config
+    // access holds the gate.
+    assert!(t.sim.ack());
+    t.dev.with_backend(|_| {
+        assert_eq!(t.dev.on_guest_eoi().unwrap(), Serviced::Deferred);
+    });
+    // The worker runs EOI (re-injects: the device still asserts) then the
+    // re-check, whose mask fails once.
+    t.sim.inject_fault(SimOp::Mask, Fault::Eio, 0, 1);
+    run_worker_until_quiet(&t);
+    assert_eq!(
+        t.injected(),
+        2,
+        "injections between two EOIs of the guest (one expected)"
+    );
+    assert_eq!(t.dev.stats().reinjected, 1);
+    assert!(t.masked());
+    assert!(t.guest_isr());
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 2);
+    assert!(!t.masked());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
