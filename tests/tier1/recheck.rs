@@ -149,3 +149,44 @@ fn racing_kicks_are_never_read_as_host_interrupts() {
         "kicks read as host interrupts"
     );
 }
+
+/// Issue 11 item 11, the reset path: work deferred during a reset (an EOI
+/// for a device still asserting, and a host event) runs before the gate
+/// opens; when its second step fails, the EOI, which re-injected already,
+/// is not queued again.
+#[test]
+fn work_deferred_by_a_reset_and_failing_half_way_injects_once_per_eoi() {
+    use std::time::Duration;
+    let sim = SimDevice::builder()
+        .reset_window(Duration::from_millis(100))
+        .build();
+    let t = Stepper::new(sim);
+    t.sim.raise();
+    t.sim.raise();
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 1);
+    assert!(t.sim.ack());
+    std::thread::scope(|s| {
+        let reset = s.spawn(|| t.dev.reset());
+        while !t.dev.is_blocked() {
+            std::thread::yield_now();
+        }
+        // During the reset: the guest's EOI and a host event, both deferred.
+        assert_eq!(t.dev.on_guest_eoi().unwrap(), Serviced::Deferred);
+        t.dev.trigger().write(1).unwrap();
+        assert_eq!(t.dev.on_host_interrupt().unwrap(), Serviced::Deferred);
+        t.sim.inject_fault(SimOp::CheckAndMask, Fault::Eio, 0, 1);
+        assert!(reset.join().unwrap().is_err(), "the deferred work failed");
+    });
+    run_worker_until_quiet(&t);
+    assert_eq!(
+        t.injected(),
+        2,
+        "injections between two EOIs of the guest (one expected)"
+    );
+    assert!(t.guest_isr());
+    run_worker_until_quiet(&t);
+    assert_eq!(t.injected(), 2);
+    assert!(!t.masked());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
