@@ -494,7 +494,7 @@ impl BypassRig {
                     // The kernel's unmask eventfd, run synchronously: what
                     // KVM's resample eventfd makes vfio-pci do.
                     t.dev
-                        .with_backend(|b| vfio_intx::backend::PciBackend::intx_check_and_unmask(b))
+                        .with_backend(vfio_intx::backend::PciBackend::intx_check_and_unmask)
                         .unwrap();
                 } else {
                     t.dev.on_guest_eoi().unwrap();
