@@ -841,14 +841,24 @@ impl PciBackend for SimBackend {
                 std::io::Error::from(std::io::ErrorKind::Unsupported),
             ));
         }
-        let virqfd = fd
-            .map(|fd| Virqfd::start(Arc::clone(&self.inner), fd))
-            .transpose()
+        let Some(fd) = fd else {
+            // fd -1: vfio_virqfd_disable. Stopped outside the state lock:
+            // its thread takes that lock.
+            let old = self.inner.lock().virqfd.take();
+            drop(old);
+            return Ok(());
+        };
+        // vfio_virqfd_enable: one unmask eventfd per device; a second one is
+        // refused until the first is removed.
+        if self.inner.lock().virqfd.is_some() {
+            return Err(BackendError::os(
+                "registering an unmask eventfd",
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        let virqfd = Virqfd::start(Arc::clone(&self.inner), fd)
             .map_err(|e| BackendError::os("starting the unmask eventfd thread", e))?;
-        // Replacing the old one stops it (outside the state lock: its thread
-        // takes that lock).
-        let old = std::mem::replace(&mut self.inner.lock().virqfd, virqfd);
-        drop(old);
+        self.inner.lock().virqfd = Some(virqfd);
         Ok(())
     }
 

@@ -3,12 +3,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod asyncio;
+mod bypass;
 mod cli;
 mod engine;
 mod faults;
 mod gate;
 mod masking;
 mod model;
+mod recheck;
 mod stress;
 mod sysfs;
 mod watchdog;

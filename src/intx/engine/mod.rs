@@ -18,7 +18,7 @@ mod watchdog;
 pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -145,13 +145,22 @@ struct Ctx<'a> {
     sink: &'a dyn InterruptSink,
     counters: &'a Counters,
     disable_bit: IntxDisableBit,
+    /// Queues a re-check for the worker.
+    wake: &'a Wake,
 }
+
+/// What one kick adds to the trigger eventfd's counter. The backend adds 1
+/// per host interrupt, so the low 32 bits count host interrupts and the
+/// high bits the engine's own kicks: one read tells them apart, with no
+/// second counter that a racing kick could update before or after its
+/// write (a kick counted without its write made a later read see a host
+/// interrupt that never happened).
+const KICK: u64 = 1 << 32;
 
 /// The shared part of the engine that the gate's kick needs.
 struct Wake {
     trigger: EventFd,
     pending: AtomicU8,
-    kicks: AtomicU64,
 }
 
 impl Wake {
@@ -159,10 +168,9 @@ impl Wake {
     /// the worker through the trigger eventfd it already polls.
     fn kick(&self) {
         self.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
-        self.kicks.fetch_add(1, Ordering::SeqCst);
         // An eventfd write only fails when the counter would overflow, in
         // which case the worker is already due to wake.
-        let _ = self.trigger.write(1);
+        let _ = self.trigger.write(KICK);
     }
 }
 
@@ -266,7 +274,6 @@ impl<B: PciBackend> IntxDevice<B> {
         let wake = Arc::new(Wake {
             trigger,
             pending: AtomicU8::new(0),
-            kicks: AtomicU64::new(0),
         });
         let kick_target = Arc::clone(&wake);
         let device = Device {
@@ -301,6 +308,7 @@ impl<B: PciBackend> IntxDevice<B> {
             sink: &*self.sink,
             counters: &self.counters,
             disable_bit: self.disable_bit,
+            wake: &self.wake,
         }
     }
 
@@ -372,12 +380,14 @@ impl<B: PciBackend> IntxDevice<B> {
     /// interrupt path. Never waits behind a reset.
     pub fn on_host_interrupt(&self) -> Result<Serviced, IntxError> {
         match self.wake.trigger.read() {
-            Ok(count) => {
-                let kicks = self.wake.kicks.swap(0, Ordering::SeqCst);
-                if count > kicks {
-                    self.wake.pending.fetch_or(WORK_HOST, Ordering::SeqCst);
-                }
+            // On the kernel bypass the backend signals KVM's irqfd, never
+            // the trigger: a host count read there was left by the
+            // user-space path before the switch, whose settle re-derived
+            // the line from STATUS already.
+            Ok(count) if count % KICK != 0 && !self.is_kernel_bypass() => {
+                self.wake.pending.fetch_or(WORK_HOST, Ordering::SeqCst);
             }
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(source) => {
                 return Err(IntxError::EventFd {
@@ -404,8 +414,8 @@ impl<B: PciBackend> IntxDevice<B> {
             trace!(bdf = %self.bdf, "gate held, interrupt work deferred");
             return Ok(Serviced::Deferred);
         };
-        let work = self.wake.pending.swap(0, Ordering::SeqCst);
-        match dev.run(work, &self.ctx()) {
+        let mut work = self.wake.pending.swap(0, Ordering::SeqCst);
+        match dev.run(&mut work, &self.ctx()) {
             Ok(()) => {
                 self.failures.store(0, Ordering::Relaxed);
                 Ok(Serviced::Done)
@@ -523,8 +533,8 @@ impl<B: PciBackend> IntxDevice<B> {
             // interrupt) runs now, before the gate opens: the next queued
             // reset would otherwise take the gate first, and a storm of
             // resets would starve the interrupt path.
-            let work = self.wake.pending.swap(0, Ordering::SeqCst);
-            dev.run(work, &ctx).inspect_err(|_| {
+            let mut work = self.wake.pending.swap(0, Ordering::SeqCst);
+            dev.run(&mut work, &ctx).inspect_err(|_| {
                 self.wake.pending.fetch_or(work, Ordering::SeqCst);
             })
         });
@@ -576,6 +586,11 @@ impl<B: PciBackend> IntxDevice<B> {
             .and_then(|()| dev.settle(&ctx));
         Counters::bump(&self.counters.resyncs);
         drop(dev);
+        if result.is_err() {
+            // The mask may be in place with nothing to lift it: the worker
+            // re-checks (bounded, as after any interrupt-path failure).
+            self.wake.kick();
+        }
         result.map_err(|f| self.fail(f))
     }
 
@@ -611,20 +626,40 @@ impl<B: PciBackend> IntxDevice<B> {
     /// unmask eventfd (enable order trigger -> mask -> unmask eventfd), and
     /// the line is re-derived with the kernel's check-and-unmask, so an
     /// interrupt the device asserts is signalled to the new irqfd; on
-    /// failure the user-space wiring is put back. Back: the unmask eventfd
-    /// is removed, the backend signals the engine's trigger again, and the
-    /// line is re-derived the same way (an interrupt the departed guest
-    /// never EOIed is delivered again on the user-space path).
+    /// failure the whole user-space wiring is put back (and
+    /// [`is_kernel_bypass`](Self::is_kernel_bypass) says so). Back: the
+    /// unmask eventfd is removed, the backend signals the engine's trigger
+    /// again, and the line is re-derived the same way (an interrupt the
+    /// departed guest never EOIed is delivered again on the user-space
+    /// path).
+    ///
+    /// `Some` while already on the bypass swaps the wiring: the kernel
+    /// takes one unmask eventfd per device (`vfio_virqfd_enable` answers
+    /// EBUSY for a second), so the old one is removed first (fd -1), then
+    /// the new pair is wired as above.
+    ///
+    /// If re-deriving the line fails, the worker re-checks it (a kick), as
+    /// after any failure of the interrupt path.
     pub fn set_kernel_bypass(&self, wiring: Option<(EventFd, EventFd)>) -> Result<(), IntxError> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
         let d = &mut *dev;
+        let settle = |d: &mut Device<B>| {
+            d.line = LineState::Idle;
+            d.settle(&ctx).inspect_err(|_| ctx.wake.kick())
+        };
+        let unwired = if d.bypass.take().is_some() {
+            self.bypass_active.store(false, Ordering::SeqCst);
+            d.backend
+                .intx_set_unmask_eventfd(None)
+                .during(Operation::SetUnmaskEventfd)
+        } else {
+            Ok(())
+        };
         let result = match wiring {
             Some((irqfd, resample)) => {
-                let wired = d
-                    .backend
-                    .intx_enable(&irqfd)
-                    .during(Operation::Enable)
+                let wired = unwired
+                    .and_then(|()| d.backend.intx_enable(&irqfd).during(Operation::Enable))
                     .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
                     .and_then(|()| {
                         d.backend
@@ -635,39 +670,27 @@ impl<B: PciBackend> IntxDevice<B> {
                     Ok(()) => {
                         d.bypass = Some(Bypass { irqfd, resample });
                         self.bypass_active.store(true, Ordering::SeqCst);
-                        d.line = LineState::Idle;
-                        d.settle(&ctx)
+                        settle(d)
                     }
                     Err(f) => {
                         let _ = d.backend.intx_set_unmask_eventfd(None);
                         let _ = d.backend.intx_enable(&self.wake.trigger);
                         let _ = d.backend.intx_mask();
-                        let _ = d.settle(&ctx);
+                        // An interrupt in service on the user-space path
+                        // stays so; the bypass never leaves one.
+                        let _ = d.settle(&ctx).inspect_err(|_| ctx.wake.kick());
                         Err(f)
                     }
                 }
             }
-            None => {
-                let unwired = if d.bypass.take().is_some() {
+            None => unwired
+                .and_then(|()| {
                     d.backend
-                        .intx_set_unmask_eventfd(None)
-                        .during(Operation::SetUnmaskEventfd)
-                } else {
-                    Ok(())
-                };
-                self.bypass_active.store(false, Ordering::SeqCst);
-                unwired
-                    .and_then(|()| {
-                        d.backend
-                            .intx_enable(&self.wake.trigger)
-                            .during(Operation::Enable)
-                    })
-                    .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
-                    .and_then(|()| {
-                        d.line = LineState::Idle;
-                        d.settle(&ctx)
-                    })
-            }
+                        .intx_enable(&self.wake.trigger)
+                        .during(Operation::Enable)
+                })
+                .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
+                .and_then(|()| settle(d)),
         };
         drop(dev);
         result.map_err(|f| self.fail(f))
@@ -726,16 +749,29 @@ impl<B: PciBackend> Drop for IntxDevice<B> {
 impl<B: PciBackend> Device<B> {
     /// Runs the recorded interrupt-path work: EOI first, so that a host
     /// interrupt seen in the same pass finds the line as the EOI left it;
-    /// a re-check (after a deferral or a failure) last.
-    fn run(&mut self, work: u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        if work & WORK_EOI != 0 {
+    /// a re-check (after a deferral or a failure) last. Each step done is
+    /// cleared from `work`, so that on failure only what is left is queued
+    /// again: an EOI that already re-injected must not run (and inject)
+    /// twice before the guest's next EOI.
+    ///
+    /// On the kernel bypass a host interrupt is a re-check: the kernel
+    /// signals KVM's irqfd itself and takes the guest's EOI, so the engine
+    /// never injects there nor waits in service for an EOI.
+    fn run(&mut self, work: &mut u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        if self.bypass.is_some() && *work & WORK_HOST != 0 {
+            *work = (*work & !WORK_HOST) | WORK_RECHECK;
+        }
+        if *work & WORK_EOI != 0 {
             self.guest_eoi(ctx)?;
+            *work &= !WORK_EOI;
         }
-        if work & WORK_HOST != 0 {
+        if *work & WORK_HOST != 0 {
             self.host_interrupt(ctx)?;
+            *work &= !WORK_HOST;
         }
-        if work & WORK_RECHECK != 0 {
+        if *work & WORK_RECHECK != 0 {
             self.settle(ctx)?;
+            *work &= !WORK_RECHECK;
         }
         Ok(())
     }
@@ -808,7 +844,14 @@ impl<B: PciBackend> Device<B> {
     fn inject(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
         ctx.sink.inject().map_err(Fail::Inject)?;
         Counters::bump(&ctx.counters.injected);
-        self.line = LineState::InService;
+        // On the kernel bypass the guest's EOI goes to the kernel (KVM's
+        // resample eventfd is its unmask eventfd), which unmasks then: no
+        // EOI reaches the engine, so it must not wait in service for one.
+        self.line = if self.bypass.is_some() {
+            LineState::Idle
+        } else {
+            LineState::InService
+        };
         Ok(())
     }
 
@@ -884,8 +927,10 @@ impl<B: PciBackend> Device<B> {
             return Err(Fail::Backend(op, e));
         }
         if enabling {
-            // The guest unmasked its INTx: deliver what it held back.
-            self.settle(ctx)?;
+            // The guest unmasked its INTx: deliver what it held back. If
+            // that fails the worker re-checks (bounded, as after any
+            // interrupt-path failure): the line may be masked meanwhile.
+            self.settle(ctx).inspect_err(|_| ctx.wake.kick())?;
         }
         Ok(())
     }

@@ -1,0 +1,218 @@
+//! The engine on the kernel bypass (simulated vfio-pci): no EOI ever reaches
+//! the engine there, so it must never wait for one, and whatever it does
+//! to the line must end with the kernel's check-and-unmask.
+
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use vfio_intx::backend::PciBackend;
+use vfio_intx::intx::{IntxOptions, LineState, Tick, WatchdogOptions};
+use vfio_intx::sim::{Fault, SimDevice, SimKernel, SimOp};
+
+use crate::{readable, Stepper};
+
+/// KVM's irqfd and resample eventfd of a VMM.
+struct Vmm {
+    irqfd: EventFd,
+    resample: EventFd,
+}
+
+impl Vmm {
+    fn new() -> Self {
+        Self {
+            irqfd: EventFd::new(EFD_NONBLOCK).unwrap(),
+            resample: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    fn wiring(&self) -> Option<(EventFd, EventFd)> {
+        Some((
+            self.irqfd.try_clone().unwrap(),
+            self.resample.try_clone().unwrap(),
+        ))
+    }
+
+    /// Whether the irqfd was signalled since the last call (drains it).
+    fn signalled(&self) -> bool {
+        readable(&self.irqfd) && self.irqfd.read().is_ok()
+    }
+}
+
+fn vfio_stepper(options: IntxOptions) -> Stepper {
+    Stepper::with_options(
+        SimDevice::builder().kernel(SimKernel::VfioPci).build(),
+        options,
+    )
+}
+
+/// Waits for the simulated kernel's unmask-eventfd thread.
+fn wait_unmasked(t: &Stepper) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.masked() {
+        assert!(Instant::now() < deadline, "the kernel never unmasked");
+        std::thread::yield_now();
+    }
+}
+
+/// Issue 11 item 1: the daemon's detach then attach. On the user path the
+/// kernel signalled the engine's trigger and nobody read it before the
+/// switch onto the bypass; the worker then wakes on that stale count. It
+/// must not inject and wait in service for an EOI that goes to the kernel:
+/// after the device lowers and a reset, the next raise reaches the irqfd.
+#[test]
+fn a_stale_trigger_count_on_the_bypass_never_parks_the_line_in_service() {
+    let t = vfio_stepper(IntxOptions::default());
+    let vmm = Vmm::new();
+    t.sim.raise();
+    assert!(
+        t.trigger_fired(),
+        "the kernel signalled the user-space path"
+    );
+    t.dev.set_kernel_bypass(vmm.wiring()).unwrap();
+    assert!(vmm.signalled(), "the switch re-signals the asserted line");
+    // The worker wakes on the count left from the user path.
+    t.poll_host();
+    assert_ne!(
+        t.dev.line_state(),
+        LineState::InService,
+        "in service on the bypass: no EOI will ever reach the engine"
+    );
+    assert_eq!(t.injected(), 0, "the engine injected on the bypass");
+    // The guest's driver lowers the line; then a reset through the engine.
+    assert!(t.sim.ack());
+    t.dev.reset().unwrap();
+    vmm.signalled();
+    assert!(!t.masked(), "the reset left the line masked on the bypass");
+    t.sim.raise();
+    assert!(
+        vmm.signalled(),
+        "the next interrupt never reached the irqfd"
+    );
+    // And the kernel's own cycle goes on: EOI, unmask, next interrupt.
+    assert!(t.sim.ack());
+    vmm.resample.write(1).unwrap();
+    wait_unmasked(&t);
+    t.sim.raise();
+    assert!(vmm.signalled());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}
+
+/// Issue 11 item 1: the watchdog's recovery on the bypass (mask, settle)
+/// ends with the kernel's check-and-unmask, which re-signals the irqfd for
+/// a device still asserting — also after a stale trigger count.
+#[test]
+fn the_watchdog_recovery_on_the_bypass_ends_with_the_kernels_unmask() {
+    let t = vfio_stepper(IntxOptions::default());
+    let vmm = Vmm::new();
+    t.sim.raise();
+    t.dev.set_kernel_bypass(vmm.wiring()).unwrap();
+    t.poll_host();
+    vmm.signalled();
+    // The device keeps asserting with nothing arriving (as after a reset
+    // outside vfio-intx undid an unmask): the watchdog re-syncs.
+    let t0 = Instant::now();
+    assert_eq!(t.dev.watchdog_tick(t0).0, Tick::Quiet);
+    let later = t0 + WatchdogOptions::default().detect_after + Duration::from_millis(10);
+    assert_eq!(t.dev.watchdog_tick(later).0, Tick::Recovered);
+    assert!(
+        vmm.signalled(),
+        "the re-sync ended masked: nothing re-signalled the irqfd"
+    );
+    assert!(t.sim.ack());
+    vmm.resample.write(1).unwrap();
+    wait_unmasked(&t);
+    t.sim.raise();
+    assert!(vmm.signalled());
+}
+
+/// Issue 11 item 3: the kernel allows one unmask eventfd per device
+/// (`vfio_virqfd_enable` answers EBUSY for a second); the simulated
+/// vfio-pci does the same instead of silently replacing it.
+#[test]
+fn the_simulated_vfio_pci_refuses_a_second_unmask_eventfd_with_ebusy() {
+    let sim = SimDevice::builder().kernel(SimKernel::VfioPci).build();
+    let mut b = sim.backend();
+    let (first, second) = (Vmm::new(), Vmm::new());
+    b.intx_enable(&first.irqfd).unwrap();
+    b.intx_set_unmask_eventfd(Some(&first.resample)).unwrap();
+    let err = b
+        .intx_set_unmask_eventfd(Some(&second.resample))
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(vfio_intx::error_chain(&err).contains("busy"), "{err}");
+    // The first one still works.
+    sim.raise();
+    assert!(first.signalled());
+    assert!(sim.ack());
+    first.resample.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.snapshot().command & vfio_intx::pci::regs::COMMAND_INTX_DISABLE != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first unmask eventfd is gone"
+        );
+        std::thread::yield_now();
+    }
+    // Removed (fd -1), then a new one is accepted.
+    b.intx_set_unmask_eventfd(None).unwrap();
+    b.intx_set_unmask_eventfd(Some(&second.resample)).unwrap();
+}
+
+/// Issue 11 item 3: `set_kernel_bypass(Some)` while already on the bypass
+/// swaps the wiring: the old unmask eventfd is removed before the new one
+/// is added, and interrupts and EOIs go through the new pair only.
+#[test]
+fn switching_the_bypass_to_new_wiring_swaps_it_completely() {
+    let t = vfio_stepper(IntxOptions::default());
+    let (old, new) = (Vmm::new(), Vmm::new());
+    t.dev.set_kernel_bypass(old.wiring()).unwrap();
+    t.sim.raise();
+    assert!(old.signalled());
+    // The old VMM leaves the interrupt unserviced; the new one takes over.
+    t.dev.set_kernel_bypass(new.wiring()).unwrap();
+    assert!(t.dev.is_kernel_bypass());
+    assert!(new.signalled(), "the asserted line goes to the new irqfd");
+    assert!(!old.signalled());
+    assert!(t.sim.ack());
+    // The old resample eventfd no longer unmasks; the new one does.
+    old.resample.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(t.masked(), "the old unmask eventfd is still registered");
+    new.resample.write(1).unwrap();
+    wait_unmasked(&t);
+    t.sim.raise();
+    assert!(new.signalled());
+    assert!(!old.signalled());
+    assert!(!t.trigger_fired(), "no user-space work on the bypass");
+    assert_eq!(t.injected(), 0);
+}
+
+/// Issue 11 item 3: a swap that fails half-way leaves no half-torn wiring:
+/// the engine is back on the user-space path, whole, and says so.
+#[test]
+fn a_failed_bypass_swap_falls_back_to_the_whole_user_space_path() {
+    let t = vfio_stepper(IntxOptions::default());
+    let (old, new) = (Vmm::new(), Vmm::new());
+    t.dev.set_kernel_bypass(old.wiring()).unwrap();
+    t.sim.inject_fault(SimOp::IntxEnable, Fault::Eio, 0, 1);
+    assert!(t.dev.set_kernel_bypass(new.wiring()).is_err());
+    assert!(!t.dev.is_kernel_bypass(), "bypass reported, wiring gone");
+    // Neither resample eventfd unmasks any more; the user-space path works.
+    t.sim.raise();
+    assert!(!old.signalled() && !new.signalled());
+    t.poll_host();
+    assert_eq!(t.injected(), 1);
+    assert!(t.sim.ack());
+    old.resample.write(1).unwrap();
+    new.resample.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(t.masked(), "a stale unmask eventfd is still registered");
+    t.dev.on_guest_eoi().unwrap();
+    assert!(!t.masked());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+    // And onto the bypass again.
+    t.dev.set_kernel_bypass(new.wiring()).unwrap();
+    t.sim.raise();
+    assert!(new.signalled());
+}
