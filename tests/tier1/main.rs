@@ -9,6 +9,7 @@ mod faults;
 mod gate;
 mod masking;
 mod model;
+mod reset;
 mod stress;
 mod sysfs;
 mod watchdog;
