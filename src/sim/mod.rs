@@ -20,7 +20,10 @@
 //! - an FLR initiated by a config write that reaches the device (PCIe
 //!   DevCtl, or Advanced Features AF_CTRL when built with
 //!   [`SimDeviceBuilder::advanced_features`]) resets it with no one saving
-//!   or restoring anything;
+//!   or restoring anything (in both kernel models: real vfio-pci would turn
+//!   such a write into its own `pci_try_reset_function`, around any gate of
+//!   ours; either way the bit must not get there, and the model makes a
+//!   leaked one visible);
 //! - devices built on the same [`SimBus`] are reset together by
 //!   [`SimBackend::hot_reset`] (a secondary bus reset);
 //! - faults can be injected per operation and call;

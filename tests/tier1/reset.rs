@@ -423,3 +423,92 @@ fn a_bus_reset_blocks_and_settles_every_engine_on_the_bus_bare() {
 fn a_bus_reset_blocks_and_settles_every_engine_on_the_bus_behind_vfio_pci() {
     a_bus_reset_reaches_every_engine_on_the_bus(SimKernel::VfioPci);
 }
+
+#[test]
+fn bus_resets_started_from_either_sibling_at_once_take_turns_and_never_deadlock() {
+    let bus = vfio_intx::sim::SimBus::new();
+    let device = |addr| {
+        SimDevice::builder()
+            .bdf(bdf(addr))
+            .bus(&bus)
+            .reset_window(Duration::from_micros(200))
+            .build()
+    };
+    let a = Arc::new(Stepper::new(device("0000:00:04.0")));
+    let b = Arc::new(Stepper::new(device("0000:00:05.0")));
+    let rounds = 50;
+    // Each thread names the other engine as the sibling: blocking the gates
+    // in argument order would deadlock; BDF order cannot.
+    let threads: Vec<_> = [
+        (Arc::clone(&a), Arc::clone(&b)),
+        (Arc::clone(&b), Arc::clone(&a)),
+    ]
+    .into_iter()
+    .map(|(me, other)| {
+        thread::spawn(move || {
+            for _ in 0..rounds {
+                me.dev
+                    .reset_with_siblings(&[&other.dev], |x| x.hot_reset())
+                    .unwrap();
+            }
+        })
+    })
+    .collect();
+    let started = Instant::now();
+    for t in threads {
+        while !t.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "deadlocked (or starved) after {:?}",
+                started.elapsed()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        t.join().unwrap();
+    }
+    for t in [&a, &b] {
+        assert_eq!(t.sim.snapshot().resets, 2 * rounds);
+        assert_eq!(t.dev.stats().resets, 2 * rounds);
+        t.sim.raise();
+        t.poll_host();
+        assert!(t.guest_isr());
+        t.poll_host();
+        assert!(!t.masked());
+    }
+}
+
+#[test]
+fn a_sibling_that_cannot_be_prepared_stops_the_bus_reset_and_leaves_both_as_they_were() {
+    let bus = vfio_intx::sim::SimBus::new();
+    let device = |addr| programmed(SimDevice::builder().bdf(bdf(addr)).bus(&bus).build());
+    let a = Stepper::new(device("0000:00:04.0"));
+    let b = Stepper::new(device("0000:00:05.0"));
+    a.sim.raise();
+    a.poll_host();
+    assert_eq!(a.injected(), 1);
+    b.sim.inject_fault(SimOp::Mask, Fault::Eio, 0, 1);
+    let err = a
+        .dev
+        .reset_with_siblings(&[&b.dev], |x| x.hot_reset())
+        .unwrap_err();
+    let text = vfio_intx::error_chain(&err);
+    assert!(
+        text.starts_with("0000:00:05.0: masking INTx failed"),
+        "names the sibling and the step: {text}"
+    );
+    for t in [&a, &b] {
+        assert_eq!(t.sim.snapshot().resets, 0, "nothing was reset");
+        assert_eq!(
+            t.dev
+                .guest_config_read(PCI_BASE_ADDRESS_0, Width::Dword)
+                .unwrap(),
+            BAR0
+        );
+    }
+    // The interrupt in service on the prepared engine is still completed.
+    assert!(a.guest_isr());
+    a.poll_host();
+    assert!(!a.masked());
+    assert!(!b.masked());
+    assert_eq!(b.dev.stats().errors, 1);
+}

@@ -69,9 +69,11 @@ impl<B: PciBackend> IntxDevice<B> {
     /// keeps mask bookkeeping, and settled after, so an interrupt pending
     /// across the reset is delivered and no line is left masked.
     ///
-    /// Gates are blocked in BDF order and released in reverse. Returns the
-    /// first failure (this engine's reset first), naming its device; every
-    /// engine's own counters record its part.
+    /// Gates are blocked in BDF order and released in reverse. If saving or
+    /// masking one engine fails, nothing is reset and the engines prepared
+    /// so far are restored and settled. Returns the first failure (a failed
+    /// preparation, else the reset's own, else a restore's), naming its
+    /// device; every engine's own counters record its part.
     #[instrument(skip_all, fields(bdf = %self.bdf))]
     pub fn reset_with_siblings(
         &self,
