@@ -54,6 +54,7 @@ done </etc/modules.load
 EDU_RESET=""
 EDU_NORESET=""
 EDU_UIO=""
+EDU_BUS=""
 for d in /sys/bus/pci/devices/*; do
     [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1234:0x11e8 ] || continue
     bdf="${d##*/}"
@@ -64,6 +65,7 @@ for d in /sys/bus/pci/devices/*; do
         pci????:??) role=NORESET ;;              # on the root bus: no reset method
         "$RP_RESET") role=RESET ;;               # behind the first pcie-root-port
         "$RP_UIO") role=UIO ;;                   # behind the second pcie-root-port
+        "$BR_BUS") EDU_BUS="$EDU_BUS $bdf"; continue ;; # behind a pcie-pci-bridge (extra boots)
         *) setup_error "edu $bdf behind unexpected bridge $parent" ;;
     esac
     eval "cur=\$EDU_$role"
@@ -105,6 +107,9 @@ export VFIO_INTX_IN_GUEST=1
 export VFIO_INTX_EDU_RESET="$EDU_RESET"
 export VFIO_INTX_EDU_NORESET="$EDU_NORESET"
 export VFIO_INTX_EDU_UIO="$EDU_UIO"
+# Edus a boot adds behind a pcie-pci-bridge at $BR_BUS (scripts/tier3.sh does for
+# tier3_hot_reset), left unbound: one bus, one IOMMU group.
+export VFIO_INTX_EDU_BUS="${EDU_BUS# }"
 export VFIO_INTX_EDU_RESET_GROUP VFIO_INTX_EDU_NORESET_GROUP VFIO_INTX_EDU_UIO_DEV
 
 T1="$(cut -d' ' -f1 /proc/uptime)"

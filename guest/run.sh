@@ -149,10 +149,14 @@ sq() { # quote for a POSIX shell
 # PCI addresses of the two pcie-root-ports below (bus 0, slots 0x10 and 0x12).
 RP_RESET=0000:00:10.0
 RP_UIO=0000:00:12.0
+# Where extra edus sharing one bus may sit (a pcie-pci-bridge at 00:14.0, added with
+# --qemu-arg; see scripts/tier3.sh).
+BR_BUS=0000:00:14.0
 {
     echo "VFIO_PCI_ARGS=$(sq "$VFIO_PCI_ARGS")"
     echo "RP_RESET=$RP_RESET"
     echo "RP_UIO=$RP_UIO"
+    echo "BR_BUS=$BR_BUS"
     printf 'set --'
     for a in "$@"; do printf ' %s' "$(sq "$a")"; done
     echo

@@ -176,6 +176,9 @@ pub struct EngineCounters {
     pub resyncs: u64,
     /// Nanoseconds lines were stuck before recovery.
     pub stuck_ns: u64,
+    /// Guest-initiated FLRs that failed (the guest believes they happened).
+    #[serde(default)]
+    pub guest_flr_failures: u64,
 }
 
 impl From<IntxStats> for EngineCounters {
@@ -194,6 +197,7 @@ impl From<IntxStats> for EngineCounters {
             stuck_detections: s.stuck_detections,
             resyncs: s.resyncs,
             stuck_ns: u64::try_from(s.stuck_time.as_nanos()).unwrap_or(u64::MAX),
+            guest_flr_failures: s.guest_flr_failures,
         }
     }
 }
@@ -217,7 +221,7 @@ fn seconds(ns: u64) -> f64 {
 pub fn prometheus(devices: &[DeviceStats]) -> String {
     let mut out = String::new();
     type Get = fn(&DeviceStats) -> f64;
-    let counters: [(&str, &str, Get); 14] = [
+    let counters: [(&str, &str, Get); 15] = [
         ("interrupts_total", "Host interrupts handled.", |d| {
             d.engine.interrupts as f64
         }),
@@ -256,6 +260,11 @@ pub fn prometheus(devices: &[DeviceStats]) -> String {
             "stuck_total",
             "Lines found stuck masked by the watchdog.",
             |d| d.engine.stuck_detections as f64,
+        ),
+        (
+            "guest_flr_failures_total",
+            "Guest-initiated function-level resets that failed.",
+            |d| d.engine.guest_flr_failures as f64,
         ),
         (
             "storms_total",

@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub(crate) stuck_detections: AtomicU64,
     pub(crate) resyncs: AtomicU64,
     pub(crate) stuck_nanos: AtomicU64,
+    pub(crate) guest_flr_failures: AtomicU64,
 }
 
 impl Counters {
@@ -61,6 +62,9 @@ pub struct IntxStats {
     pub resyncs: u64,
     /// Time lines spent stuck before the watchdog recovered them.
     pub stuck_time: std::time::Duration,
+    /// Function-level resets the guest initiated that failed (the guest's
+    /// FLR bit was stripped, so it believes they happened).
+    pub guest_flr_failures: u64,
 }
 
 impl Counters {
@@ -82,6 +86,7 @@ impl Counters {
             stuck_detections: get(&self.stuck_detections),
             resyncs: get(&self.resyncs),
             stuck_time: std::time::Duration::from_nanos(get(&self.stuck_nanos)),
+            guest_flr_failures: get(&self.guest_flr_failures),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::fmt;
 use crate::backend::{BackendError, ConfigSpace};
 use crate::pci::regs::{
     COMMAND_INTX_DISABLE, PCI_COMMAND, PCI_DEVICE_ID, PCI_INTERRUPT_PIN, PCI_VENDOR_ID,
-    STATUS_INTERRUPT,
+    STATUS_CAP_LIST, STATUS_INTERRUPT,
 };
 use crate::pci::Width;
 
@@ -37,12 +37,16 @@ impl CommandStatus {
 }
 
 /// Reads COMMAND and STATUS with a single 32-bit access, refusing the
-/// all-ones answer of a device that is in reset or gone.
+/// all-ones answer of a device that is in reset, wedged or gone. STATUS
+/// tells (its bits 0-2 are reserved zero, so it never reads all-ones from a
+/// device that answers); COMMAND may not, as vfio-pci shows its own virtual
+/// bits there (INTX_DISABLE among them), nor STATUS.CAP_LIST, which vfio-pci
+/// virtualizes too.
 pub fn read_command_status<B: ConfigSpace + ?Sized>(
     dev: &mut B,
 ) -> Result<CommandStatus, BackendError> {
     let dword = dev.config_read(PCI_COMMAND, Width::Dword)?;
-    if dword == Width::Dword.all_ones() {
+    if (dword >> 16) | u32::from(STATUS_CAP_LIST) == u32::from(u16::MAX) {
         return Err(BackendError::NotResponding);
     }
     // Truncation is the point: the low half is COMMAND, the high half STATUS.

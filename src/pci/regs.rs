@@ -85,3 +85,20 @@ pub const PCI_EXP_DEVCTL_BCR_FLR: u16 = 1 << 15;
 pub const PCI_EXP_DEVSTA: u16 = 0x0a;
 /// DEVSTA: transactions pending.
 pub const PCI_EXP_DEVSTA_TRPND: u16 = 1 << 5;
+
+/// Advanced Features capability: length of the capability (8 bits).
+pub const PCI_AF_LENGTH: u16 = 2;
+/// Advanced Features capability: AF Capabilities (8 bits).
+pub const PCI_AF_CAP: u16 = 3;
+/// AF_CAP: Transactions Pending supported.
+pub const PCI_AF_CAP_TP: u8 = 1 << 0;
+/// AF_CAP: Function Level Reset supported.
+pub const PCI_AF_CAP_FLR: u8 = 1 << 1;
+/// Advanced Features capability: AF Control (8 bits).
+pub const PCI_AF_CTRL: u16 = 4;
+/// AF_CTRL: Initiate Function Level Reset (reads as zero).
+pub const PCI_AF_CTRL_FLR: u8 = 1 << 0;
+/// Advanced Features capability: AF Status (8 bits).
+pub const PCI_AF_STATUS: u16 = 5;
+/// AF_STATUS: transactions pending.
+pub const PCI_AF_STATUS_TP: u8 = 1 << 0;

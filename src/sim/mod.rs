@@ -13,6 +13,19 @@
 //! - a reset clears COMMAND, the BARs and the header registers, and for its
 //!   window makes config reads return all-ones and drops writes; the device
 //!   keeps its pending interrupts and asserts again afterwards;
+//! - resets exclude each other as the kernel's device lock does: the
+//!   backend's reset answers EAGAIN while another reset's window is open
+//!   (`pci_try_reset_function`), an outside reset waits for it (sysfs
+//!   `reset`, `pci_reset_function`);
+//! - an FLR initiated by a config write that reaches the device (PCIe
+//!   DevCtl, or Advanced Features AF_CTRL when built with
+//!   [`SimDeviceBuilder::advanced_features`]) resets it with no one saving
+//!   or restoring anything (in both kernel models: real vfio-pci would turn
+//!   such a write into its own `pci_try_reset_function`, around any gate of
+//!   ours; either way the bit must not get there, and the model makes a
+//!   leaked one visible);
+//! - devices built on the same [`SimBus`] are reset together by
+//!   [`SimBackend::hot_reset`] (a secondary bus reset);
 //! - faults can be injected per operation and call;
 //! - masking can be made broken (INTX_DISABLE does not stick).
 
@@ -39,6 +52,9 @@ pub const SIM_VENDOR_ID: u16 = 0x1234;
 pub const SIM_DEVICE_ID: u16 = 0x11e8;
 /// Offset of the simulated PCI Express capability.
 pub const SIM_PCIE_CAP: u16 = 0x40;
+/// Offset of the simulated Advanced Features capability, when built with
+/// one.
+pub const SIM_AF_CAP: u16 = 0x60;
 /// Size of BAR0.
 const BAR0_SIZE: u32 = 0x1000;
 /// COMMAND bits the device implements.
@@ -166,6 +182,9 @@ pub struct SimSnapshot {
     pub host_signals: u64,
     /// Whether the device is inside a reset window.
     pub in_reset: bool,
+    /// FLRs the device performed because a config write initiating one
+    /// reached it (counted in `resets` too).
+    pub device_flrs: u64,
 }
 
 struct State {
@@ -176,6 +195,9 @@ struct State {
     resets: u64,
     host_signals: u64,
     in_reset: bool,
+    /// The function does not answer config reads until its next reset.
+    wedged: bool,
+    device_flrs: u64,
     line_out: bool,
     trigger: Option<EventFd>,
     calls: [u64; SimOp::ALL.len()],
@@ -194,6 +216,8 @@ struct Inner {
     has_reset: bool,
     reset_window: Duration,
     kernel: SimKernel,
+    advanced_features: bool,
+    bus: Option<SimBus>,
     state: Mutex<State>,
     /// Signalled when a reset window ends (vfio-pci model: user config
     /// accesses wait for it).
@@ -211,6 +235,38 @@ pub struct SimDeviceBuilder {
     has_reset: bool,
     reset_window: Duration,
     kernel: SimKernel,
+    advanced_features: bool,
+    bus: Option<SimBus>,
+}
+
+/// A bus several simulated devices sit on: a secondary bus reset
+/// ([`SimBackend::hot_reset`]) through any of them resets them all. Cheap to
+/// clone; clones are the same bus.
+#[derive(Clone, Default)]
+pub struct SimBus {
+    devices: Arc<Mutex<Vec<std::sync::Weak<Inner>>>>,
+}
+
+impl std::fmt::Debug for SimBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimBus").finish_non_exhaustive()
+    }
+}
+
+impl SimBus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn members(&self) -> Vec<Arc<Inner>> {
+        self.devices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
 }
 
 impl SimDeviceBuilder {
@@ -249,6 +305,17 @@ impl SimDeviceBuilder {
     /// How long a reset keeps the device unresponsive (default 50 us).
     pub fn reset_window(mut self, window: Duration) -> Self {
         self.reset_window = window;
+        self
+    }
+    /// Adds an Advanced Features capability (at [`SIM_AF_CAP`]) that
+    /// advertises FLR, as conventional PCI devices do (default none).
+    pub fn advanced_features(mut self, af: bool) -> Self {
+        self.advanced_features = af;
+        self
+    }
+    /// Puts the device on `bus` (default: alone on its own).
+    pub fn bus(mut self, bus: &SimBus) -> Self {
+        self.bus = Some(bus.clone());
         self
     }
 
@@ -293,32 +360,62 @@ impl SimDeviceBuilder {
             Width::Dword,
             devcap,
         );
-        SimDevice {
-            inner: Arc::new(Inner {
-                bdf: self.bdf,
-                broken_masking: self.broken_masking,
-                has_reset: self.has_reset,
-                reset_window: self.reset_window,
-                kernel: self.kernel,
-                reset_done: Condvar::new(),
-                state: Mutex::new(State {
-                    config,
-                    pending: 0,
-                    raised: 0,
-                    acked: 0,
-                    resets: 0,
-                    host_signals: 0,
-                    in_reset: false,
-                    line_out: false,
-                    trigger: None,
-                    calls: [0; SimOp::ALL.len()],
-                    faults: Vec::new(),
-                    virq_disabled: false,
-                    vfio_masked: false,
-                    virqfd: None,
-                }),
-            }),
+        if self.advanced_features {
+            put(
+                &mut config,
+                SIM_PCIE_CAP + PCI_CAP_LIST_NEXT,
+                Width::Byte,
+                SIM_AF_CAP.into(),
+            );
+            put(&mut config, SIM_AF_CAP, Width::Byte, PCI_CAP_ID_AF.into());
+            put(&mut config, SIM_AF_CAP + PCI_AF_LENGTH, Width::Byte, 6);
+            let af_cap = if self.has_reset {
+                PCI_AF_CAP_TP | PCI_AF_CAP_FLR
+            } else {
+                0
+            };
+            put(
+                &mut config,
+                SIM_AF_CAP + PCI_AF_CAP,
+                Width::Byte,
+                af_cap.into(),
+            );
         }
+        let inner = Arc::new(Inner {
+            bdf: self.bdf,
+            broken_masking: self.broken_masking,
+            has_reset: self.has_reset,
+            reset_window: self.reset_window,
+            kernel: self.kernel,
+            advanced_features: self.advanced_features,
+            bus: self.bus.clone(),
+            reset_done: Condvar::new(),
+            state: Mutex::new(State {
+                config,
+                pending: 0,
+                raised: 0,
+                acked: 0,
+                resets: 0,
+                host_signals: 0,
+                in_reset: false,
+                wedged: false,
+                device_flrs: 0,
+                line_out: false,
+                trigger: None,
+                calls: [0; SimOp::ALL.len()],
+                faults: Vec::new(),
+                virq_disabled: false,
+                vfio_masked: false,
+                virqfd: None,
+            }),
+        });
+        if let Some(bus) = &self.bus {
+            bus.devices
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Arc::downgrade(&inner));
+        }
+        SimDevice { inner }
     }
 }
 
@@ -369,6 +466,8 @@ impl SimDevice {
             has_reset: true,
             reset_window: Duration::from_micros(50),
             kernel: SimKernel::Bare,
+            advanced_features: false,
+            bus: None,
         }
     }
 
@@ -421,6 +520,7 @@ impl SimDevice {
             resets: s.resets,
             host_signals: s.host_signals,
             in_reset: s.in_reset,
+            device_flrs: s.device_flrs,
         }
     }
 
@@ -447,8 +547,17 @@ impl SimDevice {
     /// around it), bypassing the gate, exactly as in the 2011 reproducer.
     /// Blocks for the reset window. A device without a reset method answers
     /// [`BackendError::NoResetMethod`].
+    /// Waits for a reset in progress to end first, as the kernel's device
+    /// lock makes it.
     pub fn external_reset(&self) -> Result<(), BackendError> {
-        self.inner.reset(true)
+        self.inner.reset(true, true)
+    }
+
+    /// The function wedges: config reads return all-ones (and operations
+    /// that read config fail as not responding) until its next reset, which
+    /// is how such a function is recovered.
+    pub fn wedge(&self) {
+        self.state().wedged = true;
     }
 
     /// How many times `op` was called.
@@ -578,7 +687,7 @@ impl Inner {
             Some(f) => return Err(f.error("config read")),
             None => {}
         }
-        if s.in_reset {
+        if s.in_reset || s.wedged {
             return Ok(width.all_ones());
         }
         let mut config = s.config;
@@ -606,16 +715,33 @@ impl Inner {
             return Ok(());
         }
         let bytes = value.to_le_bytes();
+        let mut flr = false;
         for (i, b) in bytes[..usize::from(width.bytes())].iter().enumerate() {
             // i < 4, so the offset stays within config space (checked above).
-            self.write_byte(s, offset + i as u16, *b);
+            flr |= self.write_byte(s, offset + i as u16, *b);
+        }
+        if flr {
+            // The device resets itself; nobody saves or restores anything.
+            // (Its window is not modelled: it ends before the write returns.)
+            s.device_flrs += 1;
+            self.clear_for_reset(s);
         }
         self.update_line(s);
         Ok(())
     }
 
     /// Applies one written byte according to the register's write mask.
-    fn write_byte(&self, s: &mut State, offset: u16, value: u8) {
+    /// Returns whether the byte initiates an FLR the device supports.
+    fn write_byte(&self, s: &mut State, offset: u16, value: u8) -> bool {
+        let devctl_flr = (PCI_EXP_DEVCTL_BCR_FLR >> 8) as u8;
+        let flr = self.has_reset
+            && match offset {
+                o if o == SIM_PCIE_CAP + PCI_EXP_DEVCTL + 1 => value & devctl_flr != 0,
+                o if self.advanced_features && o == SIM_AF_CAP + PCI_AF_CTRL => {
+                    value & PCI_AF_CTRL_FLR != 0
+                }
+                _ => false,
+            };
         let mut mask: u8 = match offset {
             // COMMAND
             0x04 => (COMMAND_WRITABLE & 0xff) as u8,
@@ -636,47 +762,89 @@ impl Inner {
         }
         let i = usize::from(offset);
         s.config[i] = (s.config[i] & !mask) | (value & mask);
+        flr
+    }
+
+    /// A function reset's effect on the registers: COMMAND, BARs and the
+    /// writable header registers go back to their power-on values, and a
+    /// wedged function answers again.
+    fn clear_for_reset(&self, s: &mut State) {
+        s.resets += 1;
+        s.wedged = false;
+        put(&mut s.config, PCI_COMMAND, Width::Word, 0);
+        put(&mut s.config, PCI_CACHE_LINE_SIZE, Width::Word, 0);
+        put(&mut s.config, PCI_INTERRUPT_LINE, Width::Byte, 0);
+        for bar in 0..PCI_NUM_BARS {
+            put(&mut s.config, PCI_BASE_ADDRESS_0 + 4 * bar, Width::Dword, 0);
+        }
+        put(&mut s.config, SIM_PCIE_CAP + PCI_EXP_DEVCTL, Width::Word, 0);
     }
 
     /// A function reset. `kernel_restores`: the kernel saves the config
     /// state before and restores it after, as vfio-pci's reset ioctl and the
     /// sysfs `reset` file do (`pci_reset_function`); otherwise the device
-    /// comes out with its power-on values and its user restores.
-    fn reset(&self, kernel_restores: bool) -> Result<(), BackendError> {
-        let saved;
-        {
-            let mut s = self.lock();
-            if let Some(f) = self.fault(&mut s, SimOp::Reset) {
-                return Err(f.error("reset"));
-            }
-            if !self.has_reset {
-                return Err(BackendError::NoResetMethod);
-            }
-            s.in_reset = true;
-            s.resets += 1;
-            saved = s.config;
-            // Function reset: COMMAND, BARs and the writable header registers
-            // go back to their power-on values.
-            put(&mut s.config, PCI_COMMAND, Width::Word, 0);
-            put(&mut s.config, PCI_CACHE_LINE_SIZE, Width::Word, 0);
-            put(&mut s.config, PCI_INTERRUPT_LINE, Width::Byte, 0);
-            for bar in 0..PCI_NUM_BARS {
-                put(&mut s.config, PCI_BASE_ADDRESS_0 + 4 * bar, Width::Dword, 0);
-            }
-            put(&mut s.config, SIM_PCIE_CAP + PCI_EXP_DEVCTL, Width::Word, 0);
-            self.update_line(&mut s);
-        }
+    /// comes out with its power-on values and its user restores. `wait`:
+    /// wait for a reset in progress to end (`pci_reset_function`, the sysfs
+    /// `reset` file) instead of answering EAGAIN (`pci_try_reset_function`,
+    /// VFIO_DEVICE_RESET).
+    fn reset(&self, kernel_restores: bool, wait: bool) -> Result<(), BackendError> {
+        let saved = {
+            let s = self.lock();
+            let mut s = if wait { self.wait_for_reset(s) } else { s };
+            self.enter_reset(&mut s, kernel_restores)?
+        };
         thread::sleep(self.reset_window);
+        self.leave_reset(saved);
+        Ok(())
+    }
+
+    fn wait_for_reset<'a>(&self, mut s: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while s.in_reset {
+            s = self
+                .reset_done
+                .wait(s)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        s
+    }
+
+    /// Opens a reset window; returns the config state the kernel restores
+    /// when it closes, if it does.
+    fn enter_reset(
+        &self,
+        s: &mut State,
+        kernel_restores: bool,
+    ) -> Result<Option<[u8; PCI_CFG_SPACE_SIZE as usize]>, BackendError> {
+        if let Some(f) = self.fault(s, SimOp::Reset) {
+            return Err(f.error("reset"));
+        }
+        if !self.has_reset {
+            return Err(BackendError::NoResetMethod);
+        }
+        if s.in_reset {
+            // Another reset holds the device.
+            return Err(BackendError::os(
+                "reset",
+                std::io::Error::from_raw_os_error(libc::EAGAIN),
+            ));
+        }
+        s.in_reset = true;
+        let saved = kernel_restores.then_some(s.config);
+        self.clear_for_reset(s);
+        self.update_line(s);
+        Ok(saved)
+    }
+
+    fn leave_reset(&self, saved: Option<[u8; PCI_CFG_SPACE_SIZE as usize]>) {
         let mut s = self.lock();
         s.in_reset = false;
-        if kernel_restores {
+        if let Some(saved) = saved {
             // Physical DisINTx included; the driver's mask bookkeeping is
             // not touched.
             s.config = saved;
         }
         self.update_line(&mut s);
         self.reset_done.notify_all();
-        Ok(())
     }
 }
 
@@ -686,6 +854,57 @@ pub struct SimBackend {
 }
 
 impl SimBackend {
+    /// A secondary bus reset (as VFIO_DEVICE_PCI_HOT_RESET does): every
+    /// device on this one's [`SimBus`] is reset in the same window, each
+    /// restored by the kernel as its own reset would be. EAGAIN, with
+    /// nothing reset, while any of them is in another reset. Like
+    /// [`reset`](PciBackend::reset), re-masks this device's INTx afterwards
+    /// in the vfio-pci model; the other devices' drivers are not told.
+    pub fn hot_reset(&mut self) -> Result<(), BackendError> {
+        let mut devices = self
+            .inner
+            .bus
+            .as_ref()
+            .map(SimBus::members)
+            .unwrap_or_default();
+        if !devices.iter().any(|d| Arc::ptr_eq(d, &self.inner)) {
+            devices.push(Arc::clone(&self.inner));
+        }
+        if devices.iter().any(|d| d.lock().in_reset) {
+            // Another reset holds one of them; nothing is reset.
+            return Err(BackendError::os(
+                "hot reset",
+                std::io::Error::from_raw_os_error(libc::EAGAIN),
+            ));
+        }
+        let mut saved = Vec::with_capacity(devices.len());
+        for device in &devices {
+            let entered = {
+                let mut s = device.lock();
+                device.enter_reset(&mut s, device.kernel == SimKernel::VfioPci)
+            };
+            match entered {
+                Ok(state) => saved.push((device, state)),
+                Err(e) => {
+                    for (device, state) in saved {
+                        device.leave_reset(state);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let window = devices.iter().map(|d| d.reset_window).max();
+        thread::sleep(window.unwrap_or_default());
+        for (device, state) in saved {
+            device.leave_reset(state);
+        }
+        if self.inner.kernel == SimKernel::VfioPci {
+            let mut s = self.inner.lock();
+            self.inner.vfio_mask(&mut s);
+        }
+        Ok(())
+    }
+
     fn op(&self, op: SimOp, name: &'static str) -> Result<(), BackendError> {
         let mut s = self.inner.lock();
         match self.inner.fault(&mut s, op) {
@@ -863,7 +1082,8 @@ impl PciBackend for SimBackend {
     }
 
     fn reset(&mut self) -> Result<(), BackendError> {
-        self.inner.reset(self.inner.kernel == SimKernel::VfioPci)?;
+        self.inner
+            .reset(self.inner.kernel == SimKernel::VfioPci, false)?;
         if self.inner.kernel == SimKernel::VfioPci {
             // As the VFIO backend does: bring the driver's mask bookkeeping
             // in line with the hardware the reset restored.

@@ -726,7 +726,10 @@ impl VfioBackend {
 
     /// A bus or slot reset (`VFIO_DEVICE_PCI_HOT_RESET`), for devices
     /// without a function-level reset method. Use it through the engine:
-    /// `device.reset_by(VfioBackend::hot_reset)`.
+    /// `device.reset_by(VfioBackend::hot_reset)`, or, where the reset's
+    /// scope holds other functions whose engines this process runs,
+    /// `device.reset_with_siblings(&[&other], VfioBackend::hot_reset)` so
+    /// that they are held at their gates, restored and re-settled too.
     ///
     /// Asks the kernel which devices the reset would affect
     /// (`VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`) and refuses, naming them, if

@@ -11,6 +11,7 @@ mod gate;
 mod masking;
 mod model;
 mod recheck;
+mod reset;
 mod stress;
 mod sysfs;
 mod watchdog;

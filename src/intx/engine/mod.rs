@@ -13,33 +13,31 @@
 //! sysfs `reset`) cannot go through the gate; the watchdog (see
 //! [`IntxDevice::watchdog_tick`]) notices their effects and recovers.
 
+mod flr;
+mod reset;
 mod watchdog;
 
 pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
 use crate::gate::ConfigGate;
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
 use crate::intx::sink::InterruptSink;
 use crate::intx::stats::{Counters, IntxStats};
 use crate::pci::intx::{read_command_status, CommandStatus};
-use crate::pci::regs::{
-    COMMAND_INTX_DISABLE, PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_CAPABILITY_LIST,
-    PCI_CAP_ID_EXP, PCI_COMMAND, PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR, PCI_EXP_DEVCTL,
-    PCI_EXP_DEVCTL_BCR_FLR, PCI_INTERRUPT_LINE, PCI_LATENCY_TIMER, PCI_NUM_BARS, PCI_ROM_ADDRESS,
-    STATUS_CAP_LIST,
-};
-use crate::pci::{check_access, check_write, covers, with_intx_disable, Bdf, Width};
+use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
+use crate::pci::{check_access, check_write, with_intx_disable, Bdf, Width};
+use crate::ratelimit::LogLimiter;
 
 /// Where the device's INTx stands in the state machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +61,9 @@ pub struct RetryPolicy {
     pub first_backoff: Duration,
     /// Upper bound of one sleep.
     pub max_backoff: Duration,
+    /// Upper bound of the time spent retrying, if any: no attempt starts
+    /// after it has passed.
+    pub total: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -71,6 +72,7 @@ impl Default for RetryPolicy {
             attempts: 6,
             first_backoff: Duration::from_micros(200),
             max_backoff: Duration::from_millis(20),
+            total: None,
         }
     }
 }
@@ -78,9 +80,11 @@ impl Default for RetryPolicy {
 /// Tunables of one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntxOptions {
-    /// Retries of transient errors on the paths that may sleep (reset,
-    /// config accesses).
+    /// Retries of transient errors of config accesses.
     pub retry: RetryPolicy,
+    /// Retries of a reset the kernel answers EAGAIN/EBUSY while another
+    /// reset holds the device ([`RetryPolicy::reset_default`]).
+    pub reset_retry: RetryPolicy,
     /// How many times in a row the interrupt path re-kicks itself after a
     /// failure before it gives up until the next event.
     pub interrupt_path_retries: u32,
@@ -92,6 +96,7 @@ impl Default for IntxOptions {
     fn default() -> Self {
         Self {
             retry: RetryPolicy::default(),
+            reset_retry: RetryPolicy::reset_default(),
             interrupt_path_retries: 8,
             watchdog: WatchdogOptions::default(),
         }
@@ -134,8 +139,11 @@ struct Device<B> {
     watch: watchdog::WatchState,
     line: LineState,
     guest: GuestCommand,
-    /// Offset of PCIe Device Control when the device advertises FLR.
-    flr_devctl: Option<u16>,
+    /// Where the guest can initiate an FLR.
+    flr: flr::FlrRegisters,
+    /// The header as last read from the device while it answered, restored
+    /// after a reset.
+    header: Option<reset::SavedHeader>,
     /// The kernel-bypass wiring, while it is in place.
     bypass: Option<Bypass>,
 }
@@ -203,6 +211,8 @@ pub struct IntxDevice<B: PciBackend> {
     counters: Counters,
     failures: AtomicU32,
     options: IntxOptions,
+    /// Rate limit of reset problems a guest can trigger (its FLRs).
+    reset_log: Mutex<LogLimiter>,
 }
 
 impl<B: PciBackend> std::fmt::Debug for IntxDevice<B> {
@@ -281,7 +291,8 @@ impl<B: PciBackend> IntxDevice<B> {
             backend,
             line: LineState::Idle,
             guest: GuestCommand::default(),
-            flr_devctl: None,
+            flr: flr::FlrRegisters::default(),
+            header: None,
             bypass: None,
         };
         let bypassed = bypass.is_some();
@@ -297,6 +308,7 @@ impl<B: PciBackend> IntxDevice<B> {
             counters: Counters::default(),
             failures: AtomicU32::new(0),
             options,
+            reset_log: Mutex::new(LogLimiter::new(Duration::from_secs(5), 3)),
         };
         this.arm()?;
         info!(?disable_bit, bypass = bypassed, "INTx armed");
@@ -331,8 +343,9 @@ impl<B: PciBackend> IntxDevice<B> {
                 IntxDisableBit::Virtualized => cs.command,
             };
             dev.guest = GuestCommand::new(guest_view);
-            dev.flr_devctl =
-                find_flr_devctl(&mut dev.backend, cs).during(Operation::ReadCapabilities)?;
+            dev.flr = flr::FlrRegisters::find(&mut dev.backend, cs)
+                .during(Operation::ReadCapabilities)?;
+            dev.refresh_header();
             let d = &mut *dev;
             match &d.bypass {
                 None => d
@@ -474,21 +487,20 @@ impl<B: PciBackend> IntxDevice<B> {
             .map_err(|e| self.fail(Fail::Backend(op, e.into())))?;
         let mut dev = self.gate.access();
         let ctx = self.ctx();
-        let flr = dev
-            .flr_devctl
-            .and_then(|devctl| flr_mask(devctl, offset, width))
-            .filter(|mask| value & mask != 0);
+        let flr = dev.flr.initiated_by(offset, width, value);
         // The FLR bit itself never reaches the device: the reset below does
         // the FLR, through the gate, with save/restore and re-arm.
-        let value = value & !flr.unwrap_or(0);
+        let value = value & !flr;
         let result = dev.guest_write(offset, width, value, &ctx, |dev, v| {
             self.retry(|| dev.backend.config_write(offset, width, v))
         });
+        if result.is_ok() && reset::SavedHeader::covered_by(offset, width) {
+            dev.refresh_header();
+        }
         drop(dev);
         result.map_err(|f| self.fail(f))?;
-        if flr.is_some() {
-            debug!(bdf = %self.bdf, "guest initiated a function-level reset");
-            self.reset()?;
+        if flr != 0 {
+            self.guest_flr()?;
         }
         Ok(())
     }
@@ -503,53 +515,14 @@ impl<B: PciBackend> IntxDevice<B> {
     }
 
     /// [`reset`](Self::reset) with another reset method of the backend
-    /// (e.g. a bus reset), under the same protocol.
-    #[instrument(skip_all, fields(bdf = %self.bdf))]
+    /// (e.g. a bus reset), under the same protocol. A reset that also
+    /// reaches other functions this process drives goes through
+    /// [`reset_with_siblings`](Self::reset_with_siblings).
     pub fn reset_by(
         &self,
-        mut method: impl FnMut(&mut B) -> Result<(), BackendError>,
+        method: impl FnMut(&mut B) -> Result<(), BackendError>,
     ) -> Result<(), IntxError> {
-        let mut dev = self.gate.block();
-        Counters::bump(&self.counters.resets);
-        let ctx = self.ctx();
-        let saved = SavedHeader::save(&mut dev.backend)
-            .map_err(|e| self.fail(Fail::Backend(Operation::SaveState, e)))?;
-        // Quiesce INTx so the device cannot interrupt mid-reset; `settle`
-        // below puts the mask back where the state machine wants it.
-        if let Err(e) = dev.backend.intx_mask() {
-            return Err(self.fail(Fail::Backend(Operation::Mask, e)));
-        }
-        let reset = self
-            .retry(|| method(&mut dev.backend))
-            .during(Operation::Reset);
-        // Restore and re-arm whether or not the reset happened, so that a
-        // failed reset leaves the device as it was.
-        let restore = saved
-            .restore(&mut dev.backend)
-            .and(dev.write_command(&ctx))
-            .during(Operation::RestoreState);
-        let settle = dev.settle(&ctx).and_then(|()| {
-            // Interrupt work deferred during the reset (a guest EOI, a host
-            // interrupt) runs now, before the gate opens: the next queued
-            // reset would otherwise take the gate first, and a storm of
-            // resets would starve the interrupt path.
-            let mut work = self.wake.pending.swap(0, Ordering::SeqCst);
-            dev.run(&mut work, &ctx).inspect_err(|_| {
-                self.wake.pending.fetch_or(work, Ordering::SeqCst);
-            })
-        });
-        if settle.is_err() {
-            // Leave the re-check to the interrupt path once the gate is free.
-            self.wake.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
-            self.wake.kick();
-        }
-        let result = reset.and(restore).and(settle);
-        match &result {
-            Ok(()) => debug!(line = ?dev.line, "reset done"),
-            Err(f) => warn!(error = %f, "reset did not complete"),
-        }
-        drop(dev);
-        result.map_err(|f| self.fail(f))
+        self.reset_with_siblings(&[], method)
     }
 
     /// Masks INTx and stops delivery, restoring COMMAND to the guest's view
@@ -712,13 +685,27 @@ impl<B: PciBackend> IntxDevice<B> {
         f(&mut self.gate.access().backend)
     }
 
-    fn retry<T>(&self, mut op: impl FnMut() -> Result<T, BackendError>) -> Result<T, BackendError> {
-        let policy = self.options.retry;
+    fn retry<T>(&self, op: impl FnMut() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        self.retry_with(self.options.retry, op)
+    }
+
+    fn retry_with<T>(
+        &self,
+        policy: RetryPolicy,
+        mut op: impl FnMut() -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let started = Instant::now();
+        let within_budget = |backoff: Duration| match policy.total {
+            Some(total) => started.elapsed() + backoff <= total,
+            None => true,
+        };
         let mut backoff = policy.first_backoff;
         let mut attempt = 1;
         loop {
             match op() {
-                Err(e) if e.is_transient() && attempt < policy.attempts => {
+                Err(e)
+                    if e.is_transient() && attempt < policy.attempts && within_budget(backoff) =>
+                {
                     Counters::bump(&self.counters.retries);
                     debug!(bdf = %self.bdf, attempt, error = %e, "transient error, retrying");
                     thread::sleep(backoff);
@@ -933,98 +920,5 @@ impl<B: PciBackend> Device<B> {
             self.settle(ctx).inspect_err(|_| ctx.wake.kick())?;
         }
         Ok(())
-    }
-}
-
-/// The mask of DevCtl's "Initiate FLR" bit in the value of an access, if
-/// the access covers it.
-fn flr_mask(devctl: u16, offset: u16, width: Width) -> Option<u32> {
-    let byte = devctl + 1;
-    let bit_in_byte = PCI_EXP_DEVCTL_BCR_FLR.trailing_zeros() - 8;
-    covers(offset, width, byte).then(|| 1 << (u32::from(byte - offset) * 8 + bit_in_byte))
-}
-
-/// Walks the capability list for a PCI Express capability that advertises
-/// FLR and returns the offset of its Device Control register.
-fn find_flr_devctl<B: ConfigSpace + ?Sized>(
-    dev: &mut B,
-    cs: CommandStatus,
-) -> Result<Option<u16>, BackendError> {
-    if cs.status & STATUS_CAP_LIST == 0 {
-        return Ok(None);
-    }
-    let mut next = dev.config_read(PCI_CAPABILITY_LIST, Width::Byte)? & 0xfc;
-    // A well-formed list in 256 bytes has at most 48 entries; more is a loop.
-    for _ in 0..48 {
-        if next < 0x40 {
-            return Ok(None);
-        }
-        // `next` is a byte value, so the offset fits config space.
-        let cap = next as u16;
-        let header = dev.config_read(cap, Width::Word)?;
-        if header & 0xff == u32::from(PCI_CAP_ID_EXP) {
-            let devcap = dev.config_read(cap + PCI_EXP_DEVCAP, Width::Dword)?;
-            return Ok((devcap & PCI_EXP_DEVCAP_FLR != 0).then_some(cap + PCI_EXP_DEVCTL));
-        }
-        next = (header >> 8) & 0xfc;
-    }
-    Ok(None)
-}
-
-/// The type 0 header registers a reset clears and the reset path restores.
-/// COMMAND is not among them: it is rebuilt from the guest's view and the
-/// host mask.
-struct SavedHeader {
-    bars: [u32; PCI_NUM_BARS as usize],
-    rom: u32,
-    cache_line_size: u32,
-    latency_timer: u32,
-    interrupt_line: u32,
-}
-
-impl SavedHeader {
-    fn bar_offset(index: usize) -> u16 {
-        // index < PCI_NUM_BARS, so this cannot truncate.
-        PCI_BASE_ADDRESS_0 + 4 * index as u16
-    }
-
-    fn save<B: ConfigSpace + ?Sized>(dev: &mut B) -> Result<Self, BackendError> {
-        // Fail early, before anything changes, if the device does not answer.
-        read_command_status(dev)?;
-        let mut bars = [0; PCI_NUM_BARS as usize];
-        for (i, bar) in bars.iter_mut().enumerate() {
-            *bar = dev.config_read(Self::bar_offset(i), Width::Dword)?;
-        }
-        Ok(Self {
-            bars,
-            rom: dev.config_read(PCI_ROM_ADDRESS, Width::Dword)?,
-            cache_line_size: dev.config_read(PCI_CACHE_LINE_SIZE, Width::Byte)?,
-            latency_timer: dev.config_read(PCI_LATENCY_TIMER, Width::Byte)?,
-            interrupt_line: dev.config_read(PCI_INTERRUPT_LINE, Width::Byte)?,
-        })
-    }
-
-    /// Writes every saved register back, going on past a failed write so
-    /// that one failure leaves as little as possible unrestored; returns the
-    /// first error.
-    fn restore<B: ConfigSpace + ?Sized>(&self, dev: &mut B) -> Result<(), BackendError> {
-        let writes = self
-            .bars
-            .iter()
-            .enumerate()
-            .map(|(i, bar)| (Self::bar_offset(i), Width::Dword, *bar))
-            .chain([
-                (PCI_ROM_ADDRESS, Width::Dword, self.rom),
-                (PCI_CACHE_LINE_SIZE, Width::Byte, self.cache_line_size),
-                (PCI_LATENCY_TIMER, Width::Byte, self.latency_timer),
-                (PCI_INTERRUPT_LINE, Width::Byte, self.interrupt_line),
-            ]);
-        let mut first_error = None;
-        for (offset, width, value) in writes {
-            if let Err(e) = dev.config_write(offset, width, value) {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
     }
 }
