@@ -1445,3 +1445,33 @@ fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
         device_status(&d, A).stats.daemon.parked > parked
     });
 }
+
+#[test]
+fn sigterm_hands_back_a_device_still_asserting_without_a_false_error() {
+    // uio_pci_generic's handler, and vfio-pci's model, mask a line that
+    // still asserts: COMMAND then differs from the one found only by
+    // INTX_DISABLE, which is the kernel doing its job, not a failed
+    // hand-back. Once without an interrupt pending, once with one.
+    for pending in [0, 2] {
+        let mut d = Daemon::start(&device(
+            A,
+            "sim-kernel = \"vfio-pci\"\nsim-command = 0x0103",
+        ));
+        if pending > 0 {
+            d.ask(&Request::SimRaise {
+                bdf: A.into(),
+                count: pending,
+            });
+        }
+        d.signal(nix::sys::signal::Signal::SIGTERM);
+        let (code, _) = d.wait_exit(Duration::from_secs(5));
+        let log = d.log();
+        assert_eq!(code, Some(0), "pending {pending}:\n{log}");
+        assert!(!log.contains("ERROR"), "pending {pending}:\n{log}");
+        let line = log
+            .lines()
+            .find(|l| l.contains("device restored") && l.contains(A))
+            .unwrap_or_else(|| panic!("pending {pending}: not restored:\n{log}"));
+        assert!(line.contains("command=0x0103"), "{line}");
+    }
+}

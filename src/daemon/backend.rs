@@ -45,6 +45,15 @@ impl AnyBackend {
     pub fn has_unmask_eventfd(&self) -> bool {
         matches!(self, AnyBackend::Vfio(_))
     }
+
+    /// Whether the kernel driver behind the backend keeps a handler that
+    /// masks the line while the device asserts, with nobody to unmask it
+    /// once the daemon lets go: uio_pci_generic (its `irqhandler` is
+    /// `pci_check_and_mask_intx` for as long as it is bound). vfio-pci's
+    /// handler does too, but the daemon sees its virtual INTX_DISABLE.
+    pub fn masks_asserting_line(&self) -> bool {
+        matches!(self, AnyBackend::Uio(_))
+    }
 }
 
 impl ConfigSpace for AnyBackend {

@@ -774,6 +774,12 @@ impl Daemon {
                     info!(%bdf, command = format_args!("{:#06x}", r.now), driver_restored = r.driver_restored,
                         "device restored: INTx delivery stopped, COMMAND as found");
                 }
+                Ok(r) if r.as_found() => {
+                    info!(%bdf, command = format_args!("{:#06x}", r.found), now = format_args!("{:#06x}", r.now),
+                        driver_restored = r.driver_restored,
+                        "device restored: INTx delivery stopped, COMMAND as found; the device still \
+                         asserts, so the kernel driver's handler holds INTx masked for its next user");
+                }
                 Ok(r) => {
                     failed += 1;
                     error!(%bdf, found = format_args!("{:#06x}", r.found), now = format_args!("{:#06x}", r.now),

@@ -27,8 +27,8 @@ use crate::daemon::backend::AnyBackend;
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting, SimKernelSetting};
 use crate::daemon::metrics::{DeviceMetrics, DeviceStats};
 use crate::intx::{InterruptSink, IntxDevice, IntxError, IntxOptions, WatchdogOptions};
-use crate::pci::intx::read_command_status;
-use crate::pci::regs::PCI_COMMAND;
+use crate::pci::intx::{read_command_status, CommandStatus};
+use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
 use crate::pci::sysfs::{Binding, PciSysfs, SysfsError};
 use crate::pci::{Bdf, Width};
 use crate::sim::{SimDevice, SimKernel};
@@ -340,6 +340,30 @@ pub struct Restored {
     pub driver_restored: bool,
     /// A VMM's own device: only INTx was released, COMMAND is the VMM's.
     pub handed_over: bool,
+    /// COMMAND differs from the one found only by INTX_DISABLE, set by the
+    /// kernel driver's own handler for a device still asserting
+    /// (uio_pci_generic's check-and-mask): the state that driver keeps
+    /// until its next user unmasks, not a failed hand-back.
+    pub kernel_masked: bool,
+}
+
+impl Restored {
+    /// Whether the device was handed back as it should be: COMMAND as
+    /// found, or masked by the kernel driver for a line still asserting.
+    pub fn as_found(&self) -> bool {
+        self.now == self.found || self.kernel_masked
+    }
+}
+
+/// Whether COMMAND read back after the hand-back (`now`) differs from the
+/// one written (`found`) only because the kernel driver masked a line that
+/// still asserts: INTX_DISABLE is the only difference, it is set, STATUS
+/// shows the interrupt, and the driver has a live check-and-mask handler.
+fn masked_by_kernel(found: u16, now: CommandStatus, driver_masks_asserting_line: bool) -> bool {
+    driver_masks_asserting_line
+        && now.command ^ found == COMMAND_INTX_DISABLE
+        && now.masked()
+        && now.asserting()
 }
 
 impl ManagedDevice {
@@ -673,21 +697,26 @@ impl ManagedDevice {
                 b.config_write(PCI_COMMAND, Width::Word, u32::from(self.found_command))
             })
         };
-        let now = match &self.sim {
-            Some(sim) => Ok(sim.snapshot().command),
-            None => self
-                .engine
-                .with_backend(read_command_status)
-                .map(|cs| cs.command),
-        };
+        // Read back through the backend, the view the daemon wrote through
+        // (for vfio-pci, the virtual INTX_DISABLE: the physical bit is the
+        // driver's).
+        let now = self
+            .engine
+            .with_backend(|b| read_command_status(b).map(|cs| (cs, b.masks_asserting_line())));
         disarmed?;
         written.map_err(backend_error("restoring COMMAND"))?;
-        let now = now.map_err(backend_error("reading COMMAND back"))?;
+        let (now, masks) = now.map_err(backend_error("reading COMMAND back"))?;
+        let found = if handed_over {
+            now.command
+        } else {
+            self.found_command
+        };
         Ok(Restored {
-            found: if handed_over { now } else { self.found_command },
-            now,
+            found,
+            now: now.command,
             driver_restored: false,
             handed_over,
+            kernel_masked: masked_by_kernel(found, now, masks),
         })
     }
 }
@@ -1165,5 +1194,29 @@ impl Task {
                 self.next_tick = self.next_tick.min(now + (timeout - waited));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(command: u16, status: u16) -> CommandStatus {
+        CommandStatus { command, status }
+    }
+
+    #[test]
+    fn only_a_kernel_mask_of_a_line_still_asserting_counts_as_found() {
+        // uio_pci_generic's handler masked the asserting device after the
+        // hand-back wrote COMMAND as found (issue 11 item 12).
+        assert!(masked_by_kernel(0x0103, cs(0x0503, 0x0018), true));
+        // Not asserting: the mask is nobody's job; a real failure.
+        assert!(!masked_by_kernel(0x0103, cs(0x0503, 0x0010), true));
+        // A driver with no such handler.
+        assert!(!masked_by_kernel(0x0103, cs(0x0503, 0x0018), false));
+        // Any other bit different.
+        assert!(!masked_by_kernel(0x0103, cs(0x0507, 0x0018), true));
+        // INTX_DISABLE found set and now clear: not the kernel's mask.
+        assert!(!masked_by_kernel(0x0503, cs(0x0103, 0x0018), true));
     }
 }
