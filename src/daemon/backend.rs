@@ -5,6 +5,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::{Bdf, Width};
+#[cfg(feature = "testkit")]
 use crate::sim::SimBackend;
 use crate::uio::UioBackend;
 use crate::vfio::VfioBackend;
@@ -15,7 +16,8 @@ pub enum AnyBackend {
     Vfio(VfioBackend),
     /// uio_pci_generic.
     Uio(UioBackend),
-    /// The simulated device.
+    /// The simulated device (test kit).
+    #[cfg(feature = "testkit")]
     Sim(SimBackend),
 }
 
@@ -24,6 +26,7 @@ macro_rules! each {
         match $self {
             AnyBackend::Vfio($b) => $e,
             AnyBackend::Uio($b) => $e,
+            #[cfg(feature = "testkit")]
             AnyBackend::Sim($b) => $e,
         }
     };
@@ -34,6 +37,7 @@ impl std::fmt::Debug for AnyBackend {
         match self {
             AnyBackend::Vfio(b) => b.fmt(f),
             AnyBackend::Uio(b) => b.fmt(f),
+            #[cfg(feature = "testkit")]
             AnyBackend::Sim(b) => write!(f, "SimBackend({})", b.bdf()),
         }
     }

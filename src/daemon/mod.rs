@@ -39,9 +39,11 @@
 //! device.
 
 pub mod backend;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
 pub mod config;
+#[cfg(feature = "testkit")]
 mod example;
 pub mod metrics;
 pub mod protocol;
@@ -218,8 +220,10 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 }
 
 /// A simulated device's hardware side as the test hooks drive it.
+#[cfg(feature = "testkit")]
 struct SimSide(crate::sim::SimDevice);
 
+#[cfg(feature = "testkit")]
 impl crate::kvm::assign::DeviceSide for SimSide {
     fn raise(&self) {
         self.0.raise();
@@ -254,7 +258,7 @@ pub struct DaemonStatus {
     /// Every device, by address.
     pub devices: Vec<DeviceStatus>,
     /// The built-in example guest, if it runs.
-    pub example_guest: Option<example::ExampleGuestStatus>,
+    pub example_guest: Option<protocol::ExampleGuestStatus>,
 }
 
 /// The running daemon, shared by the signal loop, the control socket and
@@ -266,6 +270,7 @@ pub struct Daemon {
     started: Instant,
     euid: u32,
     group: Option<u32>,
+    #[cfg(feature = "testkit")]
     example: Mutex<Option<example::ExampleGuest>>,
     /// The socket given on the command line, over the configuration's.
     socket_override: Option<PathBuf>,
@@ -328,6 +333,7 @@ async fn main(
         started,
         euid: nix::unistd::geteuid().as_raw(),
         group,
+        #[cfg(feature = "testkit")]
         example: Mutex::new(None),
         socket_override,
     });
@@ -519,7 +525,7 @@ impl Daemon {
             config: config.path.display().to_string(),
             socket: config.daemon.socket.display().to_string(),
             devices: self.all().iter().map(|d| d.status()).collect(),
-            example_guest: lock(&self.example).as_ref().map(|g| g.status()),
+            example_guest: self.example_status(),
         }
     }
 
@@ -535,8 +541,7 @@ impl Daemon {
             "{} device(s) armed, {sessions} session(s), {held} held masked, {interrupts} interrupts serviced",
             devices.len()
         );
-        if let Some(g) = lock(&self.example).as_ref() {
-            let s = g.status();
+        if let Some(s) = self.example_status() {
             line.push_str(&format!(
                 "; example guest: {} interrupts received and acknowledged",
                 s.acked
@@ -596,6 +601,12 @@ impl Daemon {
             Request::Mask { bdf } => self.hold(&bdf, true).await,
             Request::Unmask { bdf } => self.hold(&bdf, false).await,
             Request::Probe { bdf } => self.probe(&bdf).await,
+            #[cfg(not(feature = "testkit"))]
+            Request::SimRaise { bdf, .. } | Request::SimAck { bdf } => Response::error(
+                ErrorKind::Unsupported,
+                format!("{bdf}: test hooks need vfio-intx built with the testkit feature"),
+            ),
+            #[cfg(feature = "testkit")]
             Request::SimRaise { bdf, count } => {
                 let count = count.min(1_000_000);
                 match self
@@ -611,6 +622,7 @@ impl Daemon {
                     Err(r) => r,
                 }
             }
+            #[cfg(feature = "testkit")]
             Request::SimAck { bdf } => match self.test_hook(&bdf, |side| side.ack()).await {
                 Ok(acked) => Response::ok(serde_json::json!({ "acked": acked })),
                 Err(r) => r,
@@ -630,6 +642,7 @@ impl Daemon {
     /// Runs a test hook (raise, ack) on a simulated device, or on an edu
     /// with `edu-test-hooks` — there under the gate, so that the BAR
     /// access never lands inside a reset, which the edu would drop.
+    #[cfg(feature = "testkit")]
     async fn test_hook(
         &self,
         text: &str,
@@ -708,6 +721,25 @@ impl Daemon {
         }
     }
 
+    #[cfg(not(feature = "testkit"))]
+    async fn start_example(self: &Arc<Self>, _config: &config::ExampleGuestConfig) {
+        warn!("the example guest needs vfio-intx built with the testkit feature; the daemon runs without it");
+    }
+
+    #[cfg(not(feature = "testkit"))]
+    async fn stop_example(&self, _only: Option<Bdf>) {}
+
+    #[cfg(not(feature = "testkit"))]
+    fn example_status(&self) -> Option<protocol::ExampleGuestStatus> {
+        None
+    }
+
+    #[cfg(feature = "testkit")]
+    fn example_status(&self) -> Option<protocol::ExampleGuestStatus> {
+        lock(&self.example).as_ref().map(|g| g.status())
+    }
+
+    #[cfg(feature = "testkit")]
     async fn start_example(self: &Arc<Self>, config: &config::ExampleGuestConfig) {
         let Some(dev) = self.device(config.bdf) else {
             return;
@@ -721,6 +753,7 @@ impl Daemon {
         }
     }
 
+    #[cfg(feature = "testkit")]
     async fn stop_example(&self, only: Option<Bdf>) {
         let guest = {
             let mut slot = lock(&self.example);
@@ -881,6 +914,7 @@ impl Daemon {
 /// ([`systemd::stderr_is_journal`]), with each event's span fields (the
 /// device's `F_BDF`) as journal fields; formatted stderr otherwise, and if
 /// the journal's socket cannot be reached. `RUST_LOG` overrides `default`.
+#[cfg(feature = "cli")]
 pub fn init_logging(default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

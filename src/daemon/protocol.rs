@@ -275,6 +275,19 @@ impl Response {
     }
 }
 
+/// The example guest's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExampleGuestStatus {
+    /// The device assigned to it.
+    pub bdf: String,
+    /// Interrupts the device raised.
+    pub raised: u64,
+    /// ISR runs that acknowledged a device interrupt.
+    pub acked: u64,
+    /// ISR runs in all.
+    pub isr_runs: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

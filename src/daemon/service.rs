@@ -24,13 +24,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{BackendError, ConfigSpace, PciBackend};
 use crate::daemon::backend::AnyBackend;
-use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting, SimKernelSetting};
+#[cfg(feature = "testkit")]
+use crate::daemon::config::SimKernelSetting;
+use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
 use crate::daemon::metrics::{DeviceMetrics, DeviceStats};
 use crate::intx::{InterruptSink, IntxDevice, IntxError, IntxOptions, WatchdogOptions};
 use crate::pci::intx::{read_command_status, CommandStatus};
 use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
 use crate::pci::sysfs::{Binding, PciSysfs, SysfsError};
 use crate::pci::{Bdf, Width};
+#[cfg(feature = "testkit")]
 use crate::sim::{SimDevice, SimKernel};
 use crate::uio::{UioBackend, UioError};
 use crate::vfio::handover::DeviceIdentity;
@@ -261,6 +264,19 @@ pub(crate) enum Control {
     Stop,
 }
 
+/// The simulated device's hardware side (test kit).
+#[cfg(feature = "testkit")]
+pub(crate) type SimHandle = SimDevice;
+/// Without the test kit there are no simulated devices.
+#[cfg(not(feature = "testkit"))]
+pub(crate) type SimHandle = std::convert::Infallible;
+/// An edu's BAR0 for the test hooks (test kit).
+#[cfg(feature = "testkit")]
+pub(crate) type EduHandle = crate::vfio::edu::Edu;
+/// Without the test kit there are no edu test hooks.
+#[cfg(not(feature = "testkit"))]
+pub(crate) type EduHandle = std::convert::Infallible;
+
 /// A device the daemon owns.
 pub struct ManagedDevice {
     /// Its configuration.
@@ -270,9 +286,9 @@ pub struct ManagedDevice {
     /// Where interrupts go.
     pub sink: Arc<SessionSink>,
     /// The simulated device's hardware side (sim backend only).
-    pub sim: Option<SimDevice>,
+    pub sim: Option<SimHandle>,
     /// An edu's BAR0 (`edu-test-hooks`): raise and acknowledge for tests.
-    pub edu: Option<Arc<crate::vfio::edu::Edu>>,
+    pub edu: Option<Arc<EduHandle>>,
     /// The daemon's metrics.
     pub metrics: Arc<DeviceMetrics>,
     /// COMMAND as found before arming, restored at shutdown.
@@ -396,10 +412,17 @@ impl ManagedDevice {
         binding: Option<Binding>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
-        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
         let (backend, sim) = match config.backend {
             BackendKind::Vfio => (AnyBackend::Vfio(VfioBackend::open(bdf)?), None),
             BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
+            #[cfg(not(feature = "testkit"))]
+            BackendKind::Sim => {
+                return Err(DeviceError::Unsupported {
+                    bdf,
+                    what: "simulated devices need vfio-intx built with the testkit feature",
+                })
+            }
+            #[cfg(feature = "testkit")]
             BackendKind::Sim => {
                 let sim = SimDevice::builder()
                     .bdf(bdf)
@@ -408,6 +431,7 @@ impl ManagedDevice {
                         SimKernelSetting::VfioPci => SimKernel::VfioPci,
                     })
                     .build();
+                let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
                 let mut backend = sim.backend();
                 // The "firmware's" COMMAND, as a real device would be found.
                 backend
@@ -454,7 +478,7 @@ impl ManagedDevice {
         sysfs: &PciSysfs,
         config: DeviceConfig,
         mut backend: AnyBackend,
-        sim: Option<SimDevice>,
+        sim: Option<SimHandle>,
         binding: Option<Binding>,
         handed_over: Option<DeviceIdentity>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
@@ -470,6 +494,7 @@ impl ManagedDevice {
         };
         let masking = if config.probe {
             let (supported, verdict) = match &mut backend {
+                #[cfg(feature = "testkit")]
                 AnyBackend::Sim(b) => {
                     let support = crate::pci::intx::probe_masking(b)
                         .map_err(backend_error("probing INTx masking"))?;
@@ -537,7 +562,17 @@ impl ManagedDevice {
     /// Maps an edu's BAR0 for the test hooks, enabling memory decoding
     /// first (the edu answers BAR accesses only then). COMMAND as found is
     /// read before, and restored at shutdown.
-    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<crate::vfio::edu::Edu>, DeviceError> {
+    #[cfg(not(feature = "testkit"))]
+    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+        Err(DeviceError::Unsupported {
+            bdf: backend.bdf(),
+            what: "edu test hooks need vfio-intx built with the testkit feature",
+        })
+    }
+
+    /// Maps an edu's BAR0 for the test hooks (see above).
+    #[cfg(feature = "testkit")]
+    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
         let bdf = backend.bdf();
         let AnyBackend::Vfio(vfio) = backend else {
             return Err(DeviceError::Backend {

@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "testkit")]
 pub mod edu;
 #[cfg(test)]
 mod fake_sysfs;
