@@ -28,6 +28,7 @@ const DEVFN: u8 = 3 << 3;
 
 /// Why the example guest could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExampleError {
     /// KVM refused something.
     #[error("the example guest's VM could not be set up")]

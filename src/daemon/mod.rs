@@ -95,6 +95,7 @@ pub mod exit {
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DaemonError {
     /// The configuration is invalid.
     #[error(transparent)]

@@ -15,6 +15,7 @@ pub const HEADER: usize = 4;
 
 /// Why a frame could not be decoded or encoded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The length prefix announces more than [`MAX_FRAME`] bytes.
     #[error("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")]

@@ -42,6 +42,7 @@ use crate::vfio::{VfioBackend, VfioError};
 /// Why a device could not be brought up, driven or handed back. Every
 /// message names the device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeviceError {
     /// Binding or unbinding the driver, or reading sysfs, failed.
     #[error(transparent)]
@@ -126,6 +127,7 @@ pub enum DeviceError {
 
 /// Why a session could not be attached.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttachError {
     /// Another session is attached.
     #[error("{bdf}: a VMM session is already attached")]
