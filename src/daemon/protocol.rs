@@ -8,6 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::config::BackendKind;
+use crate::daemon::metrics::DeviceStats;
+
 /// Largest frame body accepted, in bytes (1 MiB).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.
@@ -287,6 +290,81 @@ pub struct ExampleGuestStatus {
     pub acked: u64,
     /// ISR runs in all.
     pub isr_runs: u64,
+}
+
+/// The daemon's state as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// The configuration file.
+    pub config: String,
+    /// The control socket.
+    pub socket: String,
+    /// Every device, by address.
+    pub devices: Vec<DeviceStatus>,
+    /// The built-in example guest, if it runs.
+    pub example_guest: Option<ExampleGuestStatus>,
+}
+
+/// What `probe` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// The device.
+    pub bdf: String,
+    /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
+    /// the daemon owns without having probed it (`probe = false`).
+    pub supported: Option<bool>,
+    /// Why, in words.
+    pub verdict: String,
+    /// Whether the daemon owns the device (the verdict is then the one from
+    /// its start: nothing is toggled under a device in service).
+    pub owned: bool,
+}
+
+/// What a successful session request answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// The device.
+    pub bdf: String,
+    /// The EOI path.
+    pub path: String,
+    /// On a VMM's own device fd: how the daemon established its address.
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+/// A device's state for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// The device.
+    pub bdf: String,
+    /// Its backend.
+    pub backend: BackendKind,
+    /// The EOI path sessions use.
+    pub path: String,
+    /// The masking probe's verdict at start.
+    pub masking: String,
+    /// Whether a VMM session (or the example guest) is attached.
+    pub session: bool,
+    /// Why the line is held masked by the daemon, if it is.
+    pub held: Option<String>,
+    /// COMMAND as found before arming.
+    pub found_command: u16,
+    /// Whether the daemon bound the driver (and restores it at shutdown).
+    pub bound_by_daemon: bool,
+    /// Whether a reset holds the device right now.
+    pub in_reset: bool,
+    /// For a VMM's own device fd, handed over for its session: how its
+    /// address was established. `None` for devices the daemon opened.
+    #[serde(default)]
+    pub handed_over: Option<String>,
+    /// Counters.
+    pub stats: DeviceStats,
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ mod lifecycle;
 mod session;
 mod task;
 
+/// A device's state for `status` (a wire type, in the protocol).
+pub use crate::daemon::protocol::DeviceStatus;
 pub(crate) use lifecycle::hand_back;
 pub use lifecycle::Restored;
 pub use session::SessionSink;
@@ -24,14 +26,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::BackendError;
 use crate::daemon::backend::AnyBackend;
-use crate::daemon::config::{BackendKind, DeviceConfig};
+use crate::daemon::config::DeviceConfig;
 use crate::daemon::metrics::{DeviceMetrics, DeviceStats};
 use crate::intx::{IntxDevice, IntxError};
 use crate::pci::sysfs::{Binding, SysfsError};
@@ -244,35 +245,6 @@ impl std::fmt::Debug for ManagedDevice {
             .field("bdf", &self.config.bdf)
             .finish_non_exhaustive()
     }
-}
-
-/// A device's state for `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStatus {
-    /// The device.
-    pub bdf: String,
-    /// Its backend.
-    pub backend: BackendKind,
-    /// The EOI path sessions use.
-    pub path: String,
-    /// The masking probe's verdict at start.
-    pub masking: String,
-    /// Whether a VMM session (or the example guest) is attached.
-    pub session: bool,
-    /// Why the line is held masked by the daemon, if it is.
-    pub held: Option<String>,
-    /// COMMAND as found before arming.
-    pub found_command: u16,
-    /// Whether the daemon bound the driver (and restores it at shutdown).
-    pub bound_by_daemon: bool,
-    /// Whether a reset holds the device right now.
-    pub in_reset: bool,
-    /// For a VMM's own device fd, handed over for its session: how its
-    /// address was established. `None` for devices the daemon opened.
-    #[serde(default)]
-    pub handed_over: Option<String>,
-    /// Counters.
-    pub stats: DeviceStats,
 }
 
 impl ManagedDevice {
