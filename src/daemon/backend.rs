@@ -44,12 +44,6 @@ impl std::fmt::Debug for AnyBackend {
 }
 
 impl AnyBackend {
-    /// Whether the backend takes a kernel unmask eventfd (the kernel
-    /// bypass).
-    pub fn has_unmask_eventfd(&self) -> bool {
-        matches!(self, AnyBackend::Vfio(_))
-    }
-
     /// Whether the kernel driver behind the backend keeps a handler that
     /// masks the line while the device asserts, with nobody to unmask it
     /// once the daemon lets go: uio_pci_generic (its `irqhandler` is

@@ -10,11 +10,11 @@
 //! - `server`: the control socket (framing, peer credentials, client
 //!   bound, timeouts) and sessions' connections (`SCM_RIGHTS`);
 //! - [`protocol`]: every wire type (frames, requests, replies, status);
-//! - [`service`]: one device: `lifecycle` (open, adopt, arm, restore,
+//! - `service`: one device: `lifecycle` (open, adopt, arm, restore,
 //!   hand back), `session`, `health` (storms, EOI timeouts, holds: a
 //!   sans-IO state machine), `task` (the select loop);
 //! - [`config`]: the TOML configuration; [`metrics`]: per-device metrics
-//!   and the Prometheus text; [`systemd`]: notification; [`client`]: a
+//!   and the Prometheus text; `systemd`: notification; [`client`]: a
 //!   synchronous client (the CLI, tests, VMMs); `cli` (feature `cli`): the
 //!   operator commands.
 //!
@@ -45,7 +45,7 @@
 //! in a test can run a real KVM guest against a daemon-owned simulated
 //! device.
 
-pub mod backend;
+pub(crate) mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
@@ -57,9 +57,9 @@ pub mod metrics;
 pub mod protocol;
 mod registry;
 mod server;
-pub mod service;
+pub(crate) mod service;
 mod sys;
-pub mod systemd;
+pub(crate) mod systemd;
 
 pub use control::{HasKind, Kind};
 pub use protocol::{DaemonStatus, ProbeReport, SessionReport};
@@ -260,7 +260,7 @@ async fn main(
 }
 
 /// Sets up logging: journald when systemd connected stderr to the journal
-/// ([`systemd::stderr_is_journal`]), with each event's span fields (the
+/// (`JOURNAL_STREAM` names stderr), with each event's span fields (the
 /// device's `F_BDF`) as journal fields; formatted stderr otherwise, and if
 /// the journal's socket cannot be reached. `RUST_LOG` overrides `default`.
 #[cfg(feature = "cli")]

@@ -291,7 +291,7 @@ impl FakeVmm {
     }
 }
 
-fn device_status(d: &Daemon, bdf: &str) -> vfio_intx::daemon::service::DeviceStatus {
+fn device_status(d: &Daemon, bdf: &str) -> vfio_intx::daemon::protocol::DeviceStatus {
     d.status()
         .devices
         .into_iter()

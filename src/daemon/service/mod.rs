@@ -18,7 +18,6 @@ mod task;
 /// A device's state for `status` (a wire type, in the protocol).
 pub use crate::daemon::protocol::DeviceStatus;
 pub(crate) use lifecycle::hand_back;
-pub use lifecycle::Restored;
 pub use session::SessionSink;
 
 use std::io;
@@ -217,8 +216,11 @@ pub struct ManagedDevice {
     /// Where interrupts go.
     pub sink: Arc<SessionSink>,
     /// The simulated device's hardware side (sim backend only).
+    // Without the test kit the type is uninhabited: always `None`.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub sim: Option<SimHandle>,
     /// An edu's BAR0 (`edu-test-hooks`): raise and acknowledge for tests.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub edu: Option<Arc<EduHandle>>,
     /// The daemon's metrics.
     pub metrics: Arc<DeviceMetrics>,
