@@ -10,7 +10,11 @@ use std::sync::Arc;
 use crate::daemon::client::ClientError;
 use crate::daemon::config::ConfigError;
 use crate::daemon::metrics::DeviceStats;
-use crate::daemon::protocol::{ErrorKind, ProbeReport, Request, Response};
+#[cfg(feature = "testkit")]
+use crate::daemon::protocol::{AckReply, RaiseReply};
+use crate::daemon::protocol::{
+    ErrorKind, HoldReply, MetricsReply, PingReply, ProbeReport, Request, ResetReply, Response,
+};
 use crate::daemon::registry::Daemon;
 use crate::daemon::service::{AttachError, DeviceError, ManagedDevice};
 use crate::daemon::{exit, metrics, server, DaemonError};
@@ -205,7 +209,9 @@ impl Daemon {
     /// Answers one control request (sessions are handled by the server).
     pub(crate) async fn handle(self: &Arc<Self>, request: Request) -> Response {
         match request {
-            Request::Ping => Response::ok(serde_json::json!({ "pid": std::process::id() })),
+            Request::Ping => Response::ok(PingReply {
+                pid: std::process::id(),
+            }),
             Request::Status => Response::ok(self.status()),
             Request::Stats { bdf } => {
                 let devices = match bdf {
@@ -224,7 +230,9 @@ impl Daemon {
             }
             Request::Metrics => {
                 let stats: Vec<DeviceStats> = self.all().iter().map(|d| d.stats()).collect();
-                Response::ok(serde_json::json!({ "text": metrics::prometheus(&stats) }))
+                Response::ok(MetricsReply {
+                    text: metrics::prometheus(&stats),
+                })
             }
             Request::Reset { bdf } => {
                 let dev = match self.owned(&bdf) {
@@ -233,9 +241,10 @@ impl Daemon {
                 };
                 let worker = Arc::clone(&dev);
                 match tokio::task::spawn_blocking(move || worker.reset()).await {
-                    Ok(Ok(())) => Response::ok(
-                        serde_json::json!({ "bdf": dev.bdf().to_string(), "reset": true }),
-                    ),
+                    Ok(Ok(())) => Response::ok(ResetReply {
+                        bdf: dev.bdf().to_string(),
+                        reset: true,
+                    }),
                     Ok(Err(e)) => failure(&e),
                     Err(e) => Response::error(
                         ErrorKind::Failed,
@@ -263,13 +272,13 @@ impl Daemon {
                     })
                     .await
                 {
-                    Ok(_) => Response::ok(serde_json::json!({ "raised": count })),
+                    Ok(_) => Response::ok(RaiseReply { raised: count }),
                     Err(r) => r,
                 }
             }
             #[cfg(feature = "testkit")]
             Request::SimAck { bdf } => match self.test_hook(&bdf, |side| side.ack()).await {
-                Ok(acked) => Response::ok(serde_json::json!({ "acked": acked })),
+                Ok(acked) => Response::ok(AckReply { acked }),
                 Err(r) => r,
             },
             Request::Session { .. } => Response::error(
@@ -323,9 +332,10 @@ impl Daemon {
             dev.release().await
         };
         match r {
-            Ok(()) => {
-                Response::ok(serde_json::json!({ "bdf": dev.bdf().to_string(), "held": mask }))
-            }
+            Ok(()) => Response::ok(HoldReply {
+                bdf: dev.bdf().to_string(),
+                held: mask,
+            }),
             Err(e) => failure(&e),
         }
     }

@@ -367,6 +367,52 @@ pub struct DeviceStatus {
     pub stats: DeviceStats,
 }
 
+/// What `ping` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// What `metrics` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReply {
+    /// Every device's metrics in the Prometheus text format.
+    pub text: String,
+}
+
+/// What `reset` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetReply {
+    /// The device.
+    pub bdf: String,
+    /// Always true: the reset went through the device's gate.
+    pub reset: bool,
+}
+
+/// What `mask` and `unmask` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReply {
+    /// The device.
+    pub bdf: String,
+    /// Whether the operator now holds the line masked.
+    pub held: bool,
+}
+
+/// What `sim-raise` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaiseReply {
+    /// Interrupts raised.
+    pub raised: u64,
+}
+
+/// What `sim-ack` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckReply {
+    /// Whether an interrupt was pending to acknowledge.
+    pub acked: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +475,51 @@ mod tests {
         let bytes = serde_json::to_vec(&handed).unwrap();
         assert_eq!(decode::<Request>(&bytes).unwrap(), handed);
         assert!(decode::<Request>(br#"{"op":"session","path":"sideways"}"#).is_err());
+    }
+
+    #[test]
+    fn typed_replies_are_byte_for_byte_the_former_json() {
+        let same = |typed: String, former: serde_json::Value| {
+            assert_eq!(typed, former.to_string());
+        };
+        let enc = |v: &dyn erased::Ser| v.json();
+        same(
+            enc(&HoldReply {
+                bdf: "0000:00:04.0".into(),
+                held: true,
+            }),
+            serde_json::json!({ "bdf": "0000:00:04.0", "held": true }),
+        );
+        same(
+            enc(&ResetReply {
+                bdf: "0000:00:04.0".into(),
+                reset: true,
+            }),
+            serde_json::json!({ "bdf": "0000:00:04.0", "reset": true }),
+        );
+        same(enc(&PingReply { pid: 7 }), serde_json::json!({ "pid": 7 }));
+        same(
+            enc(&MetricsReply { text: "x".into() }),
+            serde_json::json!({ "text": "x" }),
+        );
+        same(
+            enc(&RaiseReply { raised: 3 }),
+            serde_json::json!({ "raised": 3 }),
+        );
+        same(
+            enc(&AckReply { acked: false }),
+            serde_json::json!({ "acked": false }),
+        );
+    }
+
+    mod erased {
+        pub(super) trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap_or_default()
+            }
+        }
     }
 }
