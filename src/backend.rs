@@ -18,6 +18,7 @@ use crate::pci::{AccessError, Bdf, Width};
 /// Why a backend operation failed. The device and operation are named by the
 /// caller's error, which wraps this one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BackendError {
     /// The access was refused before reaching the device.
     #[error(transparent)]

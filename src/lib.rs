@@ -17,12 +17,18 @@
 //! - [`gate`]: the config-access gate;
 //! - [`intx`]: the per-device INTx engine and its event loop;
 //! - [`vfio`]: the kernel VFIO backend (vfio-pci);
-//! - [`sim`] (feature `sim`): a faithful simulated PCI 2.3 device;
-//! - [`daemon`] (feature `daemon`): the tokio daemon, its control socket and
-//!   the operator CLI (the only part with an async runtime).
+//! - [`sim`] (feature `testkit`): a faithful simulated PCI 2.3 device;
+//! - [`daemon`] (feature `daemon`): the tokio daemon and its control socket
+//!   (the only part with an async runtime); the operator CLI with feature
+//!   `cli`.
+//!
+//! Feature `testkit` adds the test kit: [`sim`], `kvm::testvm`,
+//! `kvm::assign`, `vfio::edu`, and in the daemon simulated devices and the
+//! example guest. The default features (`cli`, `testkit`) are the binary's;
+//! an embedding VMM builds with `default-features = false`.
 //!
 //! ```
-//! # #[cfg(feature = "sim")] {
+//! # #[cfg(feature = "testkit")] {
 //! use vfio_intx::intx::{CallbackSink, IntxDevice};
 //! use vfio_intx::sim::SimDevice;
 //!
@@ -43,7 +49,7 @@ pub mod intx;
 pub mod kvm;
 pub mod pci;
 mod ratelimit;
-#[cfg(feature = "sim")]
+#[cfg(feature = "testkit")]
 pub mod sim;
 mod sync;
 pub mod uio;

@@ -36,8 +36,12 @@ use vfio_intx::daemon::protocol::{Request, Response};
 use vfio_intx::daemon::DaemonStatus;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+mod common;
+
 const TEST: &str = "daemon_services_the_edu_while_two_reset_loops_run";
 const BIND_TEST: &str = "daemon_binds_vfio_pci_and_restores_the_previous_driver_on_sigterm";
+const UIO_PENDING_TEST: &str =
+    "sigterm_hands_back_a_uio_device_still_asserting_with_exit_0_and_no_error";
 const HANDOVER_TEST: &str =
     "a_vmm_hands_over_its_own_vfio_device_fd_and_the_daemon_services_its_real_kvm_guest";
 const REATTACH_TEST: &str =
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--list") {
         println!("{TEST}: test");
         println!("{BIND_TEST}: test");
+        println!("{UIO_PENDING_TEST}: test");
         println!("{HANDOVER_TEST}: test");
         println!("{REATTACH_TEST}: test");
         return ExitCode::SUCCESS;
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
         );
         println!("test {TEST} ... ok (skipped)");
         println!("test {BIND_TEST} ... ok (skipped)");
+        println!("test {UIO_PENDING_TEST} ... ok (skipped)");
         println!("test {HANDOVER_TEST} ... ok (skipped)");
         println!("test {REATTACH_TEST} ... ok (skipped)");
         return ExitCode::SUCCESS;
@@ -90,7 +96,7 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 4 tests");
+    println!("running 5 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -98,12 +104,14 @@ fn main() -> ExitCode {
     println!("test {TEST} ... ok");
     bind_and_restore();
     println!("test {BIND_TEST} ... ok");
+    uio_pending_hand_back();
+    println!("test {UIO_PENDING_TEST} ... ok");
     handover("userspace");
     handover("auto");
     println!("test {HANDOVER_TEST} ... ok");
     reattach_while_asserting();
     println!("test {REATTACH_TEST} ... ok");
-    println!("\ntest result: ok. 4 passed; 0 failed");
+    println!("\ntest result: ok. 5 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -267,6 +275,93 @@ fn bind_and_restore() {
         override_before
     );
     eprintln!("{BIND_TEST}: {bdf} uio_pci_generic -> vfio-pci (daemon) -> uio_pci_generic");
+}
+
+/// Issue 11 item 12: the daemon owns the uio_pci_generic edu (`backend =
+/// "uio"`), the edu raises an interrupt nobody acknowledges (parked: no
+/// session), and SIGTERM hands the device back. Writing COMMAND as found
+/// unmasks a line that still asserts, so uio_pci_generic's own handler masks
+/// it again at once (found 0x0103, now 0x0503): that is the kernel driver's
+/// state for its next user, and the daemon must say so at INFO and exit 0.
+fn uio_pending_hand_back() {
+    use vfio_intx::backend::ConfigSpace;
+    use vfio_intx::pci::intx::read_command_status;
+    use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
+    use vfio_intx::pci::sysfs::{PciSysfs, SysfsConfig};
+    use vfio_intx::pci::{Bdf, Width};
+    const EDU_IRQ_STATUS: usize = 0x24;
+    const EDU_IRQ_RAISE: usize = 0x60;
+    const EDU_IRQ_ACK: usize = 0x64;
+
+    let bdf_s = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let bdf: Bdf = bdf_s.parse().unwrap();
+    assert_eq!(driver(&bdf_s).as_deref(), Some("uio_pci_generic"));
+    let sysfs = PciSysfs::default();
+    // Memory decoding on (BAR0 for the raise), INTx unmasked, nothing
+    // pending: the COMMAND the daemon finds.
+    let mut config = SysfsConfig::open(&sysfs, bdf).unwrap();
+    let command = read_command_status(&mut config).unwrap().command;
+    let found = (command | COMMAND_MEMORY) & !COMMAND_INTX_DISABLE;
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    let bar = common::Bar0::map(bdf);
+    let pending = bar.read(EDU_IRQ_STATUS);
+    if pending != 0 {
+        bar.write(EDU_IRQ_ACK, pending);
+    }
+
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-uio");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut d = start_daemon_with(
+        &dir,
+        &this,
+        &format!("[[device]]\nbdf = \"{bdf_s}\"\nbackend = \"uio\"\nreset = false\n"),
+    );
+    bar.write(EDU_IRQ_RAISE, 1);
+    let mut c = d.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+        if status.devices[0].stats.engine.interrupts >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the raise never reached the daemon: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(c);
+    assert!(phys_asserting(&bdf_s), "the edu no longer asserts");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let code = d.child.wait().unwrap().code();
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log.lock().unwrap().clone();
+    let after = read_command_status(&mut config).unwrap();
+    // Leave the edu as the next test expects it: acknowledged, unmasked.
+    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("device restored"))
+        .unwrap_or_else(|| panic!("not restored:\n{log}"));
+    assert!(line.contains(&format!("command={found:#06x}")), "{line}");
+    eprintln!(
+        "{UIO_PENDING_TEST}: found {found:#06x}, after SIGTERM {:#06x} (asserting {}): {line}",
+        after.command,
+        after.asserting()
+    );
 }
 
 /// Resets the engine has done so far.

@@ -5,6 +5,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::{Bdf, Width};
+#[cfg(feature = "testkit")]
 use crate::sim::SimBackend;
 use crate::uio::UioBackend;
 use crate::vfio::VfioBackend;
@@ -15,7 +16,8 @@ pub enum AnyBackend {
     Vfio(VfioBackend),
     /// uio_pci_generic.
     Uio(UioBackend),
-    /// The simulated device.
+    /// The simulated device (test kit).
+    #[cfg(feature = "testkit")]
     Sim(SimBackend),
 }
 
@@ -24,6 +26,7 @@ macro_rules! each {
         match $self {
             AnyBackend::Vfio($b) => $e,
             AnyBackend::Uio($b) => $e,
+            #[cfg(feature = "testkit")]
             AnyBackend::Sim($b) => $e,
         }
     };
@@ -34,16 +37,20 @@ impl std::fmt::Debug for AnyBackend {
         match self {
             AnyBackend::Vfio(b) => b.fmt(f),
             AnyBackend::Uio(b) => b.fmt(f),
+            #[cfg(feature = "testkit")]
             AnyBackend::Sim(b) => write!(f, "SimBackend({})", b.bdf()),
         }
     }
 }
 
 impl AnyBackend {
-    /// Whether the backend takes a kernel unmask eventfd (the kernel
-    /// bypass).
-    pub fn has_unmask_eventfd(&self) -> bool {
-        matches!(self, AnyBackend::Vfio(_))
+    /// Whether the kernel driver behind the backend keeps a handler that
+    /// masks the line while the device asserts, with nobody to unmask it
+    /// once the daemon lets go: uio_pci_generic (its `irqhandler` is
+    /// `pci_check_and_mask_intx` for as long as it is bound). vfio-pci's
+    /// handler does too, but the daemon sees its virtual INTX_DISABLE.
+    pub fn masks_asserting_line(&self) -> bool {
+        matches!(self, AnyBackend::Uio(_))
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::daemon::client::{Client, ClientError};
 use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::daemon::protocol::{ErrorKind, Request, Response};
-use crate::daemon::{exit, exit_code, DaemonStatus};
+use crate::daemon::{exit, exit_code, DaemonStatus, HasKind};
 use crate::pci::sysfs::{PciSysfs, UIO_PCI_GENERIC, VFIO_PCI};
 use crate::pci::Bdf;
 
@@ -138,7 +138,7 @@ impl Failure {
         }
     }
 
-    fn from_error(e: &(dyn std::error::Error + 'static)) -> Self {
+    fn from_error(e: &impl HasKind) -> Self {
         let code = exit_code(e);
         Self::new(code, kind_name(code), crate::error_chain(e))
     }

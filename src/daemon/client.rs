@@ -13,6 +13,7 @@ use crate::daemon::protocol::{self, FrameError, Request, Response, HEADER, MAX_F
 
 /// Why talking to the daemon failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// Nobody listens on the socket (the daemon is not running).
     #[error("{}: the vfio-intx daemon is not running", .path.display())]

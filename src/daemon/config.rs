@@ -51,6 +51,7 @@ pub const DEFAULT_SOCKET: &str = "/run/vfio-intx/control.sock";
 /// Why a configuration could not be used. Every variant names the file;
 /// parse and validation errors also the line and column (1-based).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{}: cannot read the configuration", .path.display())]
@@ -157,6 +158,7 @@ pub enum SimKernelSetting {
 
 /// The `[daemon]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DaemonConfig {
     /// The control socket.
     pub socket: PathBuf,
@@ -188,6 +190,7 @@ impl Default for DaemonConfig {
 
 /// One `[[device]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceConfig {
     /// The device.
     pub bdf: Bdf,
@@ -233,6 +236,7 @@ pub struct DeviceConfig {
 /// The built-in example KVM guest (the demo): it receives a simulated
 /// device's interrupts through the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExampleGuestConfig {
     /// The simulated device assigned to it.
     pub bdf: Bdf,
@@ -242,6 +246,7 @@ pub struct ExampleGuestConfig {
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Config {
     /// The file it came from.
     pub path: PathBuf,

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::daemon::protocol::ExampleGuestStatus;
 use crate::daemon::service::{AttachError, ManagedDevice};
 use crate::kvm::testvm::{GuestDevice, TinyVm, VmControl};
 use crate::kvm::{Irqchip, KvmError, ResampleIrqfd};
@@ -28,6 +28,7 @@ const DEVFN: u8 = 3 << 3;
 
 /// Why the example guest could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExampleError {
     /// KVM refused something.
     #[error("the example guest's VM could not be set up")]
@@ -38,19 +39,6 @@ pub enum ExampleError {
     /// The vCPU thread could not start or the guest did not come up.
     #[error("the example guest: {0}")]
     Guest(String),
-}
-
-/// The example guest's counters.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExampleGuestStatus {
-    /// The device assigned to it.
-    pub bdf: String,
-    /// Interrupts the device raised.
-    pub raised: u64,
-    /// ISR runs that acknowledged a device interrupt.
-    pub acked: u64,
-    /// ISR runs in all.
-    pub isr_runs: u64,
 }
 
 struct Chipset {

@@ -147,60 +147,43 @@ pub struct MetricsSnapshot {
     pub parked: u64,
 }
 
-/// The engine's counters, serializable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineCounters {
-    /// Host interrupts handled.
-    pub interrupts: u64,
-    /// Host interrupts the device did not assert ("not mine").
-    pub not_mine: u64,
-    /// Injections into the guest.
-    pub injected: u64,
-    /// Re-injections at EOI (device still asserting).
-    pub reinjected: u64,
-    /// EOIs handled.
-    pub eois: u64,
-    /// EOIs with nothing in service.
-    pub spurious_eois: u64,
-    /// Interrupt-path attempts deferred behind a reset.
-    pub deferred: u64,
-    /// Resets through the gate.
-    pub resets: u64,
-    /// Failed operations.
-    pub errors: u64,
-    /// Retries of transient failures.
-    pub retries: u64,
-    /// Stuck lines found by the watchdog.
-    pub stuck_detections: u64,
-    /// Re-syncs of the mask.
-    pub resyncs: u64,
-    /// Nanoseconds lines were stuck before recovery.
-    pub stuck_ns: u64,
-    /// Guest-initiated FLRs that failed (the guest believes they happened).
-    #[serde(default)]
-    pub guest_flr_failures: u64,
-}
-
-impl From<IntxStats> for EngineCounters {
-    fn from(s: IntxStats) -> Self {
-        Self {
-            interrupts: s.host_interrupts,
-            not_mine: s.not_mine,
-            injected: s.injected,
-            reinjected: s.reinjected,
-            eois: s.eois,
-            spurious_eois: s.spurious_eois,
-            deferred: s.deferred,
-            resets: s.resets,
-            errors: s.errors,
-            retries: s.retries,
-            stuck_detections: s.stuck_detections,
-            resyncs: s.resyncs,
-            stuck_ns: u64::try_from(s.stuck_time.as_nanos()).unwrap_or(u64::MAX),
-            guest_flr_failures: s.guest_flr_failures,
+macro_rules! define_engine_counters {
+    ($($field:ident, $wire:ident, $prom:literal, $help:literal;)*) => {
+        /// The engine's counters, serializable: generated from the engine's
+        /// one list of counters (`with_intx_counters!` in
+        /// `src/intx/stats.rs`), under their wire names.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct EngineCounters {
+            $(#[doc = $help] pub $wire: u64,)*
+            /// Interrupt-path attempts deferred behind a reset.
+            pub deferred: u64,
+            /// Nanoseconds lines were stuck before recovery.
+            pub stuck_ns: u64,
         }
-    }
+
+        impl From<IntxStats> for EngineCounters {
+            fn from(s: IntxStats) -> Self {
+                Self {
+                    $($wire: s.$field,)*
+                    deferred: s.deferred,
+                    stuck_ns: u64::try_from(s.stuck_time.as_nanos()).unwrap_or(u64::MAX),
+                }
+            }
+        }
+
+        /// The engine's Prometheus counters: name, help, value.
+        const ENGINE_ROWS: &[(&str, &str, fn(&EngineCounters) -> u64)] = &[
+            $(($prom, $help, |c| c.$wire),)*
+            (
+                "deferred_total",
+                "Interrupt-path attempts deferred behind a reset.",
+                |c| c.deferred,
+            ),
+        ];
+    };
 }
+crate::intx::stats::with_intx_counters!(define_engine_counters);
 
 /// Everything measured about one device.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,51 +204,19 @@ fn seconds(ns: u64) -> f64 {
 pub fn prometheus(devices: &[DeviceStats]) -> String {
     let mut out = String::new();
     type Get = fn(&DeviceStats) -> f64;
-    let counters: [(&str, &str, Get); 15] = [
-        ("interrupts_total", "Host interrupts handled.", |d| {
-            d.engine.interrupts as f64
-        }),
-        (
-            "not_mine_total",
-            "Host interrupts on a shared line the device did not assert.",
-            |d| d.engine.not_mine as f64,
-        ),
-        (
-            "injected_total",
-            "Interrupts injected into the guest.",
-            |d| d.engine.injected as f64,
-        ),
-        (
-            "reinjected_total",
-            "Re-injections at EOI because the device still asserted.",
-            |d| d.engine.reinjected as f64,
-        ),
-        ("eois_total", "Guest EOIs handled.", |d| {
-            d.engine.eois as f64
-        }),
-        (
-            "deferred_total",
-            "Interrupt-path attempts deferred behind a reset.",
-            |d| d.engine.deferred as f64,
-        ),
-        (
-            "resets_total",
-            "Resets through the config-access gate.",
-            |d| d.engine.resets as f64,
-        ),
-        ("errors_total", "Failed operations.", |d| {
-            d.engine.errors as f64
-        }),
-        (
-            "stuck_total",
-            "Lines found stuck masked by the watchdog.",
-            |d| d.engine.stuck_detections as f64,
-        ),
-        (
-            "guest_flr_failures_total",
-            "Guest-initiated function-level resets that failed.",
-            |d| d.engine.guest_flr_failures as f64,
-        ),
+    for (name, help, get) in ENGINE_ROWS {
+        let _ = writeln!(out, "# HELP vfio_intx_{name} {help}");
+        let _ = writeln!(out, "# TYPE vfio_intx_{name} counter");
+        for d in devices {
+            let _ = writeln!(
+                out,
+                "vfio_intx_{name}{{bdf=\"{}\"}} {}",
+                d.bdf,
+                get(&d.engine)
+            );
+        }
+    }
+    let counters: [(&str, &str, Get); 5] = [
         (
             "storms_total",
             "Interrupt storms detected (line masked).",
@@ -369,5 +320,35 @@ mod tests {
         );
         assert!(text.contains("vfio_intx_round_trip_seconds_count{bdf=\"0000:00:04.0\"} 2"));
         assert!(text.contains("# TYPE vfio_intx_interrupts_total counter"));
+    }
+
+    #[test]
+    fn every_engine_counter_reaches_the_wire_and_prometheus() {
+        // The two EngineCounters had lost when it was a hand-made copy.
+        let stats = IntxStats {
+            held: 7,
+            mid_reset_events: 9,
+            host_interrupts: 11,
+            ..Default::default()
+        };
+        let engine = EngineCounters::from(stats);
+        let json = serde_json::to_value(engine).unwrap_or_default();
+        assert_eq!(json["held_by_guest"], 7, "{json}");
+        assert_eq!(json["mid_reset_events"], 9, "{json}");
+        assert_eq!(json["interrupts"], 11, "{json}");
+        let back: EngineCounters = serde_json::from_value(json).unwrap_or_default();
+        assert_eq!(back, engine);
+        let text = prometheus(&[DeviceStats {
+            bdf: "0000:00:04.0".into(),
+            engine,
+            ..Default::default()
+        }]);
+        for row in [
+            "vfio_intx_held_by_guest_total{bdf=\"0000:00:04.0\"} 7",
+            "vfio_intx_mid_reset_events_total{bdf=\"0000:00:04.0\"} 9",
+            "vfio_intx_interrupts_total{bdf=\"0000:00:04.0\"} 11",
+        ] {
+            assert!(text.contains(row), "{row} not in\n{text}");
+        }
     }
 }

@@ -8,6 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::config::BackendKind;
+use crate::daemon::metrics::DeviceStats;
+
 /// Largest frame body accepted, in bytes (1 MiB).
 pub const MAX_FRAME: usize = 1 << 20;
 /// Size of the length prefix.
@@ -15,6 +18,7 @@ pub const HEADER: usize = 4;
 
 /// Why a frame could not be decoded or encoded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The length prefix announces more than [`MAX_FRAME`] bytes.
     #[error("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")]
@@ -275,6 +279,140 @@ impl Response {
     }
 }
 
+/// The example guest's counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExampleGuestStatus {
+    /// The device assigned to it.
+    pub bdf: String,
+    /// Interrupts the device raised.
+    pub raised: u64,
+    /// ISR runs that acknowledged a device interrupt.
+    pub acked: u64,
+    /// ISR runs in all.
+    pub isr_runs: u64,
+}
+
+/// The daemon's state as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Its version.
+    pub version: String,
+    /// Milliseconds since it started.
+    pub uptime_ms: u64,
+    /// The configuration file.
+    pub config: String,
+    /// The control socket.
+    pub socket: String,
+    /// Every device, by address.
+    pub devices: Vec<DeviceStatus>,
+    /// The built-in example guest, if it runs.
+    pub example_guest: Option<ExampleGuestStatus>,
+}
+
+/// What `probe` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    /// The device.
+    pub bdf: String,
+    /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
+    /// the daemon owns without having probed it (`probe = false`).
+    pub supported: Option<bool>,
+    /// Why, in words.
+    pub verdict: String,
+    /// Whether the daemon owns the device (the verdict is then the one from
+    /// its start: nothing is toggled under a device in service).
+    pub owned: bool,
+}
+
+/// What a successful session request answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionReport {
+    /// The device.
+    pub bdf: String,
+    /// The EOI path.
+    pub path: String,
+    /// On a VMM's own device fd: how the daemon established its address.
+    #[serde(default)]
+    pub identity: Option<String>,
+}
+
+/// A device's state for `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// The device.
+    pub bdf: String,
+    /// Its backend.
+    pub backend: BackendKind,
+    /// The EOI path sessions use.
+    pub path: String,
+    /// The masking probe's verdict at start.
+    pub masking: String,
+    /// Whether a VMM session (or the example guest) is attached.
+    pub session: bool,
+    /// Why the line is held masked by the daemon, if it is.
+    pub held: Option<String>,
+    /// COMMAND as found before arming.
+    pub found_command: u16,
+    /// Whether the daemon bound the driver (and restores it at shutdown).
+    pub bound_by_daemon: bool,
+    /// Whether a reset holds the device right now.
+    pub in_reset: bool,
+    /// For a VMM's own device fd, handed over for its session: how its
+    /// address was established. `None` for devices the daemon opened.
+    #[serde(default)]
+    pub handed_over: Option<String>,
+    /// Counters.
+    pub stats: DeviceStats,
+}
+
+/// What `ping` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// The daemon's process id.
+    pub pid: u32,
+}
+
+/// What `metrics` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReply {
+    /// Every device's metrics in the Prometheus text format.
+    pub text: String,
+}
+
+/// What `reset` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetReply {
+    /// The device.
+    pub bdf: String,
+    /// Always true: the reset went through the device's gate.
+    pub reset: bool,
+}
+
+/// What `mask` and `unmask` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReply {
+    /// The device.
+    pub bdf: String,
+    /// Whether the operator now holds the line masked.
+    pub held: bool,
+}
+
+/// What `sim-raise` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaiseReply {
+    /// Interrupts raised.
+    pub raised: u64,
+}
+
+/// What `sim-ack` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckReply {
+    /// Whether an interrupt was pending to acknowledge.
+    pub acked: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +475,51 @@ mod tests {
         let bytes = serde_json::to_vec(&handed).unwrap();
         assert_eq!(decode::<Request>(&bytes).unwrap(), handed);
         assert!(decode::<Request>(br#"{"op":"session","path":"sideways"}"#).is_err());
+    }
+
+    #[test]
+    fn typed_replies_are_byte_for_byte_the_former_json() {
+        let same = |typed: String, former: serde_json::Value| {
+            assert_eq!(typed, former.to_string());
+        };
+        let enc = |v: &dyn erased::Ser| v.json();
+        same(
+            enc(&HoldReply {
+                bdf: "0000:00:04.0".into(),
+                held: true,
+            }),
+            serde_json::json!({ "bdf": "0000:00:04.0", "held": true }),
+        );
+        same(
+            enc(&ResetReply {
+                bdf: "0000:00:04.0".into(),
+                reset: true,
+            }),
+            serde_json::json!({ "bdf": "0000:00:04.0", "reset": true }),
+        );
+        same(enc(&PingReply { pid: 7 }), serde_json::json!({ "pid": 7 }));
+        same(
+            enc(&MetricsReply { text: "x".into() }),
+            serde_json::json!({ "text": "x" }),
+        );
+        same(
+            enc(&RaiseReply { raised: 3 }),
+            serde_json::json!({ "raised": 3 }),
+        );
+        same(
+            enc(&AckReply { acked: false }),
+            serde_json::json!({ "acked": false }),
+        );
+    }
+
+    mod erased {
+        pub(super) trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap_or_default()
+            }
+        }
     }
 }

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -18,39 +17,15 @@ use tracing::{debug, info, warn};
 
 use crate::backend::ConfigSpace;
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
+use crate::daemon::control::failure;
+use crate::daemon::protocol::SessionReport;
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
+use crate::daemon::registry::Daemon;
 use crate::daemon::service::{self, rate_limit, AttachError, DeviceError, ManagedDevice};
-use crate::daemon::{sys, Daemon, DaemonError};
+use crate::daemon::{sys, DaemonError};
 use crate::kvm::validate_eventfd;
 use crate::pci::Bdf;
-use crate::vfio::{VfioBackend, VfioError};
-
-/// What `probe` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeReport {
-    /// The device.
-    pub bdf: String,
-    /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
-    /// the daemon owns without having probed it (`probe = false`).
-    pub supported: Option<bool>,
-    /// Why, in words.
-    pub verdict: String,
-    /// Whether the daemon owns the device (the verdict is then the one from
-    /// its start: nothing is toggled under a device in service).
-    pub owned: bool,
-}
-
-/// What a successful session request answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionReport {
-    /// The device.
-    pub bdf: String,
-    /// The EOI path.
-    pub path: String,
-    /// On a VMM's own device fd: how the daemon established its address.
-    #[serde(default)]
-    pub identity: Option<String>,
-}
+use crate::vfio::VfioBackend;
 
 /// Creates the control socket: its directory if missing, refusing to take
 /// over a socket another daemon still answers on, with the configured mode
@@ -455,11 +430,7 @@ async fn attach(
 }
 
 fn attach_error(e: AttachError) -> Response {
-    let kind = match e {
-        AttachError::Busy { .. } | AttachError::Held { .. } => ErrorKind::Busy,
-        _ => ErrorKind::Failed,
-    };
-    Response::error(kind, crate::error_chain(&e))
+    failure(&e)
 }
 
 /// Takes a VMM's own VFIO device fd: identifies it, arms it and lists it
@@ -479,18 +450,7 @@ async fn adopt(
         ManagedDevice::adopt(config, backend)
     })
     .await;
-    let failed = |e: &DeviceError| {
-        let kind = match e {
-            DeviceError::Vfio(
-                VfioError::NotADeviceFd { .. }
-                | VfioError::Unidentified
-                | VfioError::NotThisDevice { .. },
-            ) => ErrorKind::BadRequest,
-            DeviceError::Vfio(VfioError::DeviceNotFound { .. }) => ErrorKind::NotFound,
-            _ => ErrorKind::Failed,
-        };
-        Response::error(kind, crate::error_chain(e))
-    };
+    let failed = |e: &DeviceError| failure(e);
     let (dev, rx) = match joined {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => return Err(failed(&e)),
@@ -515,4 +475,33 @@ pub(crate) fn not_owned(bdf: Bdf) -> Response {
         ErrorKind::NotFound,
         format!("{bdf}: not a device this daemon owns"),
     )
+}
+
+/// The supplementary groups of process `pid` (empty if unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+impl Daemon {
+    /// Root, the daemon's own uid, and members of the socket group (the
+    /// peer's primary group from SO_PEERCRED, or a supplementary group
+    /// from its /proc status).
+    pub(crate) fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.euid {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
+    }
 }

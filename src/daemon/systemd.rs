@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 /// service manager sets `JOURNAL_STREAM` to its `DEVICE:INODE`, and a
 /// process that inherited the variable with stderr redirected elsewhere
 /// (a shell, a pipe to a file) must keep writing to stderr.
+#[cfg(feature = "cli")]
 pub fn stderr_is_journal() -> bool {
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
@@ -37,6 +38,7 @@ pub fn stderr_is_journal() -> bool {
 }
 
 /// Whether a `JOURNAL_STREAM` value names the file `dev`, `ino`.
+#[cfg(any(feature = "cli", test))]
 fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
     let Some((d, i)) = value.trim().split_once(':') else {
         return false;
@@ -56,11 +58,6 @@ impl Notifier {
         Self {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
         }
-    }
-
-    /// Whether a service manager listens.
-    pub fn enabled(&self) -> bool {
-        self.enabled
     }
 
     fn send(&self, states: &[NotifyState<'_>]) {

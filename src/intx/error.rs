@@ -74,6 +74,7 @@ impl fmt::Display for Operation {
 /// An INTx engine error: names the device and the operation; the cause is
 /// the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IntxError {
     /// A backend operation failed.
     #[error("{bdf}: {op} failed")]

@@ -8,7 +8,7 @@ mod engine;
 mod error;
 mod guest;
 mod sink;
-mod stats;
+pub(crate) mod stats;
 #[cfg(all(feature = "tokio", not(loom)))]
 pub(crate) mod sys;
 mod worker;

@@ -2,91 +2,84 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Live counters, updated without locks.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) host_interrupts: AtomicU64,
-    pub(crate) not_mine: AtomicU64,
-    pub(crate) injected: AtomicU64,
-    pub(crate) reinjected: AtomicU64,
-    pub(crate) eois: AtomicU64,
-    pub(crate) spurious_eois: AtomicU64,
-    pub(crate) held: AtomicU64,
-    pub(crate) resets: AtomicU64,
-    pub(crate) errors: AtomicU64,
-    pub(crate) retries: AtomicU64,
-    pub(crate) mid_reset_events: AtomicU64,
-    pub(crate) stuck_detections: AtomicU64,
-    pub(crate) resyncs: AtomicU64,
-    pub(crate) stuck_nanos: AtomicU64,
-    pub(crate) guest_flr_failures: AtomicU64,
+/// The engine's event counters: ONE list, one line each — the field, its
+/// name on the daemon's wire (JSON), its Prometheus metric, its help text.
+/// [`Counters`], [`IntxStats`], the daemon's serde form (`EngineCounters`)
+/// and its Prometheus rows are all generated from this list, so they cannot
+/// drift: adding a counter is one line here (then bump it in the engine
+/// with `Counters::bump(&ctx.counters.<field>)`). Not in the list, because
+/// they are not event counts the engine bumps: `deferred` (the gate counts
+/// it) and the stuck time (a duration).
+///
+/// `with_intx_counters!(m)` calls `m! { field, wire, "prometheus", "help"; ... }`.
+macro_rules! with_intx_counters {
+    ($then:ident) => {
+        $then! {
+            host_interrupts, interrupts, "interrupts_total",
+                "Host interrupt events handled (including deferred ones re-run).";
+            not_mine, not_mine, "not_mine_total",
+                "Host interrupts for which the device was not asserting (\"not mine\" on a shared line).";
+            injected, injected, "injected_total",
+                "Interrupts injected into the guest, re-injections included.";
+            reinjected, reinjected, "reinjected_total",
+                "Re-injections at EOI because the device still asserted.";
+            eois, eois, "eois_total", "Guest EOIs handled.";
+            spurious_eois, spurious_eois, "spurious_eois_total",
+                "EOIs that arrived while no interrupt was in service.";
+            held, held_by_guest, "held_by_guest_total",
+                "Interrupts held because the guest had set its own INTX_DISABLE.";
+            resets, resets, "resets_total", "Resets performed through the engine (its gate).";
+            errors, errors, "errors_total", "Operations that failed.";
+            retries, retries, "retries_total", "Retries after transient failures.";
+            mid_reset_events, mid_reset_events, "mid_reset_events_total",
+                "Interrupt-path events that found the device not decoding (in a reset the engine did not start), re-checked after the reset.";
+            stuck_detections, stuck_detections, "stuck_total",
+                "Times the watchdog found the line stuck masked.";
+            resyncs, resyncs, "resyncs_total",
+                "Re-syncs of the kernel's mask state with the hardware.";
+            guest_flr_failures, guest_flr_failures, "guest_flr_failures_total",
+                "Guest-initiated function-level resets that failed (the guest believes they happened).";
+        }
+    };
 }
+#[cfg(feature = "daemon")]
+pub(crate) use with_intx_counters;
+
+macro_rules! define_engine_stats {
+    ($($field:ident, $wire:ident, $prom:literal, $help:literal;)*) => {
+        /// Live counters, updated without locks.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub(crate) $field: AtomicU64,)*
+            pub(crate) stuck_nanos: AtomicU64,
+        }
+
+        /// A snapshot of one device's counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct IntxStats {
+            $(#[doc = $help] pub $field: u64,)*
+            /// Interrupt-path attempts deferred because the gate was held.
+            pub deferred: u64,
+            /// Time lines spent stuck before the watchdog recovered them.
+            pub stuck_time: std::time::Duration,
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self, deferred: u64) -> IntxStats {
+                let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                IntxStats {
+                    $($field: get(&self.$field),)*
+                    deferred,
+                    stuck_time: std::time::Duration::from_nanos(get(&self.stuck_nanos)),
+                }
+            }
+        }
+    };
+}
+with_intx_counters!(define_engine_stats);
 
 impl Counters {
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A snapshot of one device's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IntxStats {
-    /// Host interrupt events handled (including deferred ones re-run).
-    pub host_interrupts: u64,
-    /// Host interrupts for which the device was not asserting ("not mine").
-    pub not_mine: u64,
-    /// Interrupts injected into the guest, re-injections included.
-    pub injected: u64,
-    /// Re-injections at EOI because the device still asserted.
-    pub reinjected: u64,
-    /// Guest EOIs handled.
-    pub eois: u64,
-    /// EOIs that arrived while no interrupt was in service.
-    pub spurious_eois: u64,
-    /// Interrupts held because the guest had set its own INTX_DISABLE.
-    pub held: u64,
-    /// Interrupt-path attempts deferred because the gate was held.
-    pub deferred: u64,
-    /// Resets performed through the engine.
-    pub resets: u64,
-    /// Operations that failed.
-    pub errors: u64,
-    /// Retries after transient failures.
-    pub retries: u64,
-    /// Interrupt-path events that found the device not decoding (in a reset
-    /// the engine did not start), re-checked after the reset.
-    pub mid_reset_events: u64,
-    /// Times the watchdog found the line stuck.
-    pub stuck_detections: u64,
-    /// Re-syncs of the kernel's mask state with the hardware.
-    pub resyncs: u64,
-    /// Time lines spent stuck before the watchdog recovered them.
-    pub stuck_time: std::time::Duration,
-    /// Function-level resets the guest initiated that failed (the guest's
-    /// FLR bit was stripped, so it believes they happened).
-    pub guest_flr_failures: u64,
-}
-
-impl Counters {
-    pub(crate) fn snapshot(&self, deferred: u64) -> IntxStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        IntxStats {
-            host_interrupts: get(&self.host_interrupts),
-            not_mine: get(&self.not_mine),
-            injected: get(&self.injected),
-            reinjected: get(&self.reinjected),
-            eois: get(&self.eois),
-            spurious_eois: get(&self.spurious_eois),
-            held: get(&self.held),
-            deferred,
-            resets: get(&self.resets),
-            errors: get(&self.errors),
-            retries: get(&self.retries),
-            mid_reset_events: get(&self.mid_reset_events),
-            stuck_detections: get(&self.stuck_detections),
-            resyncs: get(&self.resyncs),
-            stuck_time: std::time::Duration::from_nanos(get(&self.stuck_nanos)),
-            guest_flr_failures: get(&self.guest_flr_failures),
-        }
     }
 }

@@ -95,6 +95,7 @@ impl AssignmentReport {
 
 /// Errors of an assignment run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AssignError {
     /// KVM refused something.
     #[error(transparent)]

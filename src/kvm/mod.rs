@@ -11,8 +11,12 @@
 //!   eventfd (uio_pci_generic) and for VMs whose KVM rejects resample irqfds
 //!   (split irqchip).
 
+#[cfg(feature = "testkit")]
 pub mod assign;
+// The test VM's memory, DMA mapping and PIC state live here too.
+#[cfg_attr(not(feature = "testkit"), allow(dead_code))]
 mod sys;
+#[cfg(feature = "testkit")]
 pub mod testvm;
 
 use std::fmt;
@@ -26,6 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors of the KVM wiring.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KvmError {
     /// A KVM ioctl failed.
     #[error("{op} failed")]

@@ -56,6 +56,7 @@ impl fmt::Display for Width {
 
 /// Why an access is refused before it reaches the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AccessError {
     /// The offset is not a multiple of the width.
     #[error("{width} access at offset {offset:#x} is misaligned")]

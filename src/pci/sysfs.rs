@@ -54,6 +54,7 @@ const MIN_CONFIG_SIZE: u64 = 64;
 /// Why a sysfs helper failed. Every message names the device (or the host
 /// file) and the operation; the OS error is the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SysfsError {
     /// The device does not exist.
     #[error("{bdf}: no such PCI device (no {})", .path.display())]

@@ -28,6 +28,7 @@ struct GuestCounters {
 
 /// Errors starting a rig.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RigError {
     /// The engine refused the device.
     #[error(transparent)]

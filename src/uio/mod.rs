@@ -37,6 +37,7 @@ use crate::pci::{covers, Bdf, Width};
 
 /// Why a uio_pci_generic device could not be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum UioError {
     /// A sysfs lookup failed.
     #[error(transparent)]

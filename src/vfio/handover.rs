@@ -27,7 +27,6 @@ use std::fmt;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use vfio_bindings::bindings::vfio::VFIO_PCI_HOT_RESET_FLAG_DEV_ID;
 
 use super::{VfioBackend, VfioError};
@@ -49,8 +48,12 @@ const HEADER_DWORDS: [u16; 3] = [0x00, 0x08, 0x2c];
 
 /// How a handed-over device fd was matched to its PCI address, strongest
 /// first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "daemon",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
 pub enum DeviceIdentity {
     /// The kernel names the fd's device (fdinfo `vfio-device-syspath`).
     Fdinfo,

@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "testkit")]
 pub mod edu;
 #[cfg(test)]
 mod fake_sysfs;
@@ -81,6 +82,7 @@ const VFIO_CONTAINER_PATH: &str = "/dev/vfio/vfio";
 /// Why opening or driving a device through VFIO failed. Every message names
 /// the device; the OS error, where there is one, is the source.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VfioError {
     /// No PCI device at that address.
     #[error("{bdf}: no such PCI device ({path} does not exist)")]

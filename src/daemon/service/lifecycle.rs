@@ -1,0 +1,382 @@
+//! A device's lifecycle: bring-up (open, or adopt a VMM's device fd;
+//! probe; arm; reset at start) and hand-back (INTx delivery stopped,
+//! COMMAND as found, the previous driver restored).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, instrument, warn};
+
+use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
+use crate::backend::ConfigSpace;
+use crate::daemon::backend::AnyBackend;
+#[cfg(feature = "testkit")]
+use crate::daemon::config::SimKernelSetting;
+use crate::daemon::config::{BackendKind, DeviceConfig};
+use crate::daemon::metrics::DeviceMetrics;
+use crate::intx::{IntxDevice, IntxOptions, WatchdogOptions};
+use crate::pci::intx::{read_command_status, CommandStatus};
+use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
+use crate::pci::sysfs::{Binding, PciSysfs};
+use crate::pci::{Bdf, Width};
+#[cfg(feature = "testkit")]
+use crate::sim::{SimDevice, SimKernel};
+use crate::uio::UioBackend;
+use crate::vfio::handover::DeviceIdentity;
+use crate::vfio::VfioBackend;
+
+/// What handing a device back left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// COMMAND as found at start.
+    pub found: u16,
+    /// COMMAND now.
+    pub now: u16,
+    /// Whether the previous driver was restored.
+    pub driver_restored: bool,
+    /// A VMM's own device: only INTx was released, COMMAND is the VMM's.
+    pub handed_over: bool,
+    /// COMMAND differs from the one found only by INTX_DISABLE, set by the
+    /// kernel driver's own handler for a device still asserting
+    /// (uio_pci_generic's check-and-mask): the state that driver keeps
+    /// until its next user unmasks, not a failed hand-back.
+    pub kernel_masked: bool,
+}
+
+impl Restored {
+    /// Whether the device was handed back as it should be: COMMAND as
+    /// found, or masked by the kernel driver for a line still asserting.
+    pub fn as_found(&self) -> bool {
+        self.now == self.found || self.kernel_masked
+    }
+}
+
+/// Whether COMMAND read back after the hand-back (`now`) differs from the
+/// one written (`found`) only because the kernel driver masked a line that
+/// still asserts: INTX_DISABLE is the only difference, it is set, STATUS
+/// shows the interrupt, and the driver has a live check-and-mask handler.
+fn masked_by_kernel(found: u16, now: CommandStatus, driver_masks_asserting_line: bool) -> bool {
+    driver_masks_asserting_line
+        && now.command ^ found == COMMAND_INTX_DISABLE
+        && now.masked()
+        && now.asserting()
+}
+
+impl ManagedDevice {
+    /// Brings a device up as configured: bind, open, probe, arm, reset.
+    /// Blocking. On failure everything done so far is undone.
+    #[instrument(skip_all, fields(bdf = %config.bdf))]
+    pub(crate) fn open(
+        config: DeviceConfig,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let sysfs = PciSysfs::default();
+        let binding = match (config.bind, config.backend.driver()) {
+            (true, Some(driver)) => Some(sysfs.bind(bdf, driver)?),
+            _ => None,
+        };
+        let result = Self::open_bound(&sysfs, config, binding.clone());
+        if result.is_err() {
+            if let Some(b) = &binding {
+                if let Err(e) = sysfs.unbind(b) {
+                    warn!(error = %crate::error_chain(&e), "restoring the previous driver failed");
+                }
+            }
+        }
+        result
+    }
+
+    fn open_bound(
+        sysfs: &PciSysfs,
+        config: DeviceConfig,
+        binding: Option<Binding>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let (backend, sim) = match config.backend {
+            BackendKind::Vfio => (AnyBackend::Vfio(VfioBackend::open(bdf)?), None),
+            BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
+            #[cfg(not(feature = "testkit"))]
+            BackendKind::Sim => {
+                return Err(DeviceError::Unsupported {
+                    bdf,
+                    what: "simulated devices need vfio-intx built with the testkit feature",
+                })
+            }
+            #[cfg(feature = "testkit")]
+            BackendKind::Sim => {
+                let sim = SimDevice::builder()
+                    .bdf(bdf)
+                    .kernel(match config.sim_kernel {
+                        SimKernelSetting::Bare => SimKernel::Bare,
+                        SimKernelSetting::VfioPci => SimKernel::VfioPci,
+                    })
+                    .build();
+                let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
+                let mut backend = sim.backend();
+                // The "firmware's" COMMAND, as a real device would be found.
+                backend
+                    .config_write(PCI_COMMAND, Width::Word, u32::from(config.sim_command))
+                    .map_err(backend_error("setting the simulated device's COMMAND"))?;
+                (AnyBackend::Sim(backend), Some(sim))
+            }
+        };
+        Self::arm(sysfs, config, backend, sim, binding, None)
+    }
+
+    /// Takes over a VMM's own VFIO device fd for one session
+    /// ([`VfioBackend::from_device_fd`]): probed (read-only) and armed like
+    /// a configured device, never bound, reset or written to at start.
+    #[instrument(skip_all, fields(bdf = %config.bdf))]
+    pub(crate) fn adopt(
+        config: DeviceConfig,
+        backend: VfioBackend,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let Some(identity) = backend.identity() else {
+            return Err(DeviceError::Unsupported {
+                bdf: config.bdf,
+                what: "only a handed-over device fd can be adopted for a session",
+            });
+        };
+        let config = DeviceConfig {
+            bind: false,
+            reset: false,
+            edu_test_hooks: false,
+            ..config
+        };
+        Self::arm(
+            &PciSysfs::default(),
+            config,
+            AnyBackend::Vfio(backend),
+            None,
+            None,
+            Some(identity),
+        )
+    }
+
+    /// Probes and arms an opened backend.
+    fn arm(
+        sysfs: &PciSysfs,
+        config: DeviceConfig,
+        mut backend: AnyBackend,
+        sim: Option<SimHandle>,
+        binding: Option<Binding>,
+        handed_over: Option<DeviceIdentity>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
+        let found_command = read_command_status(&mut backend)
+            .map_err(backend_error("reading COMMAND"))?
+            .command;
+        let edu = if config.edu_test_hooks {
+            Some(Self::edu_hooks(&mut backend)?)
+        } else {
+            None
+        };
+        let masking = if config.probe {
+            let (supported, verdict) = match &mut backend {
+                #[cfg(feature = "testkit")]
+                AnyBackend::Sim(b) => {
+                    let support = crate::pci::intx::probe_masking(b)
+                        .map_err(backend_error("probing INTx masking"))?;
+                    (support.supported(), support.to_string())
+                }
+                _ => {
+                    let v = sysfs.masking_verdict(bdf)?;
+                    (v.supported, v.to_string())
+                }
+            };
+            if !supported {
+                return Err(DeviceError::MaskingBroken { bdf, verdict });
+            }
+            info!(%verdict, "INTx masking probed");
+            verdict
+        } else {
+            "not probed (probe = false)".to_owned()
+        };
+        let metrics = Arc::new(DeviceMetrics::default());
+        let sink = Arc::new(SessionSink::new(Arc::clone(&metrics)));
+        let options = IntxOptions {
+            watchdog: WatchdogOptions {
+                detect_after: config.stuck_after,
+                idle_interval: config.idle_interval,
+                ..WatchdogOptions::default()
+            },
+            ..IntxOptions::default()
+        };
+        let engine = Arc::new(IntxDevice::with_options(
+            backend,
+            Arc::clone(&sink),
+            options,
+        )?);
+        if config.reset {
+            engine.reset()?;
+            info!("reset at start");
+        }
+        let (control, rx) = mpsc::unbounded_channel();
+        Ok((
+            Arc::new(Self {
+                config,
+                engine,
+                sink,
+                sim,
+                edu,
+                metrics,
+                found_command,
+                masking,
+                handed_over,
+                binding: Mutex::new(binding),
+                held_operator: AtomicBool::new(false),
+                session_ending: AtomicBool::new(false),
+                held_storm: AtomicBool::new(false),
+                control,
+            }),
+            rx,
+        ))
+    }
+
+    /// Maps an edu's BAR0 for the test hooks, enabling memory decoding
+    /// first (the edu answers BAR accesses only then). COMMAND as found is
+    /// read before, and restored at shutdown.
+    #[cfg(not(feature = "testkit"))]
+    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+        Err(DeviceError::Unsupported {
+            bdf: backend.bdf(),
+            what: "edu test hooks need vfio-intx built with the testkit feature",
+        })
+    }
+
+    /// Maps an edu's BAR0 for the test hooks (see above).
+    #[cfg(feature = "testkit")]
+    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+        let bdf = backend.bdf();
+        let AnyBackend::Vfio(vfio) = backend else {
+            return Err(DeviceError::Backend {
+                bdf,
+                op: "edu test hooks (vfio devices only)",
+                source: crate::backend::BackendError::NoIntx,
+            });
+        };
+        let edu = crate::vfio::edu::Edu::enable(vfio)?;
+        Ok(Arc::new(edu))
+    }
+
+    /// Hands the device back (blocking): INTx delivery stopped, COMMAND as
+    /// found. The previous driver is restored by [`hand_back`], once the
+    /// device is closed. A VMM's own device is only disarmed: its COMMAND
+    /// is the VMM's guest's, which may have changed it during the session.
+    #[instrument(skip_all, fields(bdf = %self.bdf()))]
+    fn restore(&self) -> Result<Restored, DeviceError> {
+        let bdf = self.bdf();
+        let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
+        let handed_over = self.handed_over.is_some();
+        let disarmed = self.engine.disarm();
+        let written = if handed_over {
+            Ok(())
+        } else {
+            self.engine.with_backend(|b| {
+                b.config_write(PCI_COMMAND, Width::Word, u32::from(self.found_command))
+            })
+        };
+        // Read back through the backend, the view the daemon wrote through
+        // (for vfio-pci, the virtual INTX_DISABLE: the physical bit is the
+        // driver's).
+        let now = self
+            .engine
+            .with_backend(|b| read_command_status(b).map(|cs| (cs, b.masks_asserting_line())));
+        disarmed?;
+        written.map_err(backend_error("restoring COMMAND"))?;
+        let (now, masks) = now.map_err(backend_error("reading COMMAND back"))?;
+        let found = if handed_over {
+            now.command
+        } else {
+            self.found_command
+        };
+        Ok(Restored {
+            found,
+            now: now.command,
+            driver_restored: false,
+            handed_over,
+            kernel_masked: masked_by_kernel(found, now, masks),
+        })
+    }
+}
+
+/// How long [`hand_back`] waits for the last user of a device to let go
+/// before it restores the driver.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Hands devices back (blocking): each is disarmed with COMMAND as found
+/// and closed; then the drivers the daemon bound are restored. The order
+/// matters: vfio-pci's remove waits until the device's user has closed it,
+/// so unbinding a device still open would hang.
+pub(crate) fn hand_back(
+    devs: Vec<Arc<ManagedDevice>>,
+) -> Vec<(Bdf, Result<Restored, DeviceError>)> {
+    let mut out = Vec::with_capacity(devs.len());
+    // Devices that must be closed before this returns: those whose driver
+    // is restored, and a VMM's own device fds (the VMM may set INTx up
+    // itself as soon as the daemon says it let go).
+    let mut close = Vec::new();
+    for dev in devs {
+        let bdf = dev.bdf();
+        let r = dev.restore();
+        let binding = lock(&dev.binding).take().filter(Binding::changed);
+        let handed_over = dev.handed_over.is_some();
+        let engine = Arc::downgrade(&dev.engine);
+        drop(dev);
+        if binding.is_some() || handed_over {
+            close.push((out.len(), bdf, engine, binding));
+        }
+        out.push((bdf, r));
+    }
+    for (i, bdf, engine, binding) in close {
+        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+        while engine.strong_count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let still_open = engine.strong_count() > 0;
+        let rebind = binding.is_some();
+        let restored = match binding {
+            Some(_) if still_open => Err(DeviceError::StillOpen { bdf }),
+            None if still_open => Err(DeviceError::FdStillHeld { bdf }),
+            Some(binding) => PciSysfs::default()
+                .unbind(&binding)
+                .map_err(DeviceError::from),
+            None => Ok(()),
+        };
+        if let Some((_, result)) = out.get_mut(i) {
+            match (restored, result) {
+                (Ok(()), Ok(r)) => r.driver_restored = rebind,
+                (Ok(()), Err(_)) => {}
+                (Err(e), result) => *result = Err(e),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(command: u16, status: u16) -> CommandStatus {
+        CommandStatus { command, status }
+    }
+
+    #[test]
+    fn only_a_kernel_mask_of_a_line_still_asserting_counts_as_found() {
+        // uio_pci_generic's handler masked the asserting device after the
+        // hand-back wrote COMMAND as found (issue 11 item 12).
+        assert!(masked_by_kernel(0x0103, cs(0x0503, 0x0018), true));
+        // Not asserting: the mask is nobody's job; a real failure.
+        assert!(!masked_by_kernel(0x0103, cs(0x0503, 0x0010), true));
+        // A driver with no such handler.
+        assert!(!masked_by_kernel(0x0103, cs(0x0503, 0x0018), false));
+        // Any other bit different.
+        assert!(!masked_by_kernel(0x0103, cs(0x0507, 0x0018), true));
+        // INTX_DISABLE found set and now clear: not the kernel's mask.
+        assert!(!masked_by_kernel(0x0503, cs(0x0103, 0x0018), true));
+    }
+}
