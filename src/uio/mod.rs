@@ -411,6 +411,11 @@ impl PciBackend for UioBackend {
         Ok(asserting)
     }
 
+    /// The sysfs config is the hardware's COMMAND.
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError> {
+        Ok(intx::read_command_status(&mut self.config)?.masked())
+    }
+
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
         if intx::check_and_unmask(&mut self.config)? {
             self.engine_mask = false;
