@@ -143,6 +143,15 @@ pub trait PciBackend: ConfigSpace + Send {
     /// [`BackendError::NotResponding`].
     fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError>;
 
+    /// How many interrupts the kernel's INTx handler has taken on the
+    /// device's host IRQ (for vfio-pci the line's count in
+    /// `/proc/interrupts`, every device on a shared line included), or
+    /// `None` where the backend has no such count. On the kernel bypass it
+    /// is the only trace of a new interrupt user space can see: the
+    /// watchdog tells a line the guest is slow to service from one that no
+    /// interrupt reaches any more with it.
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError>;
+
     /// Registers (or with `None` removes) an eventfd whose signal performs a
     /// kernel-side check-and-unmask: the target of KVM's resample eventfd on
     /// the kernel-bypass path. Backends without kernel support return

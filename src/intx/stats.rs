@@ -10,6 +10,9 @@ pub(crate) struct Counters {
     pub(crate) injected: AtomicU64,
     pub(crate) reinjected: AtomicU64,
     pub(crate) eois: AtomicU64,
+    /// EOIs that found the line in service: the watchdog's progress (KVM
+    /// signals every resample eventfd on a GSI at each EOI of it).
+    pub(crate) serviced_eois: AtomicU64,
     pub(crate) spurious_eois: AtomicU64,
     pub(crate) held: AtomicU64,
     pub(crate) resets: AtomicU64,
@@ -18,6 +21,7 @@ pub(crate) struct Counters {
     pub(crate) mid_reset_events: AtomicU64,
     pub(crate) stuck_detections: AtomicU64,
     pub(crate) resyncs: AtomicU64,
+    pub(crate) watchdog_rechecks: AtomicU64,
     pub(crate) stuck_nanos: AtomicU64,
 }
 
@@ -59,6 +63,11 @@ pub struct IntxStats {
     pub stuck_detections: u64,
     /// Re-syncs of the kernel's mask state with the hardware.
     pub resyncs: u64,
+    /// Lines the watchdog looked at closely (asserting with no interrupt
+    /// progress for its detection time) and found as the state machine
+    /// expects — an interrupt the guest is still servicing on the kernel
+    /// bypass, a line the kernel unmasked meanwhile: nothing was done.
+    pub watchdog_rechecks: u64,
     /// Time lines spent stuck before the watchdog recovered them.
     pub stuck_time: std::time::Duration,
 }
@@ -81,6 +90,7 @@ impl Counters {
             mid_reset_events: get(&self.mid_reset_events),
             stuck_detections: get(&self.stuck_detections),
             resyncs: get(&self.resyncs),
+            watchdog_rechecks: get(&self.watchdog_rechecks),
             stuck_time: std::time::Duration::from_nanos(get(&self.stuck_nanos)),
         }
     }

@@ -845,6 +845,11 @@ impl PciBackend for SimBackend {
         Ok(self.inner.command(&s) & COMMAND_INTX_DISABLE != 0)
     }
 
+    /// The host interrupts the model signalled (its kernel handler's runs).
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        Ok(Some(self.inner.lock().host_signals))
+    }
+
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
         if self.inner.kernel == SimKernel::Bare {
             return Err(BackendError::os(

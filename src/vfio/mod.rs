@@ -969,6 +969,21 @@ impl PciBackend for VfioBackend {
         Ok(read_command_status(config)?.masked())
     }
 
+    /// The count of the device's host IRQ in `/proc/interrupts` (its
+    /// number from sysfs `irq`, read each time: enabling can move it).
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        let sysfs = PciSysfs::new();
+        let irq = sysfs
+            .irq(self.bdf)
+            .map_err(|e| BackendError::os("reading the IRQ number", std::io::Error::other(e)))?;
+        let Some(irq) = irq else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string("/proc/interrupts")
+            .map_err(|e| BackendError::os("reading /proc/interrupts", e))?;
+        Ok(crate::pci::sysfs::interrupt_count(&text, irq))
+    }
+
     /// `SET_IRQS(INTX, DATA_EVENTFD | ACTION_UNMASK, fd)`; `None` passes -1,
     /// which removes it.
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
