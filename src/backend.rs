@@ -135,6 +135,24 @@ pub trait PciBackend: ConfigSpace + Send {
     /// Masks INTx unconditionally.
     fn intx_mask(&mut self) -> Result<(), BackendError>;
 
+    /// Reads the hardware's COMMAND.INTX_DISABLE, whoever set it: for
+    /// vfio-pci through the device's sysfs `config` (the config region shows
+    /// the user's virtual bit instead), for uio_pci_generic the config
+    /// itself. The stuck-INTx watchdog compares it with what the state
+    /// machine expects. Like any user config access it waits while a reset
+    /// holds the device; a device that answers all-ones is
+    /// [`BackendError::NotResponding`].
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError>;
+
+    /// How many interrupts the kernel's INTx handler has taken on the
+    /// device's host IRQ (for vfio-pci the line's count in
+    /// `/proc/interrupts`, every device on a shared line included), or
+    /// `None` where the backend has no such count. On the kernel bypass it
+    /// is the only trace of a new interrupt user space can see: the
+    /// watchdog tells a line the guest is slow to service from one that no
+    /// interrupt reaches any more with it.
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError>;
+
     /// Registers (or with `None` removes) an eventfd whose signal performs a
     /// kernel-side check-and-unmask: the target of KVM's resample eventfd on
     /// the kernel-bypass path. Backends without kernel support return

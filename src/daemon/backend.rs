@@ -85,6 +85,12 @@ impl PciBackend for AnyBackend {
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
         each!(self, b => b.intx_check_and_unmask())
     }
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError> {
+        each!(self, b => b.read_physical_intx_disable())
+    }
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        each!(self, b => b.host_interrupt_count())
+    }
     fn intx_mask(&mut self) -> Result<(), BackendError> {
         each!(self, b => b.intx_mask())
     }

@@ -24,6 +24,8 @@ macro_rules! with_intx_counters {
             reinjected, reinjected, "reinjected_total",
                 "Re-injections at EOI because the device still asserted.";
             eois, eois, "eois_total", "Guest EOIs handled.";
+            serviced_eois, serviced_eois, "serviced_eois_total",
+                "EOIs that found the line in service (the watchdog's progress: KVM signals every resample eventfd on a GSI at each EOI of it).";
             spurious_eois, spurious_eois, "spurious_eois_total",
                 "EOIs that arrived while no interrupt was in service.";
             held, held_by_guest, "held_by_guest_total",
@@ -39,6 +41,8 @@ macro_rules! with_intx_counters {
                 "Re-syncs of the kernel's mask state with the hardware.";
             guest_flr_failures, guest_flr_failures, "guest_flr_failures_total",
                 "Guest-initiated function-level resets that failed (the guest believes they happened).";
+            watchdog_rechecks, watchdog_rechecks, "watchdog_rechecks_total",
+                "Watchdog looks at an asserting line that found the masks as the state machine expects (no re-sync).";
         }
     };
 }

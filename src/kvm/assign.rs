@@ -358,6 +358,11 @@ impl<B: PciBackend + 'static> Assignment<B> {
         Ok(())
     }
 
+    /// The VM, e.g. to wire another interrupt source on the device's GSI.
+    pub fn vm(&self) -> &Arc<kvm_ioctls::VmFd> {
+        &self.vm
+    }
+
     /// ISR config reads that did not see STATUS.INTERRUPT set.
     pub fn status_clear_in_isr(&self) -> u64 {
         self.chipset.status_clear.load(Ordering::SeqCst)

@@ -1177,6 +1177,23 @@ pub fn interrupt_handlers(proc_interrupts: &str, irq: u32) -> Vec<String> {
     Vec::new()
 }
 
+/// The interrupts taken on `irq` on every CPU, from the text of
+/// `/proc/interrupts` (see [`interrupt_handlers`] for the format); `None`
+/// when the IRQ is not listed.
+pub fn interrupt_count(proc_interrupts: &str, irq: u32) -> Option<u64> {
+    let mut lines = proc_interrupts.lines();
+    let cpus = lines.next()?.split_whitespace().count();
+    let label = format!("{irq}:");
+    lines
+        .find_map(|line| line.trim_start().strip_prefix(&label))
+        .map(|rest| {
+            rest.split_whitespace()
+                .take(cpus)
+                .map_while(|n| n.parse::<u64>().ok())
+                .sum()
+        })
+}
+
 /// A device's configuration space through its sysfs `config` file
 /// (`pread`/`pwrite`). The file is as large as the config space the kernel
 /// exposes (256 or 4096 bytes); without CAP_SYS_ADMIN reads beyond the

@@ -1053,6 +1053,22 @@ impl PciBackend for SimBackend {
         }
     }
 
+    /// The model's COMMAND.INTX_DISABLE: in the vfio-pci model through
+    /// sysfs config, which waits while the device is in reset; the bare
+    /// device answers all-ones during a reset.
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError> {
+        let s = self.inner.wait_out_of_reset(self.inner.lock());
+        if s.in_reset {
+            return Err(BackendError::NotResponding);
+        }
+        Ok(self.inner.command(&s) & COMMAND_INTX_DISABLE != 0)
+    }
+
+    /// The host interrupts the model signalled (its kernel handler's runs).
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        Ok(Some(self.inner.lock().host_signals))
+    }
+
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
         if self.inner.kernel == SimKernel::Bare {
             return Err(BackendError::os(

@@ -412,6 +412,17 @@ impl PciBackend for UioBackend {
         Ok(asserting)
     }
 
+    /// The sysfs config is the hardware's COMMAND.
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError> {
+        Ok(intx::read_command_status(&mut self.config)?.masked())
+    }
+
+    /// None: uio_pci_generic offers no kernel bypass, so the engine sees
+    /// every interrupt itself.
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
+
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
         if intx::check_and_unmask(&mut self.config)? {
             self.engine_mask = false;

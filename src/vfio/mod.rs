@@ -72,7 +72,7 @@ use crate::pci::intx::read_command_status;
 use crate::pci::regs::PCI_CFG_SPACE_EXP_SIZE;
 use crate::pci::{check_access, check_write, Bdf, Width};
 
-use crate::pci::sysfs::{PciSysfs, SysfsError};
+use crate::pci::sysfs::{PciSysfs, SysfsConfig, SysfsError};
 use handover::DeviceIdentity;
 use layout::{DependentDevice, HotResetInfo, IrqAction, IrqSet};
 
@@ -363,6 +363,9 @@ pub struct VfioBackend {
     err_enabled: bool,
     req_enabled: bool,
     identity: Option<DeviceIdentity>,
+    /// The device's sysfs `config`, read-only, opened at the first read of
+    /// the physical INTX_DISABLE (the config region shows the virtual bit).
+    physical_config: Option<SysfsConfig>,
     // Declared before `container` so that the device is closed first.
     device: DeviceFile,
     container: Option<Arc<VfioContainer>>,
@@ -579,6 +582,7 @@ impl VfioBackend {
             err_enabled: false,
             req_enabled: false,
             identity: None,
+            physical_config: None,
             device,
             container,
         })
@@ -950,6 +954,39 @@ impl PciBackend for VfioBackend {
             IrqSet::none(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Mask, 1),
             "VFIO_DEVICE_SET_IRQS (INTx MASK)",
         )
+    }
+
+    /// COMMAND through the device's sysfs `config` (opened read-only at the
+    /// first call): the hardware's INTX_DISABLE, which vfio-pci's config
+    /// region virtualizes. The kernel's automask and a reset's restore show
+    /// here, and nowhere else.
+    fn read_physical_intx_disable(&mut self) -> Result<bool, BackendError> {
+        let config = match &mut self.physical_config {
+            Some(config) => config,
+            None => {
+                let opened =
+                    SysfsConfig::open_read_only(&PciSysfs::new(), self.bdf).map_err(|e| {
+                        BackendError::os("opening the sysfs config", std::io::Error::other(e))
+                    })?;
+                self.physical_config.insert(opened)
+            }
+        };
+        Ok(read_command_status(config)?.masked())
+    }
+
+    /// The count of the device's host IRQ in `/proc/interrupts` (its
+    /// number from sysfs `irq`, read each time: enabling can move it).
+    fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
+        let sysfs = PciSysfs::new();
+        let irq = sysfs
+            .irq(self.bdf)
+            .map_err(|e| BackendError::os("reading the IRQ number", std::io::Error::other(e)))?;
+        let Some(irq) = irq else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string("/proc/interrupts")
+            .map_err(|e| BackendError::os("reading /proc/interrupts", e))?;
+        Ok(crate::pci::sysfs::interrupt_count(&text, irq))
     }
 
     /// `SET_IRQS(INTX, DATA_EVENTFD | ACTION_UNMASK, fd)`; `None` passes -1,

@@ -10,7 +10,8 @@ use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::pci::intx::MaskingReason;
 use vfio_intx::pci::regs::*;
 use vfio_intx::pci::sysfs::{
-    interrupt_handlers, PciSysfs, Source, SysfsConfig, SysfsError, UIO_PCI_GENERIC, VFIO_PCI,
+    interrupt_count, interrupt_handlers, PciSysfs, Source, SysfsConfig, SysfsError,
+    UIO_PCI_GENERIC, VFIO_PCI,
 };
 use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::uio::{UioBackend, UioError};
@@ -334,6 +335,15 @@ fn proc_interrupts_handlers_are_split_at_commas_only() {
     assert!(interrupt_handlers(PROC_INTERRUPTS, 30).is_empty());
     assert!(interrupt_handlers(PROC_INTERRUPTS, 11).is_empty());
     assert!(interrupt_handlers("", 10).is_empty());
+}
+
+#[test]
+fn proc_interrupts_counts_are_summed_over_the_cpus() {
+    assert_eq!(interrupt_count(PROC_INTERRUPTS, 10), Some(129));
+    assert_eq!(interrupt_count(PROC_INTERRUPTS, 22), Some(2003));
+    assert_eq!(interrupt_count(PROC_INTERRUPTS, 30), Some(3));
+    assert_eq!(interrupt_count(PROC_INTERRUPTS, 11), None);
+    assert_eq!(interrupt_count("", 10), None);
 }
 
 #[test]

@@ -4,9 +4,10 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vfio_intx::intx::{IntxOptions, Tick, WatchdogOptions};
+use vfio_intx::intx::{IntxDevice, IntxOptions, Tick, WatchdogOptions};
 use vfio_intx::sim::stress::{run_external_resets, ExternalResetConfig};
 use vfio_intx::sim::{Fault, SimDevice, SimKernel, SimOp};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::Stepper;
 
@@ -119,4 +120,119 @@ fn a_reset_outside_the_engine_keeps_the_idle_watchdog_ticking_fast() {
     assert_eq!(t.dev.watchdog_tick(seen_at), (Tick::Busy, fast));
     let later = seen_at + opts.active_for / 2;
     assert_eq!(t.dev.watchdog_tick(later), (Tick::Quiet, fast));
+}
+
+/// The kernel bypass on the vfio-pci model: the guest's ISR finds the
+/// device inside a reset outside the engine and EOIs; KVM's resample is
+/// vfio's unmask eventfd, so the unmask lands inside the reset window and
+/// the reset's restore masks the line again. `tick_during_reset`: a
+/// watchdog tick runs while the reset holds the device (its STATUS read
+/// waits for it). Returns the engine and the irqfd.
+fn strand_on_the_bypass(
+    sim: &SimDevice,
+    tick_during_reset: bool,
+) -> (IntxDevice<vfio_intx::sim::SimBackend>, EventFd) {
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let dev = IntxDevice::with_kernel_bypass(
+        sim.backend(),
+        irqfd.try_clone().unwrap(),
+        resample.try_clone().unwrap(),
+        options(true),
+    )
+    .unwrap();
+    sim.raise();
+    assert_eq!(irqfd.read().unwrap(), 1, "the kernel signals the irqfd");
+    thread::scope(|s| {
+        let reset = s.spawn(|| sim.external_reset());
+        while !sim.snapshot().in_reset {
+            thread::yield_now();
+        }
+        assert!(!sim.ack(), "the device decodes nothing in reset");
+        resample.write(1).unwrap();
+        // vfio's unmask eventfd thread runs the unmask inside the window.
+        thread::sleep(Duration::from_millis(5));
+        if tick_during_reset {
+            let (tick, _) = dev.watchdog_tick(Instant::now());
+            assert_eq!(tick, Tick::Quiet);
+        }
+        reset.join().unwrap().unwrap();
+    });
+    let snap = sim.snapshot();
+    assert!(
+        snap.asserting && snap.command & vfio_intx::pci::regs::COMMAND_INTX_DISABLE != 0,
+        "not stranded: {snap:?}"
+    );
+    (dev, irqfd)
+}
+
+/// Issue 11 item 7: on the kernel bypass the engine sees neither interrupt
+/// nor EOI, so an asserting, masked line is one the guest may still be
+/// servicing. With no sign of a reset, the watchdog only re-checks until no
+/// new host interrupt has come for `guest_service_limit`; a reset it saw
+/// makes it re-sync at the detection time.
+#[test]
+fn on_the_bypass_a_stuck_line_is_resynced_at_once_after_a_seen_reset_and_late_without() {
+    let opts = WatchdogOptions::default();
+    let window = Duration::from_millis(30);
+
+    // No tick saw the reset.
+    let sim = SimDevice::builder()
+        .kernel(SimKernel::VfioPci)
+        .reset_window(window)
+        .build();
+    let (dev, irqfd) = strand_on_the_bypass(&sim, false);
+    let t0 = Instant::now();
+    assert_eq!(dev.watchdog_tick(t0).0, Tick::Quiet);
+    for at in [
+        opts.detect_after + Duration::from_millis(10),
+        opts.guest_service_limit / 2,
+    ] {
+        assert_eq!(dev.watchdog_tick(t0 + at).0, Tick::Quiet, "at {at:?}");
+    }
+    assert!(irqfd.read().is_err(), "nothing re-signalled");
+    let late = t0 + opts.guest_service_limit + Duration::from_millis(1);
+    assert_eq!(dev.watchdog_tick(late).0, Tick::Recovered);
+    assert_eq!(irqfd.read().unwrap(), 1, "the re-sync re-signals the irqfd");
+    let stats = dev.stats();
+    assert_eq!((stats.stuck_detections, stats.watchdog_rechecks), (1, 1));
+
+    // A tick waited for the reset: re-synced at the detection time.
+    let sim = SimDevice::builder()
+        .kernel(SimKernel::VfioPci)
+        .reset_window(window)
+        .build();
+    let (dev, irqfd) = strand_on_the_bypass(&sim, true);
+    let t0 = Instant::now();
+    dev.watchdog_tick(t0);
+    let at = t0 + opts.detect_after + Duration::from_millis(10);
+    assert_eq!(dev.watchdog_tick(at).0, Tick::Recovered);
+    assert_eq!(irqfd.read().unwrap(), 1, "the re-sync re-signals the irqfd");
+    assert_eq!(dev.stats().watchdog_rechecks, 0);
+}
+
+/// Issue 11 item 7: the guest's own INTX_DISABLE held while the device
+/// asserts is what the state machine expects: no detection, however long.
+#[test]
+fn a_line_the_guest_disabled_is_never_a_stuck_line() {
+    for kernel in [SimKernel::Bare, SimKernel::VfioPci] {
+        let sim = SimDevice::builder().kernel(kernel).build();
+        let t = Stepper::with_options(sim.clone(), options(true));
+        t.dev
+            .guest_config_write(
+                vfio_intx::pci::regs::PCI_COMMAND,
+                vfio_intx::pci::Width::Word,
+                u32::from(vfio_intx::pci::regs::COMMAND_INTX_DISABLE),
+            )
+            .unwrap();
+        sim.raise();
+        t.poll_host();
+        let t0 = Instant::now();
+        for ms in [0, 30, 60, 200, 2000] {
+            let (tick, _) = t.dev.watchdog_tick(t0 + Duration::from_millis(ms));
+            assert_eq!(tick, Tick::Quiet, "{kernel:?} at {ms} ms");
+        }
+        assert_eq!(t.dev.stats().stuck_detections, 0, "{kernel:?}");
+        assert_eq!(t.injected(), 0);
+    }
 }

@@ -795,6 +795,7 @@ impl<B: PciBackend> Device<B> {
             Counters::bump(&ctx.counters.spurious_eois);
             return Ok(());
         }
+        Counters::bump(&ctx.counters.serviced_eois);
         if self.guest.intx_disabled() {
             // The guest masked its INTx meanwhile: stay masked until it
             // clears the bit; `settle` then delivers what is still pending.

@@ -8,10 +8,35 @@
 //! the line is unmasked while no interrupt ever arrives again.
 //!
 //! Detection: STATUS.INTERRUPT (read through the gate) has been seen set
-//! and stays set for [`WatchdogOptions::detect_after`] while the interrupt
-//! path made no progress (no host interrupt, injection or EOI). An
-//! interrupt in service whose EOI the guest has not sent yet is the guest's
-//! business, not a stuck line.
+//! and, for [`WatchdogOptions::detect_after`] since, the interrupt path
+//! made no progress (no host interrupt, injection, or EOI that found the
+//! line in service: KVM signals every resample eventfd on a GSI at each
+//! EOI of it, so another device's EOIs prove nothing about this one) and
+//! the line never looked idle and unmasked (STATUS.INTERRUPT clear and the
+//! hardware's INTX_DISABLE clear, read with
+//! [`PciBackend::read_physical_intx_disable`]). The suspicion outlives
+//! STATUS.INTERRUPT going clear: a reset drops the device's line, and under
+//! a storm of resets the line is never set for long, while the mask a reset
+//! restored stays. What the state machine expects decides:
+//!
+//! - The guest's own INTX_DISABLE (`Held`), or an interrupt in service on
+//!   the user-space path whose EOI the engine will see: masked is expected
+//!   for as long as the guest likes. Never a re-sync.
+//! - Idle on the user-space path: the engine would have seen an interrupt
+//!   or an EOI; a line asserting or masked with no progress disagrees.
+//!   Re-sync.
+//! - The kernel bypass: the engine sees neither the interrupt nor the EOI,
+//!   so an asserting line the kernel masked may be one the guest is still
+//!   servicing, and a re-sync's UNMASK would re-signal its irqfd (landing
+//!   after the guest's EOI, that delivers an interrupt the device no longer
+//!   asserts). Only a reset outside the engine strands the line there, so
+//!   the watchdog re-syncs when it saw one lately (a STATUS read that
+//!   waited for it, or a device not answering), or when one suspicion has
+//!   lasted [`WatchdogOptions::guest_service_limit`], longer than any guest
+//!   services an interrupt (a reset the ticks did not catch).
+//!
+//! A suspicion that reached the detection time without a re-sync is a
+//! harmless re-check, counted apart (`watchdog_rechecks`).
 //!
 //! Recovery: re-sync the kernel's mask state with the hardware — mask, then
 //! settle, which is VFIO's ACTION_MASK then ACTION_UNMASK (the kernel's
@@ -52,14 +77,21 @@ pub struct WatchdogOptions {
     /// Detect and recover stuck lines (pending work after a reset is re-run
     /// by the ticks either way).
     pub enabled: bool,
-    /// How long STATUS.INTERRUPT may stay set with no progress before the
-    /// line counts as stuck.
+    /// How long after STATUS.INTERRUPT was seen set the line may go on
+    /// without interrupt progress, and without looking idle and unmasked,
+    /// before it counts as stuck.
     pub detect_after: Duration,
     /// How long a device counts as active after its last interrupt, or
-    /// after the last sign of a reset outside the engine.
+    /// after the last sign of a reset outside the engine; also how long
+    /// such a sign counts as evidence on the kernel bypass.
     pub active_for: Duration,
     /// Tick interval while the device is idle.
     pub idle_interval: Duration,
+    /// On the kernel bypass, with no sign of a reset outside the engine:
+    /// how long a line may stay asserting or masked, with no moment seen
+    /// idle and unmasked, before the watchdog re-syncs it anyway (a guest
+    /// may take this long to service an interrupt).
+    pub guest_service_limit: Duration,
 }
 
 impl Default for WatchdogOptions {
@@ -69,6 +101,7 @@ impl Default for WatchdogOptions {
             detect_after: Duration::from_millis(50),
             active_for: Duration::from_secs(2),
             idle_interval: Duration::from_secs(1),
+            guest_service_limit: Duration::from_secs(1),
         }
     }
 }
@@ -88,12 +121,37 @@ const RESET_WAIT: Duration = Duration::from_millis(2);
 /// What the watchdog remembers of one device (behind the gate).
 #[derive(Debug, Default)]
 pub(super) struct WatchState {
-    /// When STATUS.INTERRUPT was first seen set with the progress count
-    /// then; `None` while it reads clear.
-    asserting_since: Option<(Instant, u64)>,
+    /// The line under suspicion, if it is.
+    suspect: Option<Suspect>,
     /// Progress count at the previous tick, and when it last moved (or a
     /// reset outside the engine was last seen).
     last_progress: Option<(u64, Instant)>,
+    /// When a reset outside the engine was last seen.
+    reset_seen_at: Option<Instant>,
+}
+
+/// STATUS.INTERRUPT was seen set with no interrupt progress since.
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    since: Instant,
+    /// The progress count then; any progress ends the suspicion.
+    progress: u64,
+    /// Whether this suspicion was counted as a harmless re-check.
+    rechecked: bool,
+    /// The kernel's count of host interrupts at the first closer look (the
+    /// kernel bypass, no sign of a reset).
+    host_count: Option<u64>,
+}
+
+impl Suspect {
+    fn new(since: Instant, progress: u64) -> Self {
+        Self {
+            since,
+            progress,
+            rechecked: false,
+            host_count: None,
+        }
+    }
 }
 
 /// The outcome of one tick.
@@ -109,12 +167,13 @@ pub enum Tick {
 }
 
 impl<B: PciBackend> IntxDevice<B> {
-    /// Interrupt-path progress: host interrupts, injections and EOIs.
+    /// Interrupt-path progress: host interrupts, injections and EOIs that
+    /// found the line in service (not every resample on a shared GSI).
     fn progress(&self) -> u64 {
         let c = &self.counters;
         c.host_interrupts.load(Ordering::Relaxed)
             + c.injected.load(Ordering::Relaxed)
-            + c.eois.load(Ordering::Relaxed)
+            + c.serviced_eois.load(Ordering::Relaxed)
     }
 
     /// One watchdog look at the device: re-runs interrupt work left pending
@@ -137,6 +196,9 @@ impl<B: PciBackend> IntxDevice<B> {
         let read = read_command_status(&mut dev.backend);
         let reset_seen =
             read_at.elapsed() >= RESET_WAIT || matches!(read, Err(BackendError::NotResponding));
+        if reset_seen {
+            dev.watch.reset_seen_at = Some(now);
+        }
         let active = match dev.watch.last_progress {
             Some((p, at)) if p == progress && !reset_seen => {
                 now.duration_since(at) < opts.active_for
@@ -146,29 +208,84 @@ impl<B: PciBackend> IntxDevice<B> {
                 true
             }
         };
+        let quiet = if active { fast } else { opts.idle_interval };
         let cs = match read {
             Ok(cs) => cs,
             Err(BackendError::NotResponding) => return (Tick::Busy, fast),
             Err(e) => {
                 debug!(bdf = %self.bdf, error = %e, "watchdog: reading STATUS failed");
-                return (Tick::Busy, if active { fast } else { opts.idle_interval });
+                return (Tick::Busy, quiet);
             }
         };
-        if !cs.asserting() {
-            dev.watch.asserting_since = None;
-            return (Tick::Quiet, if active { fast } else { opts.idle_interval });
+        let bypass = self.is_kernel_bypass();
+        // Masked for as long as the guest likes: its own INTX_DISABLE, or an
+        // interrupt in service whose EOI the engine will see.
+        let guest_holds = dev.guest.intx_disabled()
+            || dev.line == LineState::Held
+            || (dev.line == LineState::InService && !bypass);
+        if guest_holds {
+            dev.watch.suspect = None;
+            return (Tick::Quiet, if cs.asserting() { fast } else { quiet });
         }
-        let since = match dev.watch.asserting_since {
-            Some((since, mark)) if mark == progress => since,
-            _ => {
-                dev.watch.asserting_since = Some((now, progress));
+        if dev.watch.suspect.is_some_and(|s| s.progress != progress) {
+            // The interrupt path moved: the line works.
+            dev.watch.suspect = None;
+        }
+        let Some(suspect) = dev.watch.suspect else {
+            if !cs.asserting() {
+                return (Tick::Quiet, quiet);
+            }
+            dev.watch.suspect = Some(Suspect::new(now, progress));
+            return (Tick::Quiet, fast);
+        };
+        let masked = match dev.backend.read_physical_intx_disable() {
+            Ok(masked) => masked,
+            Err(BackendError::NotResponding) => return (Tick::Busy, fast),
+            Err(e) => {
+                // Unknown: taken as masked, the case that needs the most
+                // evidence below.
+                debug!(bdf = %self.bdf, error = %e, "watchdog: reading the physical INTX_DISABLE failed");
+                true
+            }
+        };
+        if !cs.asserting() && !masked {
+            // Idle and unmasked: nothing owed, nothing stuck.
+            dev.watch.suspect = None;
+            return (Tick::Quiet, quiet);
+        }
+        let stuck_for = now.duration_since(suspect.since);
+        if !opts.enabled || stuck_for < opts.detect_after {
+            return (Tick::Quiet, fast);
+        }
+        let reset_lately = dev
+            .watch
+            .reset_seen_at
+            .is_some_and(|at| now.duration_since(at) < opts.active_for);
+        if bypass && !reset_lately {
+            // Possibly an interrupt the guest is still servicing: a new
+            // interrupt taken by the kernel since proves the line alive.
+            let count = dev.backend.host_interrupt_count().unwrap_or_else(|e| {
+                debug!(bdf = %self.bdf, error = %e, "watchdog: reading the host interrupt count failed");
+                None
+            });
+            if !suspect.rechecked {
+                Counters::bump(&self.counters.watchdog_rechecks);
+            }
+            let mut next = Suspect {
+                rechecked: true,
+                host_count: suspect.host_count.or(count),
+                ..suspect
+            };
+            if count.is_some() && suspect.host_count.is_some() && count != suspect.host_count {
+                next = Suspect {
+                    host_count: count,
+                    ..Suspect::new(now, progress)
+                };
+            }
+            dev.watch.suspect = Some(next);
+            if now.duration_since(next.since) < opts.guest_service_limit {
                 return (Tick::Quiet, fast);
             }
-        };
-        let waiting_for_guest = dev.line == LineState::InService && !self.is_kernel_bypass();
-        let stuck_for = now.duration_since(since);
-        if !opts.enabled || waiting_for_guest || stuck_for < opts.detect_after {
-            return (Tick::Quiet, fast);
         }
         Counters::bump(&self.counters.stuck_detections);
         let nanos = u64::try_from(stuck_for.as_nanos()).unwrap_or(u64::MAX);
@@ -182,9 +299,10 @@ impl<B: PciBackend> IntxDevice<B> {
             .during(Operation::Mask)
             .and_then(|()| dev.settle(&ctx));
         Counters::bump(&self.counters.resyncs);
-        // Check again from scratch: a re-sync inside another reset can be
-        // undone the same way.
-        dev.watch.asserting_since = None;
+        // Look again after the detection time: a re-sync inside another
+        // reset can be undone the same way. Progress, or the line seen idle
+        // and unmasked, ends the suspicion before that.
+        dev.watch.suspect = Some(Suspect::new(now, self.progress()));
         drop(dev);
         match resynced {
             Ok(()) => {
@@ -192,7 +310,7 @@ impl<B: PciBackend> IntxDevice<B> {
                 // times a second; the counters have every one.
                 let detections = self.counters.stuck_detections.load(Ordering::Relaxed);
                 if detections == 1 || detections % 64 == 0 {
-                    warn!(bdf = %self.bdf, ?stuck_for, detections,
+                    warn!(bdf = %self.bdf, ?stuck_for, masked, asserting = cs.asserting(), detections,
                         "INTx was stuck masked (a reset outside vfio-intx undid an unmask); re-synced");
                 }
             }
