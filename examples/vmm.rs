@@ -72,10 +72,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(vfio_intx::log_filter("warn"))
         .init();
     let args = Args::parse();
     let config = AssignmentConfig {
@@ -135,6 +132,10 @@ fn print_report(report: &AssignmentReport, interrupts: u64) -> ExitCode {
     println!(
         "interrupts: {} raised, {} acked by the guest ISR",
         report.raised, report.acked
+    );
+    println!(
+        "interrupts lost at the device (a reset lowered its line) and raised again: {}",
+        report.reraised
     );
     println!(
         "round trip raise -> ISR ack: p50 {:?}, p99 {:?}",

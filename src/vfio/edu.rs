@@ -100,15 +100,32 @@ impl DeviceSide for Edu {
         }
     }
 
-    /// Acknowledges the lowest pending status bit, if any.
+    /// Raises a lost interrupt again: the lowest pending status bit, whose
+    /// line a reset lowered (edu asserts its line whenever a raise finds its
+    /// status non-zero), or, with nothing pending, a new one: the raise
+    /// itself was dropped by a device in reset. A status of all-ones (the
+    /// device does not decode) raises nothing.
+    fn raise_lost(&self) -> bool {
+        match self.status() {
+            Ok(u32::MAX) | Err(_) => false,
+            Ok(0) => {
+                self.raise();
+                true
+            }
+            Ok(status) => self.raise_bits(status & status.wrapping_neg()).is_ok(),
+        }
+    }
+
+    /// Acknowledges the lowest pending status bit, if any, and checks that
+    /// the acknowledgement landed (a device in reset drops it; the bit then
+    /// stays pending and is acknowledged by a later ISR run).
     fn ack(&self) -> bool {
         match self.status() {
-            Ok(0) => false,
+            Ok(0) | Ok(u32::MAX) | Err(_) => false,
             Ok(status) => {
                 let bit = status & status.wrapping_neg();
-                self.ack_bits(bit).is_ok()
+                self.ack_bits(bit).is_ok() && self.status().is_ok_and(|now| now & bit == 0)
             }
-            Err(_) => false,
         }
     }
 }
