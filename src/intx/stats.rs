@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) host_interrupts: AtomicU64,
+    pub(crate) claimed: AtomicU64,
     pub(crate) not_mine: AtomicU64,
     pub(crate) injected: AtomicU64,
     pub(crate) reinjected: AtomicU64,
@@ -32,6 +33,10 @@ impl Counters {
 pub struct IntxStats {
     /// Host interrupt events handled (including deferred ones re-run).
     pub host_interrupts: u64,
+    /// Host interrupts taken on the kernel's claim (its check-and-mask ran
+    /// just before it signalled, and nothing has moved the gate's
+    /// generation since) without re-reading STATUS.
+    pub claimed: u64,
     /// Host interrupts for which the device was not asserting ("not mine").
     pub not_mine: u64,
     /// Interrupts injected into the guest, re-injections included.
@@ -68,6 +73,7 @@ impl Counters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         IntxStats {
             host_interrupts: get(&self.host_interrupts),
+            claimed: get(&self.claimed),
             not_mine: get(&self.not_mine),
             injected: get(&self.injected),
             reinjected: get(&self.reinjected),

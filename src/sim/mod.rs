@@ -191,6 +191,7 @@ struct State {
 struct Inner {
     bdf: Bdf,
     broken_masking: bool,
+    trigger_claims: bool,
     has_reset: bool,
     reset_window: Duration,
     kernel: SimKernel,
@@ -211,6 +212,7 @@ pub struct SimDeviceBuilder {
     has_reset: bool,
     reset_window: Duration,
     kernel: SimKernel,
+    trigger_claims: bool,
 }
 
 impl SimDeviceBuilder {
@@ -233,6 +235,14 @@ impl SimDeviceBuilder {
     /// INTERRUPT_PIN (default 1 = INTA#; 0 = no INTx).
     pub fn interrupt_pin(mut self, pin: u8) -> Self {
         self.pin = pin;
+        self
+    }
+    /// vfio-pci model: let the engine take the model's trigger signals as
+    /// claims ([`PciBackend::intx_trigger_claims`]), as it does on real
+    /// vfio-pci (default no, so that tests may signal the trigger
+    /// themselves to stand for an event of another device).
+    pub fn trigger_claims(mut self, claims: bool) -> Self {
+        self.trigger_claims = claims;
         self
     }
     /// Makes INTX_DISABLE not stick, as on devices with broken masking.
@@ -297,6 +307,7 @@ impl SimDeviceBuilder {
             inner: Arc::new(Inner {
                 bdf: self.bdf,
                 broken_masking: self.broken_masking,
+                trigger_claims: self.trigger_claims,
                 has_reset: self.has_reset,
                 reset_window: self.reset_window,
                 kernel: self.kernel,
@@ -369,6 +380,7 @@ impl SimDevice {
             has_reset: true,
             reset_window: Duration::from_micros(50),
             kernel: SimKernel::Bare,
+            trigger_claims: false,
         }
     }
 
@@ -804,6 +816,12 @@ impl PciBackend for SimBackend {
                 }
             }
         }
+    }
+
+    /// As built ([`SimDeviceBuilder::trigger_claims`]); only the vfio-pci
+    /// model signals the way that makes it true.
+    fn intx_trigger_claims(&self) -> bool {
+        self.inner.trigger_claims && self.inner.kernel == SimKernel::VfioPci
     }
 
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {

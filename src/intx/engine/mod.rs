@@ -27,7 +27,7 @@ use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
-use crate::gate::ConfigGate;
+use crate::gate::{ConfigGate, Generation};
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
 use crate::intx::sink::InterruptSink;
@@ -115,6 +115,14 @@ pub enum Serviced {
 const WORK_HOST: u8 = 1 << 0;
 const WORK_EOI: u8 = 1 << 1;
 const WORK_RECHECK: u8 = 1 << 2;
+/// With `WORK_HOST`: every trigger signal behind it came from the backend's
+/// kernel driver, in generation `Wake::claimed_generation`.
+const WORK_CLAIMED: u8 = 1 << 3;
+
+/// What a kick adds to the trigger's counter: the kernel adds 1 per signal,
+/// so one read tells the kernel's signals (low 32 bits) from the engine's
+/// own kicks (high bits) exactly, however the two interleave.
+const KICK: u64 = 1 << 32;
 
 /// Names the operation a backend error happened in.
 trait During<T> {
@@ -145,13 +153,20 @@ struct Ctx<'a> {
     sink: &'a dyn InterruptSink,
     counters: &'a Counters,
     disable_bit: IntxDisableBit,
+    generation: &'a Generation,
+    /// The generation of the trigger signals behind `WORK_CLAIMED`.
+    claimed_generation: u64,
 }
 
 /// The shared part of the engine that the gate's kick needs.
 struct Wake {
     trigger: EventFd,
     pending: AtomicU8,
-    kicks: AtomicU64,
+    /// The gate's generation just before the trigger's last read: every
+    /// signal a read drains was sent after it.
+    read_generation: AtomicU64,
+    /// See `WORK_CLAIMED`.
+    claimed_generation: AtomicU64,
 }
 
 impl Wake {
@@ -159,10 +174,9 @@ impl Wake {
     /// the worker through the trigger eventfd it already polls.
     fn kick(&self) {
         self.pending.fetch_or(WORK_RECHECK, Ordering::SeqCst);
-        self.kicks.fetch_add(1, Ordering::SeqCst);
         // An eventfd write only fails when the counter would overflow, in
         // which case the worker is already due to wake.
-        let _ = self.trigger.write(1);
+        let _ = self.trigger.write(KICK);
     }
 }
 
@@ -266,7 +280,8 @@ impl<B: PciBackend> IntxDevice<B> {
         let wake = Arc::new(Wake {
             trigger,
             pending: AtomicU8::new(0),
-            kicks: AtomicU64::new(0),
+            read_generation: AtomicU64::new(u64::MAX),
+            claimed_generation: AtomicU64::new(u64::MAX),
         });
         let kick_target = Arc::clone(&wake);
         let device = Device {
@@ -301,6 +316,8 @@ impl<B: PciBackend> IntxDevice<B> {
             sink: &*self.sink,
             counters: &self.counters,
             disable_bit: self.disable_bit,
+            generation: self.gate.generation(),
+            claimed_generation: self.wake.claimed_generation.load(Ordering::SeqCst),
         }
     }
 
@@ -371,11 +388,27 @@ impl<B: PciBackend> IntxDevice<B> {
     /// Flow 1: the trigger eventfd is readable. Drains it and runs the
     /// interrupt path. Never waits behind a reset.
     pub fn on_host_interrupt(&self) -> Result<Serviced, IntxError> {
+        let generation = self.gate.generation().current();
         match self.wake.trigger.read() {
             Ok(count) => {
-                let kicks = self.wake.kicks.swap(0, Ordering::SeqCst);
-                if count > kicks {
-                    self.wake.pending.fetch_or(WORK_HOST, Ordering::SeqCst);
+                let previous = self.wake.read_generation.swap(generation, Ordering::SeqCst);
+                if count % KICK > 0 {
+                    // Only the kernel's signals, all sent after the previous
+                    // read, with nothing moving the generation since: the
+                    // kernel's check-and-mask claimed them (see
+                    // `PciBackend::intx_trigger_claims`).
+                    let claimed = count / KICK == 0 && previous == generation;
+                    if claimed {
+                        self.wake
+                            .claimed_generation
+                            .store(generation, Ordering::SeqCst);
+                    }
+                    let work = if claimed {
+                        WORK_HOST | WORK_CLAIMED
+                    } else {
+                        WORK_HOST
+                    };
+                    self.wake.pending.fetch_or(work, Ordering::SeqCst);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -732,7 +765,13 @@ impl<B: PciBackend> Device<B> {
             self.guest_eoi(ctx)?;
         }
         if work & WORK_HOST != 0 {
-            self.host_interrupt(ctx)?;
+            // A claim holds only if nothing that could outdate it runs in
+            // this pass or ran since (a re-check, a reset, a re-wiring).
+            let claimed = work & WORK_CLAIMED != 0
+                && work & WORK_RECHECK == 0
+                && ctx.claimed_generation == ctx.generation.current()
+                && self.backend.intx_trigger_claims();
+            self.host_interrupt(ctx, claimed)?;
         }
         if work & WORK_RECHECK != 0 {
             self.settle(ctx)?;
@@ -740,13 +779,19 @@ impl<B: PciBackend> Device<B> {
         Ok(())
     }
 
-    /// Flow 1 behind the gate.
-    fn host_interrupt(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+    /// Flow 1 behind the gate. `claimed`: the kernel's own check-and-mask
+    /// found the device asserting and masked it, and nothing can have
+    /// changed that since, so STATUS need not be read again.
+    fn host_interrupt(&mut self, ctx: &Ctx<'_>, claimed: bool) -> Result<(), Fail> {
         Counters::bump(&ctx.counters.host_interrupts);
-        let asserting = self
-            .backend
-            .intx_check_and_mask()
-            .during(Operation::CheckAndMask)?;
+        let asserting = if claimed {
+            Counters::bump(&ctx.counters.claimed);
+            true
+        } else {
+            self.backend
+                .intx_check_and_mask()
+                .during(Operation::CheckAndMask)?
+        };
         if !asserting {
             if self.line == LineState::Idle {
                 Counters::bump(&ctx.counters.not_mine);
@@ -817,6 +862,9 @@ impl<B: PciBackend> Device<B> {
     /// INTX_DISABLE. An interrupt the device asserts is delivered (or held),
     /// and a line nobody needs masked is unmasked.
     fn settle(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        // The line is re-derived: a trigger signal sent before this no longer
+        // proves anything about the device.
+        ctx.generation.advance();
         match self.line {
             LineState::InService => self.backend.intx_mask().during(Operation::Mask),
             LineState::Idle | LineState::Held if self.guest.intx_disabled() => {
