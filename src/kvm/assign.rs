@@ -101,6 +101,48 @@ pub struct AssignmentReport {
 }
 
 impl AssignmentReport {
+    /// Whether the run saw resets outside the engine: an interrupt the
+    /// device lost and the driver loop raised again, a line the watchdog
+    /// found stuck, or an event that found the device mid-reset.
+    pub fn saw_outside_resets(&self) -> bool {
+        self.reraised > 0 || self.stats.stuck_detections > 0 || self.stats.mid_reset_events > 0
+    }
+
+    /// What the run broke, empty if nothing: an interrupt not acknowledged,
+    /// a resample before the guest's EOI, or ISR runs that found the device
+    /// not asserting or nothing to acknowledge. The last two are failures
+    /// only in a run without outside resets: a reset that lowers the line
+    /// between the injection and the ISR's read, or drops the ISR's
+    /// acknowledgement, causes them without anything being wrong, and they
+    /// are then only reported (see [`saw_outside_resets`](Self::saw_outside_resets)).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.acked != self.raised {
+            problems.push(format!(
+                "{} of {} interrupts acknowledged",
+                self.acked, self.raised
+            ));
+        }
+        if self.resample_before_eoi > 0 {
+            problems.push(format!("{} resamples before EOI", self.resample_before_eoi));
+        }
+        if !self.saw_outside_resets() {
+            if self.status_clear_in_isr > 0 {
+                problems.push(format!(
+                    "{} ISR reads without STATUS.INTERRUPT",
+                    self.status_clear_in_isr
+                ));
+            }
+            if self.empty_isr_runs > 0 {
+                problems.push(format!(
+                    "{} ISR runs with nothing to acknowledge",
+                    self.empty_isr_runs
+                ));
+            }
+        }
+        problems
+    }
+
     /// The latency at quantile `q` (0..=1).
     pub fn latency(&self, q: f64) -> Duration {
         if self.latencies.is_empty() {
