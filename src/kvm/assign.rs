@@ -575,12 +575,15 @@ fn drive<B: PciBackend + 'static>(
 }
 
 /// Tells an interrupt the device lost from one still on its way, the way
-/// the tier-3 watchdog tests do for edu's reset quirk: the device's
-/// STATUS.INTERRUPT is clear (its line is low: nothing for the host or the
-/// guest to take) while the guest is idle (no ISR run, no ack) and the
-/// engine has nothing in flight, seen at two checks in a row. A line left
-/// masked reads STATUS.INTERRUPT set and is never taken for lost: that is
-/// the engine's to recover, and the loop's timeout reports it.
+/// the tier-3 watchdog tests do for edu's reset quirk: the guest stayed
+/// idle (no ISR run, no ack) over a whole check interval, and then the
+/// engine has nothing in flight and the device's STATUS.INTERRUPT is clear
+/// (its line is low: nothing for the host or the guest to take). The
+/// device is looked at (through the gate) only once the guest was seen
+/// idle, so that an interrupt merely slow to arrive costs no gate traffic.
+/// A line left masked reads STATUS.INTERRUPT set and is never taken for
+/// lost: that is the engine's to recover, and the loop's timeout reports
+/// it.
 struct LostCheck {
     next: Instant,
     every: Duration,
@@ -606,17 +609,12 @@ impl LostCheck {
 
     fn confirmed<B: PciBackend + 'static>(&mut self, run: &Assignment<B>) -> bool {
         let guest = (run.control.isr_runs(), run.control.acked());
-        let dropped = run.device.line_state() == LineState::Idle
-            && run.device.command_status().is_ok_and(|cs| !cs.asserting());
-        if !dropped {
-            self.candidate = None;
+        if self.candidate != Some(guest) {
+            self.candidate = Some(guest);
             return false;
         }
-        if self.candidate == Some(guest) {
-            self.candidate = None;
-            return true;
-        }
-        self.candidate = Some(guest);
-        false
+        self.candidate = None;
+        run.device.line_state() == LineState::Idle
+            && run.device.command_status().is_ok_and(|cs| !cs.asserting())
     }
 }

@@ -89,6 +89,22 @@ impl Edu {
     pub fn status(&self) -> Result<u32, VfioError> {
         self.bar.read_u32(Self::STATUS)
     }
+
+    /// The interrupt status, if the device decodes around the read: its ID
+    /// register reads right just before and just after (a device in reset
+    /// reads zeros or all-ones, which would pass for a status).
+    fn decoding_status(&self) -> Option<u32> {
+        let decodes = || {
+            self.bar
+                .read_u32(Self::ID)
+                .is_ok_and(|id| id & 0xff == 0xed && id != u32::MAX)
+        };
+        if !decodes() {
+            return None;
+        }
+        let status = self.status().ok()?;
+        decodes().then_some(status)
+    }
 }
 
 impl DeviceSide for Edu {
@@ -103,16 +119,16 @@ impl DeviceSide for Edu {
     /// Raises a lost interrupt again: the lowest pending status bit, whose
     /// line a reset lowered (edu asserts its line whenever a raise finds its
     /// status non-zero), or, with nothing pending, a new one: the raise
-    /// itself was dropped by a device in reset. A status of all-ones (the
-    /// device does not decode) raises nothing.
+    /// itself was dropped by a device in reset. A device that does not
+    /// decode raises nothing.
     fn raise_lost(&self) -> bool {
-        match self.status() {
-            Ok(u32::MAX) | Err(_) => false,
-            Ok(0) => {
+        match self.decoding_status() {
+            None => false,
+            Some(0) => {
                 self.raise();
                 true
             }
-            Ok(status) => self.raise_bits(status & status.wrapping_neg()).is_ok(),
+            Some(status) => self.raise_bits(status & status.wrapping_neg()).is_ok(),
         }
     }
 
@@ -120,11 +136,12 @@ impl DeviceSide for Edu {
     /// the acknowledgement landed (a device in reset drops it; the bit then
     /// stays pending and is acknowledged by a later ISR run).
     fn ack(&self) -> bool {
-        match self.status() {
-            Ok(0) | Ok(u32::MAX) | Err(_) => false,
-            Ok(status) => {
+        match self.decoding_status() {
+            None | Some(0) => false,
+            Some(status) => {
                 let bit = status & status.wrapping_neg();
-                self.ack_bits(bit).is_ok() && self.status().is_ok_and(|now| now & bit == 0)
+                self.ack_bits(bit).is_ok()
+                    && self.decoding_status().is_some_and(|now| now & bit == 0)
             }
         }
     }
