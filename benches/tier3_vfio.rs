@@ -4,7 +4,8 @@
 //! (a) one INTx cycle: raise -> trigger -> on_host_interrupt -> ack ->
 //!     on_guest_eoi, against raise -> trigger read -> ack -> SET_IRQS UNMASK
 //!     (vfio-ioctls' `unmask_irq`); each also with the injection a VMM makes
-//!     either way (an irqfd write, read back by the "guest");
+//!     either way (an irqfd write, read back by the "guest"). The target is
+//!     the per-round median of project+irqfd / bare+irqfd <= 1.1;
 //! (b) a config read through the gate (`guest_config_read`) against a bare
 //!     `pread` of the config region;
 //! (c) a reset through the engine against a bare `VFIO_DEVICE_RESET`
@@ -151,8 +152,12 @@ fn project_cycles(bdf: Bdf, n: usize, inject: Inject) -> Vec<Duration> {
         device.on_guest_eoi().unwrap();
         samples.push(t.elapsed());
     }
-    assert_eq!(device.stats().injected, n as u64);
-    assert_eq!(device.stats().errors, 0);
+    let stats = device.stats();
+    assert_eq!(stats.injected, n as u64);
+    assert_eq!(stats.errors, 0);
+    // Every event but the first (nothing dates it) is the kernel's claim:
+    // no STATUS re-read.
+    assert_eq!(stats.claimed + 1, n as u64, "{stats:?}");
     device.disarm().unwrap();
     samples
 }
@@ -231,8 +236,8 @@ fn main() {
         v[v.len() / 2]
     };
     println!(
-        "(a) ratio project/bare {:.2} (target <= 1.2), per-round median {:.2}; \
-         with the irqfd injection in both {:.2}, per-round median {:.2}",
+        "(a) ratio project/bare {:.2}, per-round median {:.2}; with the irqfd injection in \
+         both {:.2}, per-round median {:.2} (target <= 1.1)",
         us(s[1].median) / us(s[0].median),
         median(&mut paired.0),
         us(s[3].median) / us(s[2].median),

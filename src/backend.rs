@@ -128,6 +128,18 @@ pub trait PciBackend: ConfigSpace + Send {
     /// mine" on a shared line).
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError>;
 
+    /// Whether a signal of the trigger eventfd by the backend's own kernel
+    /// driver is proof that the device asserted INTx and that its line is
+    /// masked for us, so that [`intx_check_and_mask`](Self::intx_check_and_mask)
+    /// would only confirm it. vfio-pci: yes (AUTOMASKED: in PCI 2.3 mode its
+    /// handler signals only after its own check-and-mask claimed the
+    /// interrupt, its UNMASK only while the device still asserts; with
+    /// `nointxmask=1` it disables its exclusive, level-triggered IRQ first).
+    /// The engine relies on it only for a signal nothing can have overtaken
+    /// (no reset, re-wiring or re-derivation since: the gate's generation),
+    /// and re-checks everything else.
+    fn intx_trigger_claims(&self) -> bool;
+
     /// The guest has finished with the interrupt: unmask unless the device
     /// still asserts (PCI 2.3 check-and-unmask).
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError>;

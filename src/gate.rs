@@ -56,6 +56,31 @@ pub struct ConfigGate<T> {
     kick: Kick,
     deferrals: AtomicU64,
     blocks: AtomicU64,
+    generation: Generation,
+}
+
+/// A gate's generation: moves on every [`ConfigGate::block`] (a reset
+/// through the gate) and every [`advance`](Self::advance) by a holder that
+/// re-wired or re-derived the device's interrupt. An event produced while
+/// the generation read `g` still describes the device as long as the
+/// generation reads `g`; after a move it may not.
+#[derive(Debug)]
+pub struct Generation(AtomicU64);
+
+impl Generation {
+    fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// The current generation.
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Moves the generation on.
+    pub fn advance(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl<T> fmt::Debug for ConfigGate<T> {
@@ -91,6 +116,7 @@ impl<T> ConfigGate<T> {
             kick,
             deferrals: AtomicU64::new(0),
             blocks: AtomicU64::new(0),
+            generation: Generation::new(),
         }
     }
 
@@ -114,6 +140,7 @@ impl<T> ConfigGate<T> {
         let data = lock(&self.data);
         self.blocked.store(true, Ordering::SeqCst);
         self.blocks.fetch_add(1, Ordering::Relaxed);
+        self.generation.advance();
         GateGuard {
             data,
             release: Release {
@@ -172,6 +199,11 @@ impl<T> ConfigGate<T> {
     /// How many times the device was blocked so far.
     pub fn blocks(&self) -> u64 {
         self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// The device's [`Generation`].
+    pub fn generation(&self) -> &Generation {
+        &self.generation
     }
 
     /// Takes a ticket and waits until it is served.

@@ -67,6 +67,35 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The log filter of the binary, the daemon and the examples: `RUST_LOG` if
+/// set, else `default`; either way with `vfio_ioctls` held to errors unless
+/// `RUST_LOG` names it. vfio-ioctls opens every device by asking
+/// `GET_IRQ_INFO` for every index the device reports and logs a warning for
+/// each one the device lacks (`Could not get VFIO IRQ info for index 3`:
+/// PCIe AER's ERR index on a conventional PCI function), a normal probe
+/// result and not a degradation a user should be warned about. Warnings of
+/// vfio-intx itself are not affected.
+#[cfg(feature = "cli")]
+pub fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let names_vfio_ioctls = from_env
+        .as_deref()
+        .is_some_and(|v| v.contains("vfio_ioctls"));
+    let filter = from_env
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    if names_vfio_ioctls {
+        return filter;
+    }
+    match "vfio_ioctls=error".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 /// The README's Rust examples, compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::intx::{run_worker, CallbackSink, IntxDevice, LineState, Serviced};
-use vfio_intx::pci::intx::{read_command_status, CommandStatus, MaskingReason};
+use vfio_intx::pci::intx::{read_command_status, CommandStatus};
 use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
 use vfio_intx::pci::sysfs::{
     PciSysfs, Source, SysfsConfig, SysfsError, PCIEPORT, UIO_PCI_GENERIC, VFIO_PCI,
@@ -744,8 +744,8 @@ fn masking_verdict_reports_pci_2_3_masking_for_the_edus() {
     let v = s.masking_verdict(g.uio).unwrap();
     eprintln!("{v}");
     assert!(v.supported, "{v}");
-    assert_eq!(v.source, Source::ToggleTest(MaskingReason::ToggleWorks));
-    // The toggle left COMMAND as it was.
+    // uio_pci_generic's binding is the kernel's own verdict: nothing toggled.
+    assert_eq!(v.source, Source::UioBound, "{v}");
     assert!(!physical(&s, g.uio).masked());
 
     let nointxmask = s.vfio_nointxmask().unwrap().expect("vfio_pci is loaded");
@@ -759,13 +759,77 @@ fn masking_verdict_reports_pci_2_3_masking_for_the_edus() {
             assert!(v.supported, "{v}");
             assert_eq!(v.source, Source::Inference, "{v}");
         }
-        // The hardware itself: nobody uses these vfio devices here, so the
-        // toggle test is allowed and agrees with the inference.
+        // The toggle is refused under vfio-pci (a user may have INTx
+        // live), and nothing was written.
         let before = physical(&s, bdf).command;
-        let support = s.probe_masking(bdf).unwrap();
-        assert_eq!(support.reason, MaskingReason::ToggleWorks, "{bdf}");
-        assert_eq!(physical(&s, bdf).command, before, "{bdf}: COMMAND restored");
+        let err = s.probe_masking(bdf).unwrap_err();
+        assert!(
+            matches!(err, SysfsError::LiveDriver { .. }),
+            "{bdf}: {err:?}"
+        );
+        assert_eq!(physical(&s, bdf).command, before, "{bdf}: COMMAND changed");
     }
+}
+
+/// uio_pci_generic's event count (its handler's check-and-mask claimed an
+/// interrupt), from sysfs.
+fn uio_events(bdf: Bdf) -> u64 {
+    let path = format!("/sys/bus/pci/devices/{bdf}/uio/uio0/event");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn masking_verdict_under_uio_pci_generics_live_handler_toggles_nothing() {
+    let Some(g) = guest("masking_verdict_under_uio_pci_generics_live_handler_toggles_nothing")
+    else {
+        return;
+    };
+    let s = PciSysfs::default();
+    let bar = prepare_uio_edu(&s, g.uio);
+    let verdict_at = |what: &str| {
+        let events = uio_events(g.uio);
+        let before = physical(&s, g.uio);
+        let v = s.masking_verdict(g.uio).unwrap();
+        let after = physical(&s, g.uio);
+        eprintln!(
+            "{what}: {v}; COMMAND {:#06x} -> {:#06x}, uio events {events} -> {}",
+            before.command,
+            after.command,
+            uio_events(g.uio)
+        );
+        assert_eq!(
+            uio_events(g.uio),
+            events,
+            "{what}: the probe made the handler run"
+        );
+        assert!(v.supported, "{what}: a good device judged broken: {v}");
+        assert_eq!(after.command, before.command, "{what}: COMMAND changed");
+        assert_eq!(v.source, Source::UioBound, "{what}: {v}");
+        assert!(v.to_string().contains("not toggled"), "{v}");
+    };
+
+    // The device asserts: uio_pci_generic's handler has checked and masked.
+    let events = uio_events(g.uio);
+    bar.write(EDU_IRQ_RAISE, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while uio_events(g.uio) == events {
+        assert!(Instant::now() < deadline, "no uio event within 5 s");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let cs = physical(&s, g.uio);
+    assert!(cs.asserting() && cs.masked(), "after the raise: {cs:?}");
+    // A toggle here would unmask an asserting device under the live
+    // handler, which masks it again: the bit "does not stick".
+    verdict_at("asserting, masked by the handler");
+
+    // Acknowledged and unmasked, as found.
+    bar.write(EDU_IRQ_ACK, 1);
+    prepare_uio_edu(&s, g.uio);
+    verdict_at("idle");
 }
 
 #[test]

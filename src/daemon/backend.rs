@@ -79,6 +79,9 @@ impl PciBackend for AnyBackend {
     fn intx_disable(&mut self) -> Result<(), BackendError> {
         each!(self, b => b.intx_disable())
     }
+    fn intx_trigger_claims(&self) -> bool {
+        each!(self, b => b.intx_trigger_claims())
+    }
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError> {
         each!(self, b => b.intx_check_and_mask())
     }

@@ -343,7 +343,13 @@ fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
             let v = PciSysfs::default()
                 .masking_verdict(bdf)
                 .map_err(|e| Failure::from_error(&e))?;
-            json!({ "bdf": bdf.to_string(), "supported": v.supported, "verdict": v.to_string(), "owned": false })
+            json!({
+                "bdf": bdf.to_string(),
+                "supported": v.supported,
+                "verdict": v.to_string(),
+                "evidence": v.source.evidence(),
+                "owned": false,
+            })
         }
     };
     let text = data["verdict"].as_str().unwrap_or_default().to_owned();

@@ -351,6 +351,7 @@ impl Daemon {
                 // Devices whose masking is broken are refused at start.
                 supported: dev.config.probe.then_some(true),
                 verdict: dev.masking.clone(),
+                evidence: dev.masking_evidence.map(str::to_owned),
                 owned: true,
             });
         }
@@ -359,6 +360,7 @@ impl Daemon {
                 bdf: bdf.to_string(),
                 supported: Some(v.supported),
                 verdict: v.to_string(),
+                evidence: Some(v.source.evidence().to_owned()),
                 owned: false,
             }),
             Ok(Err(e)) => failure(&e),

@@ -267,8 +267,7 @@ async fn main(
 pub fn init_logging(default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = crate::log_filter(default);
     if systemd::stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
             let _ = tracing_subscriber::registry()

@@ -321,6 +321,10 @@ pub struct ProbeReport {
     pub supported: Option<bool>,
     /// Why, in words.
     pub verdict: String,
+    /// Which evidence decided ([`Source::evidence`](crate::pci::sysfs::Source::evidence):
+    /// `toggle-test` only where no driver was bound); `None` when not probed.
+    #[serde(default)]
+    pub evidence: Option<String>,
     /// Whether the daemon owns the device (the verdict is then the one from
     /// its start: nothing is toggled under a device in service).
     pub owned: bool,

@@ -17,6 +17,8 @@ macro_rules! with_intx_counters {
         $then! {
             host_interrupts, interrupts, "interrupts_total",
                 "Host interrupt events handled (including deferred ones re-run).";
+            claimed, claimed, "claimed_total",
+                "Host interrupts taken on the kernel's claim (its check-and-mask ran just before it signalled, and nothing moved the gate's generation since) without re-reading STATUS.";
             not_mine, not_mine, "not_mine_total",
                 "Host interrupts for which the device was not asserting (\"not mine\" on a shared line).";
             injected, injected, "injected_total",

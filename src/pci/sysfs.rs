@@ -388,9 +388,15 @@ impl Binding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// INTX_DISABLE was toggled and read back through the sysfs `config`
-    /// file (the device had no driver, or uio_pci_generic). Carries
+    /// file: the device had no driver, so no handler could race the toggle
+    /// (the kernel's `pci_intx_mask_broken` at enumeration). Carries
     /// [`MaskingReason::ToggleWorks`] or [`MaskingReason::BitDoesNotStick`].
     ToggleTest(MaskingReason),
+    /// uio_pci_generic is bound, and it binds only devices whose PCI 2.3
+    /// masking the kernel found working (`pci_intx_mask_supported` in its
+    /// probe): the kernel's own enumeration-time toggle test, read from the
+    /// binding. Nothing is toggled under its live check-and-mask handler.
+    UioBound,
     /// The kernel's quirk table lists the device's masking as broken.
     QuirkTable(&'static MaskingQuirk),
     /// INTERRUPT_PIN is 0: the device has no INTx.
@@ -405,6 +411,28 @@ pub enum Source {
     /// quirk table, and (for vfio-pci) `nointxmask` is off. The kernel's own
     /// toggle test at enumeration is not visible to user space.
     Inference,
+}
+
+impl Source {
+    /// A short stable name of the evidence, for `--json` and metrics:
+    /// `toggle-test`, `uio-bound`, `quirk-table`, `interrupt-pin`,
+    /// `vfio-nointxmask`, `vfio-nointx` or `inference`.
+    pub fn evidence(&self) -> &'static str {
+        match self {
+            Source::ToggleTest(_) => "toggle-test",
+            Source::UioBound => "uio-bound",
+            Source::QuirkTable(_) => "quirk-table",
+            Source::InterruptPin => "interrupt-pin",
+            Source::VfioNoIntxMask => "vfio-nointxmask",
+            Source::VfioNoIntx => "vfio-nointx",
+            Source::Inference => "inference",
+        }
+    }
+
+    /// Whether the verdict came from toggling INTX_DISABLE on the device.
+    pub fn toggled(&self) -> bool {
+        matches!(self, Source::ToggleTest(_))
+    }
 }
 
 /// Whether PCI 2.3 INTx masking can be relied on for a device, and why.
@@ -445,7 +473,13 @@ impl fmt::Display for MaskingVerdict {
             ),
             Source::ToggleTest(_) => f.write_str(
                 "PCI 2.3 INTx masking works: INTX_DISABLE toggled and read back through sysfs \
-                 config; the host line can be shared",
+                 config (no driver bound); the host line can be shared",
+            ),
+            Source::UioBound => f.write_str(
+                "PCI 2.3 INTx masking works: uio_pci_generic bound the device, and it binds only \
+                 devices whose masking the kernel found working (not toggled under its live \
+                 handler; INTx pin present, not in the kernel quirk table); the host line can be \
+                 shared",
             ),
             Source::QuirkTable(q) => write!(
                 f,
@@ -1042,22 +1076,20 @@ impl PciSysfs {
     }
 
     /// Probes INTx masking by toggling INTX_DISABLE through the sysfs
-    /// `config` file ([`intx::probe_masking`]). Only for a device with no
-    /// driver, or bound to uio_pci_generic or vfio-pci while no user is
-    /// servicing its INTx: a kernel driver's INTx would be (un)masked behind
-    /// its back, so any other driver is refused with
-    /// [`SysfsError::LiveDriver`].
+    /// `config` file ([`intx::probe_masking`]), as the kernel does at
+    /// enumeration. Only for a device no driver is bound to: under any
+    /// driver the toggle races a live handler (uio_pci_generic's and
+    /// vfio-pci's check-and-mask, which can then see a "broken" bit on a
+    /// good device) or (un)masks INTx behind a host driver's back, so every
+    /// driver is refused with [`SysfsError::LiveDriver`]; use
+    /// [`masking_verdict`](Self::masking_verdict) for bound devices.
     pub fn probe_masking(&self, bdf: Bdf) -> Result<MaskingSupport, SysfsError> {
-        match self.driver(bdf)? {
-            None => {}
-            Some(d) if d == UIO_PCI_GENERIC || d == VFIO_PCI => {}
-            Some(driver) => {
-                return Err(SysfsError::LiveDriver {
-                    bdf,
-                    op: "toggling INTX_DISABLE",
-                    driver,
-                })
-            }
+        if let Some(driver) = self.driver(bdf)? {
+            return Err(SysfsError::LiveDriver {
+                bdf,
+                op: "toggling INTX_DISABLE",
+                driver,
+            });
         }
         let mut config = SysfsConfig::open(self, bdf)?;
         intx::probe_masking(&mut config).map_err(|source| SysfsError::Config {
@@ -1068,15 +1100,19 @@ impl PciSysfs {
     }
 
     /// Decides whether PCI 2.3 INTx masking can be relied on for the device,
-    /// from the best evidence available:
+    /// from the best evidence available. INTX_DISABLE is toggled only where
+    /// no driver is bound (as the kernel does at enumeration); a bound
+    /// device is only read:
     ///
-    /// - no driver or uio_pci_generic: the toggle test through sysfs config
-    ///   (with the quirk table and INTERRUPT_PIN, as [`intx::probe_masking`]);
+    /// - no driver: the toggle test through sysfs config (with the quirk
+    ///   table and INTERRUPT_PIN, as [`intx::probe_masking`]);
+    /// - uio_pci_generic: INTERRUPT_PIN, the quirk table, and otherwise the
+    ///   binding itself ([`Source::UioBound`]: uio_pci_generic refuses
+    ///   devices with broken masking);
     /// - vfio-pci, which virtualizes INTX_DISABLE and hides its own
     ///   `pci_2_3` decision: INTERRUPT_PIN, the `nointxmask` parameter,
     ///   vfio's own no-INTx list, the quirk table, and otherwise an inference;
-    /// - any other driver: the same read-only inference (nothing is
-    ///   toggled under a live driver).
+    /// - any other driver: the same read-only inference.
     pub fn masking_verdict(&self, bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
         let driver = self.driver(bdf)?;
         let ids = self.ids(bdf)?;
@@ -1087,7 +1123,7 @@ impl PciSysfs {
             supported,
             source,
         };
-        if driver.is_none() || driver.as_deref() == Some(UIO_PCI_GENERIC) {
+        if driver.is_none() {
             let support = self.probe_masking(bdf)?;
             let source = match support.reason {
                 MaskingReason::Quirk(q) => Source::QuirkTable(q),
@@ -1117,6 +1153,9 @@ impl PciSysfs {
         }
         if let Some(q) = intx::masking_quirk(ids.vendor, ids.device) {
             return Ok(verdict(false, Source::QuirkTable(q)));
+        }
+        if driver.as_deref() == Some(UIO_PCI_GENERIC) {
+            return Ok(verdict(true, Source::UioBound));
         }
         Ok(verdict(true, Source::Inference))
     }

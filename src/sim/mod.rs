@@ -213,6 +213,7 @@ struct State {
 struct Inner {
     bdf: Bdf,
     broken_masking: bool,
+    trigger_claims: bool,
     has_reset: bool,
     reset_window: Duration,
     kernel: SimKernel,
@@ -237,6 +238,7 @@ pub struct SimDeviceBuilder {
     kernel: SimKernel,
     advanced_features: bool,
     bus: Option<SimBus>,
+    trigger_claims: bool,
 }
 
 /// A bus several simulated devices sit on: a secondary bus reset
@@ -289,6 +291,14 @@ impl SimDeviceBuilder {
     /// INTERRUPT_PIN (default 1 = INTA#; 0 = no INTx).
     pub fn interrupt_pin(mut self, pin: u8) -> Self {
         self.pin = pin;
+        self
+    }
+    /// vfio-pci model: let the engine take the model's trigger signals as
+    /// claims ([`PciBackend::intx_trigger_claims`]), as it does on real
+    /// vfio-pci (default no, so that tests may signal the trigger
+    /// themselves to stand for an event of another device).
+    pub fn trigger_claims(mut self, claims: bool) -> Self {
+        self.trigger_claims = claims;
         self
     }
     /// Makes INTX_DISABLE not stick, as on devices with broken masking.
@@ -384,6 +394,7 @@ impl SimDeviceBuilder {
         let inner = Arc::new(Inner {
             bdf: self.bdf,
             broken_masking: self.broken_masking,
+            trigger_claims: self.trigger_claims,
             has_reset: self.has_reset,
             reset_window: self.reset_window,
             kernel: self.kernel,
@@ -468,6 +479,7 @@ impl SimDevice {
             kernel: SimKernel::Bare,
             advanced_features: false,
             bus: None,
+            trigger_claims: false,
         }
     }
 
@@ -1023,6 +1035,12 @@ impl PciBackend for SimBackend {
                 }
             }
         }
+    }
+
+    /// As built ([`SimDeviceBuilder::trigger_claims`]); only the vfio-pci
+    /// model signals the way that makes it true.
+    fn intx_trigger_claims(&self) -> bool {
+        self.inner.trigger_claims && self.inner.kernel == SimKernel::VfioPci
     }
 
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {

@@ -89,6 +89,22 @@ impl Edu {
     pub fn status(&self) -> Result<u32, VfioError> {
         self.bar.read_u32(Self::STATUS)
     }
+
+    /// The interrupt status, if the device decodes around the read: its ID
+    /// register reads right just before and just after (a device in reset
+    /// reads zeros or all-ones, which would pass for a status).
+    fn decoding_status(&self) -> Option<u32> {
+        let decodes = || {
+            self.bar
+                .read_u32(Self::ID)
+                .is_ok_and(|id| id & 0xff == 0xed && id != u32::MAX)
+        };
+        if !decodes() {
+            return None;
+        }
+        let status = self.status().ok()?;
+        decodes().then_some(status)
+    }
 }
 
 impl DeviceSide for Edu {
@@ -100,15 +116,33 @@ impl DeviceSide for Edu {
         }
     }
 
-    /// Acknowledges the lowest pending status bit, if any.
+    /// Raises a lost interrupt again: the lowest pending status bit, whose
+    /// line a reset lowered (edu asserts its line whenever a raise finds its
+    /// status non-zero), or, with nothing pending, a new one: the raise
+    /// itself was dropped by a device in reset. A device that does not
+    /// decode raises nothing.
+    fn raise_lost(&self) -> bool {
+        match self.decoding_status() {
+            None => false,
+            Some(0) => {
+                self.raise();
+                true
+            }
+            Some(status) => self.raise_bits(status & status.wrapping_neg()).is_ok(),
+        }
+    }
+
+    /// Acknowledges the lowest pending status bit, if any, and checks that
+    /// the acknowledgement landed (a device in reset drops it; the bit then
+    /// stays pending and is acknowledged by a later ISR run).
     fn ack(&self) -> bool {
-        match self.status() {
-            Ok(0) => false,
-            Ok(status) => {
+        match self.decoding_status() {
+            None | Some(0) => false,
+            Some(status) => {
                 let bit = status & status.wrapping_neg();
                 self.ack_bits(bit).is_ok()
+                    && self.decoding_status().is_some_and(|now| now & bit == 0)
             }
-            Err(_) => false,
         }
     }
 }

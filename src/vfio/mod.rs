@@ -937,6 +937,12 @@ impl PciBackend for VfioBackend {
         Ok(false)
     }
 
+    /// vfio-pci signals the trigger only after it masked an asserting
+    /// device (AUTOMASKED), in PCI 2.3 and in `nointxmask` mode alike.
+    fn intx_trigger_claims(&self) -> bool {
+        self.intx.automasked()
+    }
+
     /// `SET_IRQS(INTX, DATA_NONE | ACTION_UNMASK)`: the kernel's
     /// check-and-unmask, which signals the trigger again if the device still
     /// asserts.

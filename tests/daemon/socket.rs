@@ -36,6 +36,8 @@ fn control_requests_reach_the_device() {
     let p = d.ask(&Request::Probe { bdf: A.into() });
     assert_eq!(p["owned"], true);
     assert_eq!(p["supported"], true);
+    // The simulated device has no driver: the toggle test, and it says so.
+    assert_eq!(p["evidence"], "toggle-test", "{p}");
     // Prometheus text.
     let out = d.cli(&["metrics"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -486,3 +486,103 @@ fn the_kernel_bypass_can_be_wired_and_unwired_on_an_armed_engine() {
     rig.poll_host();
     assert_eq!(rig.injected(), 2);
 }
+
+/// The vfio-pci model whose trigger signals the engine may take as the
+/// kernel's claims, as on real vfio-pci.
+fn claiming_vfio_pci() -> Stepper {
+    use vfio_intx::sim::SimKernel;
+    Stepper::new(
+        SimDevice::builder()
+            .kernel(SimKernel::VfioPci)
+            .trigger_claims(true)
+            .build(),
+    )
+}
+
+#[test]
+fn a_kernel_claimed_interrupt_is_taken_without_rereading_status() {
+    use vfio_intx::sim::SimOp;
+    let t = claiming_vfio_pci();
+    let checks = t.sim.calls(SimOp::CheckAndMask);
+    for round in 1..=5 {
+        t.sim.raise();
+        t.poll_host();
+        assert_eq!(t.injected(), round);
+        assert_eq!(t.dev.line_state(), LineState::InService);
+        assert!(t.guest_isr());
+        assert_eq!(t.dev.line_state(), LineState::Idle);
+    }
+    let s = t.dev.stats();
+    // The first signal has no earlier read to date it: it is checked.
+    assert_eq!(
+        (s.host_interrupts, s.claimed, s.injected),
+        (5, 4, 5),
+        "{s:?}"
+    );
+    assert_eq!(t.sim.calls(SimOp::CheckAndMask) - checks, 1);
+}
+
+#[test]
+fn a_claim_outdated_by_a_reset_or_a_resync_is_checked_again() {
+    let t = claiming_vfio_pci();
+    // Two claimed cycles: the engine takes the kernel's word.
+    for _ in 0..2 {
+        t.sim.raise();
+        t.poll_host();
+        assert!(t.guest_isr());
+    }
+    type Outdate = fn(&Stepper);
+    let outdating: [(&str, Outdate); 2] = [
+        ("a reset through the gate", |t| t.dev.reset().unwrap()),
+        ("a re-sync", |t| t.dev.resync().unwrap()),
+    ];
+    for (what, outdate) in outdating {
+        let before = t.dev.stats();
+        // The kernel claims an interrupt and signals; before the engine
+        // reads the signal the device deasserts and the generation moves.
+        t.sim.raise();
+        assert!(t.trigger_fired());
+        assert!(t.sim.ack());
+        outdate(&t);
+        t.poll_host();
+        let s = t.dev.stats();
+        assert_eq!(
+            t.injected(),
+            before.injected,
+            "{what}: a stale claim was injected"
+        );
+        assert_eq!(s.claimed, before.claimed, "{what}: {s:?}");
+        assert_eq!(t.dev.line_state(), LineState::Idle, "{what}");
+        assert!(!t.masked(), "{what}: left masked");
+        // Delivery goes on, claimed again: the stale signal's read dated
+        // the next ones.
+        for _ in 0..2 {
+            t.sim.raise();
+            t.poll_host();
+            assert!(t.guest_isr(), "{what}");
+        }
+        assert_eq!(t.injected(), before.injected + 2, "{what}");
+        assert_eq!(t.dev.stats().claimed, before.claimed + 2, "{what}");
+    }
+}
+
+#[test]
+fn kicks_and_kernel_signals_sharing_one_read_are_told_apart() {
+    let t = claiming_vfio_pci();
+    for _ in 0..2 {
+        t.sim.raise();
+        t.poll_host();
+        assert!(t.guest_isr());
+    }
+    let before = t.dev.stats();
+    // A kick (here: a re-sync's re-check arriving through the worker) and a
+    // kernel signal in the same read: the interrupt is checked, not claimed.
+    t.sim.raise();
+    t.dev.resync().unwrap();
+    t.poll_host();
+    let s = t.dev.stats();
+    assert_eq!(t.injected(), before.injected + 1, "{s:?}");
+    assert_eq!(s.claimed, before.claimed, "{s:?}");
+    assert!(t.guest_isr());
+    assert_eq!(t.dev.line_state(), LineState::Idle);
+}

@@ -4,6 +4,7 @@
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use tempfile::TempDir;
 use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
@@ -602,21 +603,126 @@ fn probe_masking_refuses_a_device_with_a_live_kernel_driver() {
     );
 }
 
+/// Sets the config file's mtime far in the past, so that any write to it
+/// (even one restoring the same bytes) shows.
+fn age_config(h: &FakeHost, bdf: &str) -> SystemTime {
+    let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+    fs::File::options()
+        .write(true)
+        .open(h.config(bdf))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    old
+}
+
+fn config_mtime(h: &FakeHost, bdf: &str) -> SystemTime {
+    fs::metadata(h.config(bdf)).unwrap().modified().unwrap()
+}
+
 #[test]
-fn masking_verdict_uses_the_toggle_test_without_a_driver_or_on_uio() {
+fn masking_verdict_uses_the_toggle_test_only_without_a_driver() {
     let h = FakeHost::new();
-    let a = h.add(FakeDevice {
-        driver: Some(UIO_PCI_GENERIC),
-        ..FakeDevice::default()
-    });
+    let a = h.add(FakeDevice::default());
+    let aged = age_config(&h, "0000:01:00.0");
     let v = h.sysfs().masking_verdict(a).unwrap();
     assert!(v.supported);
     assert_eq!(v.source, Source::ToggleTest(MaskingReason::ToggleWorks));
+    assert_eq!(
+        (v.source.evidence(), v.source.toggled()),
+        ("toggle-test", true)
+    );
+    // The toggle wrote (and restored) COMMAND: the check below sees writes.
+    assert_ne!(config_mtime(&h, "0000:01:00.0"), aged);
+    assert_eq!(h.command("0000:01:00.0"), 0x0006);
     let msg = v.to_string();
     assert!(
-        msg.starts_with("0000:01:00.0 (1234:11e8, uio_pci_generic): PCI 2.3 INTx masking works"),
+        msg.starts_with("0000:01:00.0 (1234:11e8, no driver): PCI 2.3 INTx masking works"),
         "{msg}"
     );
+    assert!(msg.contains("toggled"), "{msg}");
+}
+
+#[test]
+fn masking_verdict_never_writes_to_a_bound_device_and_names_its_evidence() {
+    let h = FakeHost::new();
+    let cases = [
+        (
+            "0000:01:00.0",
+            UIO_PCI_GENERIC,
+            "uio-bound",
+            "uio_pci_generic bound the device",
+        ),
+        (
+            "0000:02:00.0",
+            VFIO_PCI,
+            "inference",
+            "vfio-pci owns INTX_DISABLE, so it was not toggled",
+        ),
+        (
+            "0000:03:00.0",
+            "e1000e",
+            "inference",
+            "e1000e owns INTX_DISABLE, so it was not toggled",
+        ),
+    ];
+    h.set_nointxmask("N\n");
+    let s = h.sysfs();
+    for (addr, driver, evidence, words) in cases {
+        let a = h.add(FakeDevice {
+            bdf: addr,
+            driver: Some(driver),
+            ..FakeDevice::default()
+        });
+        // The device asserts, as it may under a live handler.
+        h.set_command_status(addr, 0x0006, STATUS_INTERRUPT);
+        let aged = age_config(&h, addr);
+        let before = fs::read(h.config(addr)).unwrap();
+
+        let v = s.masking_verdict(a).unwrap();
+        eprintln!("{v}");
+        assert_eq!(config_mtime(&h, addr), aged, "{driver}: config was written");
+        assert_eq!(fs::read(h.config(addr)).unwrap(), before, "{driver}");
+        assert!(v.supported, "{v}");
+        assert_eq!(v.source.evidence(), evidence, "{v}");
+        assert!(!v.source.toggled(), "{v}");
+        assert!(v.to_string().contains(words), "{v}");
+
+        // The toggle itself is refused under every driver.
+        let err = s.probe_masking(a).unwrap_err();
+        assert!(
+            matches!(err, SysfsError::LiveDriver { .. }),
+            "{driver}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("bound to {driver}")),
+            "{err}"
+        );
+        assert_eq!(config_mtime(&h, addr), aged, "{driver}: config was written");
+    }
+}
+
+#[test]
+fn masking_verdict_on_uio_still_knows_quirks_and_pinless_devices() {
+    let h = FakeHost::new();
+    let quirky = h.add(FakeDevice {
+        bdf: "0000:01:00.0",
+        ids: (0x1425, 0x0030),
+        driver: Some(UIO_PCI_GENERIC),
+        ..FakeDevice::default()
+    });
+    let pinless = h.add(FakeDevice {
+        bdf: "0000:02:00.0",
+        pin: 0,
+        driver: Some(UIO_PCI_GENERIC),
+        ..FakeDevice::default()
+    });
+    let s = h.sysfs();
+    let v = s.masking_verdict(quirky).unwrap();
+    assert!(!v.supported, "{v}");
+    assert_eq!(v.source.evidence(), "quirk-table");
+    let v = s.masking_verdict(pinless).unwrap();
+    assert_eq!((v.supported, v.source), (false, Source::InterruptPin));
 }
 
 #[test]

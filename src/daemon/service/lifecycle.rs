@@ -174,26 +174,30 @@ impl ManagedDevice {
         } else {
             None
         };
-        let masking = if config.probe {
-            let (supported, verdict) = match &mut backend {
+        let (masking, masking_evidence) = if config.probe {
+            let (supported, verdict, evidence) = match &mut backend {
+                // The daemon's own simulated device: no driver, no handler
+                // yet, so the enumeration-time toggle test is safe.
                 #[cfg(feature = "testkit")]
                 AnyBackend::Sim(b) => {
                     let support = crate::pci::intx::probe_masking(b)
                         .map_err(backend_error("probing INTx masking"))?;
-                    (support.supported(), support.to_string())
+                    (support.supported(), support.to_string(), "toggle-test")
                 }
+                // A bound device: read-only evidence, never a toggle under
+                // its driver's live handler.
                 _ => {
                     let v = sysfs.masking_verdict(bdf)?;
-                    (v.supported, v.to_string())
+                    (v.supported, v.to_string(), v.source.evidence())
                 }
             };
             if !supported {
                 return Err(DeviceError::MaskingBroken { bdf, verdict });
             }
-            info!(%verdict, "INTx masking probed");
-            verdict
+            info!(%verdict, evidence, "INTx masking probed");
+            (verdict, Some(evidence))
         } else {
-            "not probed (probe = false)".to_owned()
+            ("not probed (probe = false)".to_owned(), None)
         };
         let metrics = Arc::new(DeviceMetrics::default());
         let sink = Arc::new(SessionSink::new(Arc::clone(&metrics)));
@@ -225,6 +229,7 @@ impl ManagedDevice {
                 metrics,
                 found_command,
                 masking,
+                masking_evidence,
                 handed_over,
                 binding: Mutex::new(binding),
                 held_operator: AtomicBool::new(false),

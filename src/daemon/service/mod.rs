@@ -228,6 +228,9 @@ pub struct ManagedDevice {
     pub found_command: u16,
     /// The masking probe's verdict at start.
     pub masking: String,
+    /// The evidence that decided it ([`Source::evidence`](crate::pci::sysfs::Source::evidence));
+    /// `None` when not probed.
+    pub masking_evidence: Option<&'static str>,
     /// `Some` for a VMM's own VFIO device fd, handed over for one session
     /// (how its address was established): the daemon only services its
     /// INTx and never touches COMMAND when it lets go.

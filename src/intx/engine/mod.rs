@@ -20,7 +20,7 @@ mod watchdog;
 pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
-use crate::gate::ConfigGate;
+use crate::gate::{ConfigGate, Generation};
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
 use crate::intx::sink::InterruptSink;
@@ -120,6 +120,9 @@ pub enum Serviced {
 const WORK_HOST: u8 = 1 << 0;
 const WORK_EOI: u8 = 1 << 1;
 const WORK_RECHECK: u8 = 1 << 2;
+/// With `WORK_HOST`: every trigger signal behind it came from the backend's
+/// kernel driver, in generation `Wake::claimed_generation`.
+const WORK_CLAIMED: u8 = 1 << 3;
 
 /// Names the operation a backend error happened in.
 trait During<T> {
@@ -155,6 +158,9 @@ struct Ctx<'a> {
     disable_bit: IntxDisableBit,
     /// Queues a re-check for the worker.
     wake: &'a Wake,
+    generation: &'a Generation,
+    /// The generation of the trigger signals behind `WORK_CLAIMED`.
+    claimed_generation: u64,
 }
 
 /// What one kick adds to the trigger eventfd's counter. The backend adds 1
@@ -169,6 +175,11 @@ const KICK: u64 = 1 << 32;
 struct Wake {
     trigger: EventFd,
     pending: AtomicU8,
+    /// The gate's generation just before the trigger's last read: every
+    /// signal a read drains was sent after it.
+    read_generation: AtomicU64,
+    /// See `WORK_CLAIMED`.
+    claimed_generation: AtomicU64,
 }
 
 impl Wake {
@@ -284,6 +295,8 @@ impl<B: PciBackend> IntxDevice<B> {
         let wake = Arc::new(Wake {
             trigger,
             pending: AtomicU8::new(0),
+            read_generation: AtomicU64::new(u64::MAX),
+            claimed_generation: AtomicU64::new(u64::MAX),
         });
         let kick_target = Arc::clone(&wake);
         let device = Device {
@@ -321,6 +334,8 @@ impl<B: PciBackend> IntxDevice<B> {
             counters: &self.counters,
             disable_bit: self.disable_bit,
             wake: &self.wake,
+            generation: self.gate.generation(),
+            claimed_generation: self.wake.claimed_generation.load(Ordering::SeqCst),
         }
     }
 
@@ -392,15 +407,33 @@ impl<B: PciBackend> IntxDevice<B> {
     /// Flow 1: the trigger eventfd is readable. Drains it and runs the
     /// interrupt path. Never waits behind a reset.
     pub fn on_host_interrupt(&self) -> Result<Serviced, IntxError> {
+        let generation = self.gate.generation().current();
         match self.wake.trigger.read() {
-            // On the kernel bypass the backend signals KVM's irqfd, never
-            // the trigger: a host count read there was left by the
-            // user-space path before the switch, whose settle re-derived
-            // the line from STATUS already.
-            Ok(count) if count % KICK != 0 && !self.is_kernel_bypass() => {
-                self.wake.pending.fetch_or(WORK_HOST, Ordering::SeqCst);
+            Ok(count) => {
+                let previous = self.wake.read_generation.swap(generation, Ordering::SeqCst);
+                // On the kernel bypass the backend signals KVM's irqfd,
+                // never the trigger: a host count read there was left by
+                // the user-space path before the switch, whose settle
+                // re-derived the line from STATUS already.
+                if count % KICK > 0 && !self.is_kernel_bypass() {
+                    // Only the kernel's signals, all sent after the previous
+                    // read, with nothing moving the generation since: the
+                    // kernel's check-and-mask claimed them (see
+                    // `PciBackend::intx_trigger_claims`).
+                    let claimed = count / KICK == 0 && previous == generation;
+                    if claimed {
+                        self.wake
+                            .claimed_generation
+                            .store(generation, Ordering::SeqCst);
+                    }
+                    let work = if claimed {
+                        WORK_HOST | WORK_CLAIMED
+                    } else {
+                        WORK_HOST
+                    };
+                    self.wake.pending.fetch_or(work, Ordering::SeqCst);
+                }
             }
-            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(source) => {
                 return Err(IntxError::EventFd {
@@ -746,15 +779,21 @@ impl<B: PciBackend> Device<B> {
     /// never injects there nor waits in service for an EOI.
     fn run(&mut self, work: &mut u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
         if self.bypass.is_some() && *work & WORK_HOST != 0 {
-            *work = (*work & !WORK_HOST) | WORK_RECHECK;
+            *work = (*work & !(WORK_HOST | WORK_CLAIMED)) | WORK_RECHECK;
         }
         if *work & WORK_EOI != 0 {
             self.guest_eoi(ctx)?;
             *work &= !WORK_EOI;
         }
         if *work & WORK_HOST != 0 {
-            self.host_interrupt(ctx)?;
-            *work &= !WORK_HOST;
+            // A claim holds only if nothing that could outdate it runs in
+            // this pass or ran since (a re-check, a reset, a re-wiring).
+            let claimed = *work & WORK_CLAIMED != 0
+                && *work & WORK_RECHECK == 0
+                && ctx.claimed_generation == ctx.generation.current()
+                && self.backend.intx_trigger_claims();
+            self.host_interrupt(ctx, claimed)?;
+            *work &= !(WORK_HOST | WORK_CLAIMED);
         }
         if *work & WORK_RECHECK != 0 {
             self.settle(ctx)?;
@@ -763,13 +802,19 @@ impl<B: PciBackend> Device<B> {
         Ok(())
     }
 
-    /// Flow 1 behind the gate.
-    fn host_interrupt(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+    /// Flow 1 behind the gate. `claimed`: the kernel's own check-and-mask
+    /// found the device asserting and masked it, and nothing can have
+    /// changed that since, so STATUS need not be read again.
+    fn host_interrupt(&mut self, ctx: &Ctx<'_>, claimed: bool) -> Result<(), Fail> {
         Counters::bump(&ctx.counters.host_interrupts);
-        let asserting = self
-            .backend
-            .intx_check_and_mask()
-            .during(Operation::CheckAndMask)?;
+        let asserting = if claimed {
+            Counters::bump(&ctx.counters.claimed);
+            true
+        } else {
+            self.backend
+                .intx_check_and_mask()
+                .during(Operation::CheckAndMask)?
+        };
         if !asserting {
             if self.line == LineState::Idle {
                 Counters::bump(&ctx.counters.not_mine);
@@ -848,6 +893,9 @@ impl<B: PciBackend> Device<B> {
     /// INTX_DISABLE. An interrupt the device asserts is delivered (or held),
     /// and a line nobody needs masked is unmasked.
     fn settle(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
+        // The line is re-derived: a trigger signal sent before this no longer
+        // proves anything about the device.
+        ctx.generation.advance();
         match self.line {
             LineState::InService => self.backend.intx_mask().during(Operation::Mask),
             LineState::Idle | LineState::Held if self.guest.intx_disabled() => {
