@@ -222,3 +222,41 @@ fn a_failed_bypass_swap_falls_back_to_the_whole_user_space_path() {
     t.sim.raise();
     assert!(new.signalled());
 }
+
+/// A watchdog tick that finds the gate held (a VMM reading the device's
+/// state) returns Busy and comes back at its next tick. It must not leave a
+/// deferral behind: the kick would make the worker re-check the line, and on
+/// the bypass that re-check's UNMASK re-signals the irqfd of an interrupt
+/// the guest is still servicing — delivered again after the guest's EOI, for
+/// a device no longer asserting (the tier-2 "ISR saw the device not
+/// asserting" flake).
+#[test]
+fn a_watchdog_tick_that_finds_the_gate_held_leaves_no_recheck_behind() {
+    let t = vfio_stepper(IntxOptions::default());
+    let vmm = Vmm::new();
+    t.dev.set_kernel_bypass(vmm.wiring()).unwrap();
+    t.sim.raise();
+    assert!(vmm.signalled(), "the kernel signals the irqfd");
+    // The guest is servicing it: the kernel keeps the line masked.
+    let tick = t
+        .dev
+        .with_backend(|_| t.dev.watchdog_tick(Instant::now()).0);
+    assert_eq!(tick, Tick::Busy);
+    assert!(
+        !t.trigger_fired(),
+        "the busy tick queued a re-check (a kick) for the worker"
+    );
+    t.poll_host();
+    assert!(
+        !vmm.signalled(),
+        "the irqfd was signalled again while the guest services the interrupt"
+    );
+    // The guest's ISR and EOI: the kernel unmasks; nothing else arrives.
+    assert!(t.sim.ack());
+    vmm.resample.write(1).unwrap();
+    wait_unmasked(&t);
+    assert!(
+        !vmm.signalled(),
+        "an interrupt for nothing reached the guest"
+    );
+}

@@ -188,7 +188,8 @@ impl<B: PciBackend> IntxDevice<B> {
                 debug!(bdf = %self.bdf, error = %e, "watchdog: pending work failed");
             }
         }
-        let Some(mut dev) = self.gate.try_access() else {
+        // Busy is retried at the next tick: no deferral (and no kick).
+        let Some(mut dev) = self.gate.try_access_untracked() else {
             return (Tick::Busy, fast);
         };
         let progress = self.progress();
