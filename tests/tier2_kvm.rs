@@ -463,6 +463,14 @@ fn watchdog_recovers_a_stuck_line_while_another_source_on_the_gsi_eois_every_10m
     // Another device on GSI 5, with its own irqfd and resample eventfd.
     let other = ResampleIrqfd::register(Arc::clone(run.vm()), 5).unwrap();
     let stop = AtomicBool::new(false);
+    /// Stops the other source however the test leaves the scope (a failed
+    /// assertion included), so that the scope can join it.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
     std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Ordering::SeqCst) {
@@ -470,6 +478,7 @@ fn watchdog_recovers_a_stuck_line_while_another_source_on_the_gsi_eois_every_10m
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
+        let _stopper = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(50));
         sim.raise();
         let deadline = Instant::now() + Duration::from_secs(5);

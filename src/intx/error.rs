@@ -96,6 +96,13 @@ pub enum IntxError {
         #[source]
         source: io::Error,
     },
+    /// A hold on the kernel bypass, or the bypass while held: the kernel
+    /// unmasks at the guest's EOI, so nothing would stay held.
+    #[error("{bdf}: INTx cannot be held masked on the kernel bypass (the kernel unmasks at the guest's EOI)")]
+    HoldOnBypass {
+        /// The device.
+        bdf: Bdf,
+    },
     /// The engine's own eventfd failed.
     #[error("{bdf}: the host interrupt eventfd failed")]
     EventFd {

@@ -156,7 +156,7 @@ fn guest_disabling_intx_while_in_service_holds_the_rest() {
         .guest_config_write(PCI_COMMAND, Width::Word, u32::from(COMMAND_INTX_DISABLE))
         .unwrap();
     assert!(t.guest_isr());
-    assert_eq!(t.dev.line_state(), LineState::Held);
+    assert_eq!(t.dev.line_state(), LineState::GuestMasked);
     assert_eq!(t.injected(), 1, "second interrupt held");
     assert!(t.masked());
     t.dev

@@ -8,6 +8,7 @@ mod cli;
 mod engine;
 mod faults;
 mod gate;
+mod hold;
 mod masking;
 mod model;
 mod recheck;

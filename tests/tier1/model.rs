@@ -74,7 +74,7 @@ impl Model {
             LineState::InService => {}
             _ if self.guest_disabled => {
                 self.line = Some(if self.pending > 0 {
-                    LineState::Held
+                    LineState::GuestMasked
                 } else {
                     LineState::Idle
                 });
@@ -99,7 +99,7 @@ impl Model {
                     && self.line() == LineState::Idle
                 {
                     if self.guest_disabled {
-                        self.line = Some(LineState::Held);
+                        self.line = Some(LineState::GuestMasked);
                     } else {
                         self.inject();
                     }
@@ -110,7 +110,7 @@ impl Model {
                     self.pending = self.pending.saturating_sub(1);
                     self.guest_asserted = false;
                     if self.guest_disabled {
-                        self.line = Some(LineState::Held);
+                        self.line = Some(LineState::GuestMasked);
                     } else if self.pending > 0 {
                         self.inject();
                     } else {
@@ -124,7 +124,7 @@ impl Model {
                 if self.line() == LineState::InService {
                     self.guest_asserted = false;
                     if self.guest_disabled {
-                        self.line = Some(LineState::Held);
+                        self.line = Some(LineState::GuestMasked);
                     } else if self.pending > 0 {
                         self.inject();
                     } else {
@@ -391,7 +391,7 @@ impl BypassModel {
             _ if self.guest_disabled => {
                 self.line = Some(if self.level() {
                     self.masked = true;
-                    LineState::Held
+                    LineState::GuestMasked
                 } else {
                     LineState::Idle
                 });
@@ -416,7 +416,7 @@ impl BypassModel {
                         self.unmask();
                     } else if self.line() == LineState::Idle {
                         if self.guest_disabled {
-                            self.line = Some(LineState::Held);
+                            self.line = Some(LineState::GuestMasked);
                         } else {
                             self.inject();
                         }
@@ -430,7 +430,7 @@ impl BypassModel {
                     self.unmask();
                 } else if self.line() == LineState::InService {
                     if self.guest_disabled {
-                        self.line = Some(LineState::Held);
+                        self.line = Some(LineState::GuestMasked);
                     } else {
                         self.unmask();
                         self.line = Some(LineState::Idle);

@@ -6,9 +6,9 @@
 //! re-syncing, treating an interrupt as EOIed), so the policy is tested
 //! below without any of that. (The model is ntpd-rs's `ntp-proto`.)
 //!
-//! Until the engine holds a line itself (`IntxDevice::hold`), "mask" is
-//! carried out as the engine's `intx_mask` through `with_backend` and
-//! "unmask" as its `resync`.
+//! "Mask" and "unmask" are the engine's own hold
+//! ([`IntxDevice::hold`](crate::intx::IntxDevice::hold) and `release`), so
+//! nothing masks the line behind the state machine's back.
 
 use std::time::{Duration, Instant};
 
@@ -141,6 +141,17 @@ pub(crate) enum Held {
     Operator,
     /// A storm, until its back-off runs out.
     Storm,
+}
+
+impl Held {
+    /// The engine's hold reason ([`IntxDevice::hold`](crate::intx::IntxDevice::hold)),
+    /// as `status` shows it.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Held::Operator => "operator",
+            Held::Storm => "storm",
+        }
+    }
 }
 
 /// The policy's state for one device.

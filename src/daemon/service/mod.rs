@@ -236,11 +236,9 @@ pub struct ManagedDevice {
     /// INTx and never touches COMMAND when it lets go.
     pub handed_over: Option<DeviceIdentity>,
     binding: Mutex<Option<Binding>>,
-    held_operator: AtomicBool,
     /// A session's end is being processed: the VMM's irqfd is already
     /// detached but the device is not back on its own wiring yet.
     session_ending: AtomicBool,
-    held_storm: AtomicBool,
     control: mpsc::UnboundedSender<Control>,
 }
 
@@ -269,14 +267,7 @@ impl ManagedDevice {
 
     /// The device's state.
     pub fn status(&self) -> DeviceStatus {
-        let held = match (
-            self.held_operator.load(Ordering::SeqCst),
-            self.held_storm.load(Ordering::SeqCst),
-        ) {
-            (true, _) => Some("operator".to_owned()),
-            (false, true) => Some("storm".to_owned()),
-            _ => None,
-        };
+        let held = self.engine.hold_reason().map(str::to_owned);
         DeviceStatus {
             bdf: self.bdf().to_string(),
             backend: self.config.backend,

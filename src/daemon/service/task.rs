@@ -20,7 +20,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::health::{Action, Event, Health, HealthConfig, Held, StormCounts};
 use super::{rate_limit, Control, DeviceError, ManagedDevice};
-use crate::backend::PciBackend;
 use crate::intx::IntxError;
 use crate::ratelimit::LogLimiter;
 
@@ -177,13 +176,6 @@ impl Task {
     /// the first failure (or refusal) is returned.
     async fn pump(&mut self, event: Event) -> Result<(), DeviceError> {
         let actions = self.health.on(event);
-        let held = self.health.held();
-        self.dev
-            .held_operator
-            .store(held == Some(Held::Operator), Ordering::SeqCst);
-        self.dev
-            .held_storm
-            .store(held == Some(Held::Storm), Ordering::SeqCst);
         let mut result = Ok(());
         for action in actions {
             let r = self.carry_out(action).await;
@@ -191,26 +183,42 @@ impl Task {
                 result = r;
             }
         }
+        // A hold that changed its reason (a storm hold the operator took
+        // over, or the reverse) is the same mask: only its name changes.
+        let want = self.health.held().map(Held::reason);
+        if result.is_ok() && want.is_some() && self.dev.engine.hold_reason() != want {
+            result = self.hold(want).await;
+        }
         result
+    }
+
+    /// The engine's hold, off the runtime (it waits for the gate).
+    async fn hold(&self, reason: Option<&'static str>) -> Result<(), DeviceError> {
+        let bdf = self.dev.bdf();
+        let engine = Arc::clone(&self.dev.engine);
+        tokio::task::spawn_blocking(move || match reason {
+            Some(reason) => engine.hold(reason),
+            None => engine.release(),
+        })
+        .await
+        .map_err(|source| DeviceError::Join {
+            bdf,
+            op: if reason.is_some() {
+                "holding"
+            } else {
+                "releasing"
+            },
+            source,
+        })??;
+        Ok(())
     }
 
     async fn carry_out(&mut self, action: Action) -> Result<(), DeviceError> {
         let bdf = self.dev.bdf();
         match action {
             Action::Mask => {
-                let engine = Arc::clone(&self.dev.engine);
-                tokio::task::spawn_blocking(move || engine.with_backend(|b| b.intx_mask()))
-                    .await
-                    .map_err(|source| DeviceError::Join {
-                        bdf,
-                        op: "masking",
-                        source,
-                    })?
-                    .map_err(|source| DeviceError::Backend {
-                        bdf,
-                        op: "masking INTx",
-                        source,
-                    })
+                let reason = self.health.held().map_or("operator", Held::reason);
+                self.hold(Some(reason)).await
             }
             Action::Unmask { held, after_storm } => {
                 if after_storm {
@@ -218,15 +226,7 @@ impl Task {
                 }
                 self.dev.metrics.add_held(held);
                 self.next_tick = Instant::now();
-                let engine = Arc::clone(&self.dev.engine);
-                tokio::task::spawn_blocking(move || engine.resync())
-                    .await
-                    .map_err(|source| DeviceError::Join {
-                        bdf,
-                        op: "re-sync",
-                        source,
-                    })??;
-                Ok(())
+                self.hold(None).await
             }
             Action::StormDetected { backoff, storms } => {
                 self.dev.metrics.storms.fetch_add(1, Ordering::Relaxed);

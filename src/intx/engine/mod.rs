@@ -49,7 +49,7 @@ pub enum LineState {
     InService,
     /// Masked by the host while the guest has its own INTX_DISABLE set; the
     /// interrupt is delivered once the guest clears it.
-    Held,
+    GuestMasked,
 }
 
 /// How retries of transient backend errors (EAGAIN, EBUSY) are bounded.
@@ -149,6 +149,8 @@ struct Device<B> {
     header: Option<reset::SavedHeader>,
     /// The kernel-bypass wiring, while it is in place.
     bypass: Option<Bypass>,
+    /// Why the host holds the line masked ([`IntxDevice::hold`]), if it does.
+    hold: Option<&'static str>,
 }
 
 /// Borrowed context for the state machine's steps.
@@ -219,6 +221,8 @@ pub struct IntxDevice<B: PciBackend> {
     sink: Box<dyn InterruptSink>,
     /// Whether `Device::bypass` is set, readable without the gate.
     bypass_active: AtomicBool,
+    /// `Device::hold`, readable without the gate (written under it).
+    hold_reason: Mutex<Option<&'static str>>,
     counters: Counters,
     failures: AtomicU32,
     options: IntxOptions,
@@ -307,6 +311,7 @@ impl<B: PciBackend> IntxDevice<B> {
             flr: flr::FlrRegisters::default(),
             header: None,
             bypass: None,
+            hold: None,
         };
         let bypassed = bypass.is_some();
         let device = Device { bypass, ..device };
@@ -322,6 +327,7 @@ impl<B: PciBackend> IntxDevice<B> {
             failures: AtomicU32::new(0),
             options,
             reset_log: Mutex::new(LogLimiter::new(Duration::from_secs(5), 3)),
+            hold_reason: Mutex::new(None),
         };
         this.arm()?;
         info!(?disable_bit, bypass = bypassed, "INTx armed");
@@ -571,17 +577,68 @@ impl<B: PciBackend> IntxDevice<B> {
             }
             dev.backend.intx_disable().during(Operation::Disable)?;
             dev.line = LineState::Idle;
+            dev.hold = None;
+            self.mirror_hold(None);
             dev.write_command(&ctx).during(Operation::RestoreState)
         })();
         result.map_err(|f| self.fail(f))
     }
 
+    /// Holds the line masked for a reason of the host's own (an operator's
+    /// hold, an interrupt storm), as part of the state machine: interrupts
+    /// are checked and masked but not delivered, EOIs leave the line
+    /// masked, resets and re-syncs keep it masked, and the watchdog does not
+    /// take it for stuck, until [`release`](Self::release). Holding again
+    /// replaces the reason. Refused on the kernel bypass, where the kernel
+    /// unmasks at the guest's EOI: nothing would stay held. Waits for the
+    /// gate like any access.
+    pub fn hold(&self, reason: &'static str) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        if dev.bypass.is_some() {
+            return Err(IntxError::HoldOnBypass { bdf: self.bdf });
+        }
+        dev.hold = Some(reason);
+        self.mirror_hold(dev.hold);
+        let result = dev.backend.intx_mask().during(Operation::Mask);
+        drop(dev);
+        result.map_err(|f| self.fail(f))
+    }
+
+    /// Lifts a [`hold`](Self::hold): the line is re-derived as after a
+    /// re-sync, so an interrupt the device asserts meanwhile is delivered
+    /// (an interrupt in service when the hold began was EOIed or is
+    /// delivered again). Nothing to do when the line is not held.
+    pub fn release(&self) -> Result<(), IntxError> {
+        let mut dev = self.gate.access();
+        if dev.hold.take().is_none() {
+            return Ok(());
+        }
+        self.mirror_hold(None);
+        drop(dev);
+        self.resync()
+    }
+
+    /// Why the host holds the line masked, if it does. Never waits (not
+    /// even behind a reset).
+    pub fn hold_reason(&self) -> Option<&'static str> {
+        *self
+            .hold_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn mirror_hold(&self, hold: Option<&'static str>) {
+        *self
+            .hold_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hold;
+    }
+
     /// Re-derives the line's mask from the state machine and the device's
     /// STATUS, as the watchdog's recovery does: mask, then settle (a line in
     /// service stays masked for its EOI; an idle one is check-and-unmasked,
-    /// delivering what the device asserts). Lifts a mask that a manager put
-    /// in place with [`with_backend`](Self::with_backend) (an operator
-    /// hold, a storm). Waits for the gate like any access.
+    /// delivering what the device asserts; a held one stays masked). Waits
+    /// for the gate like any access.
     pub fn resync(&self) -> Result<(), IntxError> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
@@ -639,6 +696,9 @@ impl<B: PciBackend> IntxDevice<B> {
     /// departed guest never EOIed is delivered again on the user-space
     /// path).
     ///
+    /// `Some` while the line is held ([`hold`](Self::hold)) is refused with
+    /// nothing changed.
+    ///
     /// `Some` while already on the bypass swaps the wiring: the kernel
     /// takes one unmask eventfd per device (`vfio_virqfd_enable` answers
     /// EBUSY for a second), so the old one is removed first (fd -1), then
@@ -648,6 +708,10 @@ impl<B: PciBackend> IntxDevice<B> {
     /// after any failure of the interrupt path.
     pub fn set_kernel_bypass(&self, wiring: Option<(EventFd, EventFd)>) -> Result<(), IntxError> {
         let mut dev = self.gate.access();
+        if wiring.is_some() && dev.hold.is_some() {
+            // The kernel would unmask the held line at the guest's EOI.
+            return Err(IntxError::HoldOnBypass { bdf: self.bdf });
+        }
         let ctx = self.ctx();
         let d = &mut *dev;
         let settle = |d: &mut Device<B>| {
@@ -821,12 +885,16 @@ impl<B: PciBackend> Device<B> {
             }
             return Ok(());
         }
+        if self.hold.is_some() {
+            // Held: check-and-mask masked it; `release` delivers it.
+            return Ok(());
+        }
         match self.line {
             // The guest's line is already asserted; its EOI re-checks.
-            LineState::InService | LineState::Held => Ok(()),
+            LineState::InService | LineState::GuestMasked => Ok(()),
             LineState::Idle if self.guest.intx_disabled() => {
                 Counters::bump(&ctx.counters.held);
-                self.line = LineState::Held;
+                self.line = LineState::GuestMasked;
                 Ok(())
             }
             LineState::Idle => self.inject(ctx),
@@ -841,10 +909,16 @@ impl<B: PciBackend> Device<B> {
             return Ok(());
         }
         Counters::bump(&ctx.counters.serviced_eois);
+        if self.hold.is_some() {
+            // The guest is done with it, but the host holds the line
+            // masked: `release` re-checks and delivers what still asserts.
+            self.line = LineState::Idle;
+            return Ok(());
+        }
         if self.guest.intx_disabled() {
             // The guest masked its INTx meanwhile: stay masked until it
             // clears the bit; `settle` then delivers what is still pending.
-            self.line = LineState::Held;
+            self.line = LineState::GuestMasked;
             return Ok(());
         }
         self.unmask_or_redeliver(ctx)
@@ -896,9 +970,12 @@ impl<B: PciBackend> Device<B> {
         // The line is re-derived: a trigger signal sent before this no longer
         // proves anything about the device.
         ctx.generation.advance();
+        if self.hold.is_some() {
+            return self.backend.intx_mask().during(Operation::Mask);
+        }
         match self.line {
             LineState::InService => self.backend.intx_mask().during(Operation::Mask),
-            LineState::Idle | LineState::Held if self.guest.intx_disabled() => {
+            LineState::Idle | LineState::GuestMasked if self.guest.intx_disabled() => {
                 let cs =
                     read_command_status(&mut self.backend).during(Operation::ReadCommandStatus)?;
                 if cs.asserting() {
@@ -906,20 +983,20 @@ impl<B: PciBackend> Device<B> {
                     if self.line == LineState::Idle {
                         Counters::bump(&ctx.counters.held);
                     }
-                    self.line = LineState::Held;
+                    self.line = LineState::GuestMasked;
                 } else {
                     self.line = LineState::Idle;
                     self.write_command(ctx).during(Operation::RestoreState)?;
                 }
                 Ok(())
             }
-            LineState::Idle | LineState::Held => self.unmask_or_redeliver(ctx),
+            LineState::Idle | LineState::GuestMasked => self.unmask_or_redeliver(ctx),
         }
     }
 
     /// Whether the host currently wants the line masked.
     fn host_masked(&self) -> bool {
-        self.line != LineState::Idle
+        self.line != LineState::Idle || self.hold.is_some()
     }
 
     /// The INTX_DISABLE value to put in COMMAND writes.

@@ -19,7 +19,8 @@
 //! a storm of resets the line is never set for long, while the mask a reset
 //! restored stays. What the state machine expects decides:
 //!
-//! - The guest's own INTX_DISABLE (`Held`), or an interrupt in service on
+//! - The guest's own INTX_DISABLE (`GuestMasked`), a host hold
+//!   ([`IntxDevice::hold`]), or an interrupt in service on
 //!   the user-space path whose EOI the engine will see: masked is expected
 //!   for as long as the guest likes. Never a re-sync.
 //! - Idle on the user-space path: the engine would have seen an interrupt
@@ -222,7 +223,8 @@ impl<B: PciBackend> IntxDevice<B> {
         // Masked for as long as the guest likes: its own INTX_DISABLE, or an
         // interrupt in service whose EOI the engine will see.
         let guest_holds = dev.guest.intx_disabled()
-            || dev.line == LineState::Held
+            || dev.hold.is_some()
+            || dev.line == LineState::GuestMasked
             || (dev.line == LineState::InService && !bypass);
         if guest_holds {
             dev.watch.suspect = None;
