@@ -93,10 +93,10 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// bare servicer.
 const COMPARE_STORM_FOR: Duration = Duration::from_secs(5);
 /// Noise allowed in that comparison (one round per subject and ISR delay):
-/// this many, plus a quarter of the bare servicer's figure. Measured in
-/// 5 s rounds with an ISR that reaches the device at once: the user-space
-/// path 60-93 ISR runs that found their bit, the bypass 61-72, the bare
-/// servicer 68 once and 0 in five rounds (its line stuck early, see
+/// this many, plus a third of the bare servicer's figure. Measured in 5 s
+/// rounds with an ISR that reaches the device at once: the user-space path
+/// 53-89 ISR runs that found their bit, the bypass 61-98, the bare servicer
+/// 68 once and 0 in eight rounds (its line stuck early, see
 /// [`BareServicer`]).
 const COMPARE_SLACK: u64 = 2;
 /// What issue 11 item 13 reports for its bare servicer during the loops (10
@@ -1497,9 +1497,12 @@ fn kernel_bypass_with_a_100ms_guest_isr_and_no_reset_sees_no_stuck_line() {
 
 /// Issue 11 item 13: while two sysfs reset loops run, the project delivers
 /// at least as many interrupts as the bare servicer of KERNEL-NOTES.md, on
-/// the same definitions and in the same boot: interrupts that reached the
-/// guest's ISR, and ISR runs that found their status bit (the device
-/// decoded; mid-reset the ISR's read finds nothing). One round per subject
+/// the same definition and in the same boot: ISR runs that found their
+/// status bit (the device decoded; mid-reset the ISR's read finds nothing).
+/// ISR runs in all are printed, not compared: more of them is not better
+/// delivery (the bare servicer's UNMASK re-signals at once while a reset is
+/// starting, with the device not decoding and its line still up: up to
+/// 555 ISR runs that found nothing in one round). One round per subject
 /// (bare servicer, user-space path, kernel bypass) for each guest ISR delay:
 /// [`ISR_DELAY`] (the storm tests' ISR: its read lands in the next reset
 /// nearly always, for everyone), and none (the read lands in the gap after
@@ -1552,20 +1555,13 @@ fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer(
                  their status bit"
             ));
         }
-        let (bare_reached, bare_acked) = bare_round;
-        let slack = |bare: u64| COMPARE_SLACK + bare / 4;
-        for (label, (reached, acked)) in labels.iter().zip(rounds).skip(1) {
+        let bare_acked = bare_round.1;
+        let slack = COMPARE_SLACK + bare_acked / 3;
+        for (label, (_, acked)) in labels.iter().zip(rounds).skip(1) {
             assert!(
-                reached + slack(bare_reached) >= bare_reached,
-                "{label}, ISR delay {delay:?}: reached the guest's ISR {reached} times during \
-                 the loops, the bare servicer {bare_reached} (slack {})",
-                slack(bare_reached)
-            );
-            assert!(
-                acked + slack(bare_acked) >= bare_acked,
+                acked + slack >= bare_acked,
                 "{label}, ISR delay {delay:?}: {acked} ISR runs found their status bit during \
-                 the loops, the bare servicer's {bare_acked} (slack {})",
-                slack(bare_acked)
+                 the loops, the bare servicer's {bare_acked} (slack {slack})"
             );
             if delay.is_zero() {
                 assert!(
