@@ -89,6 +89,20 @@ const RECOVERY_BOUND: Duration = Duration::from_millis(750);
 /// Without the watchdog: no delivery for this long after the loops stopped,
 /// with the device asserting and physically masked, is a stuck line.
 const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// How long the reset loops run in each round of the comparison with the
+/// bare servicer.
+const COMPARE_STORM_FOR: Duration = Duration::from_secs(5);
+/// Noise allowed in that comparison (one round per subject and ISR delay):
+/// this many, plus half the bare servicer's figure. Measured in 5 s rounds
+/// with an ISR that reaches the device at once: the user-space path 53-100
+/// ISR runs that found their bit, the bypass 61-98 (one path's rounds vary
+/// by a factor of 1.9), the bare servicer 68 and 83 in two rounds and 0 in
+/// nine (its line stuck early, see [`BareServicer`]).
+const COMPARE_SLACK: u64 = 2;
+/// What issue 11 item 13 reports for its bare servicer during the loops (10
+/// to 12 delivered in a run); the project must deliver this many in
+/// [`COMPARE_STORM_FOR`] with an ISR that reaches the device at once.
+const ISSUE_BARE_DELIVERED: u64 = 12;
 /// Rounds of the storm without the watchdog until the line sticks.
 const ROUNDS_WITHOUT_WATCHDOG: usize = 3;
 /// Bound on waiting for the edu to decode again (a reset takes ~10 ms).
@@ -481,7 +495,7 @@ struct UserSpaceRig<B: PciBackend + 'static> {
 }
 
 impl<B: PciBackend + 'static> UserSpaceRig<B> {
-    fn start(label: &str, backend: B, edu: Edu, watchdog: bool) -> Self {
+    fn start(label: &str, backend: B, edu: Edu, watchdog: bool, isr_delay: Duration) -> Self {
         let bdf = backend.bdf();
         let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let resample = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -516,7 +530,7 @@ impl<B: PciBackend + 'static> UserSpaceRig<B> {
             Arc::clone(&rig.seen),
         );
         rig.threads.push(thread::spawn(move || {
-            guest_loop(&edu, &irq, &resample, &stop, &seen);
+            guest_loop(&edu, &irq, &resample, &stop, &seen, isr_delay);
         }));
         rig
     }
@@ -535,7 +549,14 @@ impl<B: PciBackend + 'static> Drop for UserSpaceRig<B> {
 
 /// The guest driver: on each injection, acknowledge one edu status bit,
 /// then EOI (KVM would signal the resample eventfd).
-fn guest_loop(edu: &Edu, irq: &EventFd, resample: &EventFd, stop: &AtomicBool, seen: &AtomicU64) {
+fn guest_loop(
+    edu: &Edu,
+    irq: &EventFd,
+    resample: &EventFd,
+    stop: &AtomicBool,
+    seen: &AtomicU64,
+    isr_delay: Duration,
+) {
     let epoll = Epoll::new().unwrap();
     epoll
         .ctl(
@@ -558,7 +579,7 @@ fn guest_loop(edu: &Edu, irq: &EventFd, resample: &EventFd, stop: &AtomicBool, s
             continue;
         };
         seen.fetch_add(count, Ordering::SeqCst);
-        thread::sleep(ISR_DELAY);
+        thread::sleep(isr_delay);
         edu.isr_ack();
         resample.write(1).unwrap();
         edu.isr_busy.store(false, Ordering::SeqCst);
@@ -697,6 +718,182 @@ impl Subject for BypassRig {
     }
 }
 
+/// How often the bare servicer's watchdog looks while no event arrives.
+const BARE_POLL: Duration = Duration::from_millis(5);
+/// The bare servicer re-syncs this long after it first saw STATUS.INTERRUPT
+/// with no event since (KERNEL-NOTES.md, "Measured").
+const BARE_RESYNC_AFTER: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Default)]
+struct BareCounts {
+    events: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+/// The minimal servicer of KERNEL-NOTES.md's "Measured" section, without
+/// the engine: vfio-pci's TRIGGER eventfd; on each event the same ISR as the
+/// project's rigs (the same delay, then one ack through the [`Book`]), then
+/// VFIO UNMASK. Its watchdog reads STATUS through the config region and, 50 ms
+/// after it FIRST saw STATUS.INTERRUPT with no event since, issues VFIO MASK
+/// then UNMASK. The yardstick for delivery during the reset loops.
+///
+/// Its weakness under the loops: a reset drops edu's line within
+/// milliseconds, so once an UNMASK inside a reset left the line masked, its
+/// watchdog seldom sees STATUS.INTERRUPT set again, and with all 32 status
+/// bits outstanding nothing raises the line any more until the loops stop.
+/// The engine's suspicion outlives STATUS going clear while the hardware's
+/// INTX_DISABLE stays set (module docs of its watchdog).
+struct BareServicer {
+    label: String,
+    bdf: Bdf,
+    edu: Arc<Edu>,
+    backend: Arc<Mutex<VfioBackend>>,
+    counts: Arc<BareCounts>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BareServicer {
+    fn start(bdf: Bdf, isr_delay: Duration) -> Self {
+        let (mut backend, edu) = open_vfio_edu(bdf);
+        let trigger = EventFd::new(EFD_NONBLOCK).unwrap();
+        backend.intx_enable(&trigger).unwrap();
+        let mut bare = Self {
+            label: "bare servicer (vfio TRIGGER + UNMASK, 50 ms re-sync)".to_owned(),
+            bdf,
+            edu: Arc::new(edu),
+            backend: Arc::new(Mutex::new(backend)),
+            counts: Arc::default(),
+            stop: Arc::default(),
+            thread: None,
+        };
+        let (backend, edu, counts, stop) = (
+            Arc::clone(&bare.backend),
+            Arc::clone(&bare.edu),
+            Arc::clone(&bare.counts),
+            Arc::clone(&bare.stop),
+        );
+        bare.thread = Some(thread::spawn(move || {
+            bare_loop(&backend, &edu, &trigger, &stop, &counts, isr_delay);
+        }));
+        bare
+    }
+
+    fn backend(&self) -> MutexGuard<'_, VfioBackend> {
+        self.backend.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for BareServicer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.backend().intx_disable();
+    }
+}
+
+fn bare_loop(
+    backend: &Mutex<VfioBackend>,
+    edu: &Edu,
+    trigger: &EventFd,
+    stop: &AtomicBool,
+    counts: &BareCounts,
+    isr_delay: Duration,
+) {
+    let lock = || backend.lock().unwrap_or_else(PoisonError::into_inner);
+    let epoll = Epoll::new().unwrap();
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            trigger.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .unwrap();
+    let timeout = i32::try_from(BARE_POLL.as_millis()).unwrap();
+    let mut events = [EpollEvent::default(); 1];
+    // When STATUS.INTERRUPT was first seen set with no event since.
+    let mut first_seen: Option<Instant> = None;
+    while !stop.load(Ordering::SeqCst) {
+        match epoll.wait(timeout, &mut events) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("bare servicer epoll_wait: {e}"),
+        }
+        if let Ok(n) = trigger.read() {
+            counts.events.fetch_add(n, Ordering::SeqCst);
+            edu.isr_busy.store(true, Ordering::SeqCst);
+            thread::sleep(isr_delay);
+            edu.isr_ack();
+            lock().intx_check_and_unmask().unwrap();
+            edu.isr_busy.store(false, Ordering::SeqCst);
+            first_seen = None;
+            continue;
+        }
+        let now = Instant::now();
+        match first_seen {
+            None => {
+                // Sleeps while a reset holds the device.
+                let asserting = read_command_status(&mut *lock()).is_ok_and(|cs| cs.asserting());
+                if asserting {
+                    first_seen = Some(Instant::now());
+                }
+            }
+            Some(at) if now.duration_since(at) >= BARE_RESYNC_AFTER => {
+                let mut b = lock();
+                b.intx_mask().unwrap();
+                b.intx_check_and_unmask().unwrap();
+                counts.resyncs.fetch_add(1, Ordering::SeqCst);
+                first_seen = None;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+impl Subject for BareServicer {
+    fn label(&self) -> &str {
+        &self.label
+    }
+    fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+    fn edu(&self) -> &Edu {
+        &self.edu
+    }
+    fn stats(&self) -> IntxStats {
+        let resyncs = self.counts.resyncs.load(Ordering::SeqCst);
+        IntxStats {
+            host_interrupts: self.counts.events.load(Ordering::SeqCst),
+            stuck_detections: resyncs,
+            resyncs,
+            ..IntxStats::default()
+        }
+    }
+    fn line_state(&self) -> LineState {
+        LineState::Idle
+    }
+    fn backend_command(&self) -> Option<u16> {
+        read_command_status(&mut *self.backend())
+            .ok()
+            .map(|cs| cs.command)
+    }
+    fn guest_idle(&self) -> bool {
+        !self.edu.isr_busy.load(Ordering::SeqCst)
+    }
+    fn activity(&self) -> u64 {
+        self.counts.events.load(Ordering::SeqCst)
+            + self.counts.resyncs.load(Ordering::SeqCst)
+            + self.edu.book().isr_runs
+    }
+    fn resync_by_hand(&self) {
+        let mut b = self.backend();
+        b.intx_mask().unwrap();
+        b.intx_check_and_unmask().unwrap();
+    }
+}
+
 // ------------------------------------------------------------------ setups
 
 /// Opens the vfio edu, enables memory decoding (BAR0 access needs it).
@@ -725,9 +922,17 @@ fn open_uio_edu(bdf: Bdf) -> (UioBackend, Edu) {
 }
 
 fn vfio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<VfioBackend> {
+    vfio_user_space_with_isr(bdf, watchdog, ISR_DELAY)
+}
+
+fn vfio_user_space_with_isr(
+    bdf: Bdf,
+    watchdog: bool,
+    isr_delay: Duration,
+) -> UserSpaceRig<VfioBackend> {
     let (backend, edu) = open_vfio_edu(bdf);
     let label = format!("vfio-pci user-space path, watchdog {}", on_off(watchdog));
-    UserSpaceRig::start(&label, backend, edu, watchdog)
+    UserSpaceRig::start(&label, backend, edu, watchdog, isr_delay)
 }
 
 fn uio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<UioBackend> {
@@ -736,7 +941,7 @@ fn uio_user_space(bdf: Bdf, watchdog: bool) -> UserSpaceRig<UioBackend> {
         "uio_pci_generic user-space path, watchdog {}",
         on_off(watchdog)
     );
-    UserSpaceRig::start(&label, backend, edu, watchdog)
+    UserSpaceRig::start(&label, backend, edu, watchdog, ISR_DELAY)
 }
 
 fn vfio_bypass(bdf: Bdf, watchdog: bool) -> BypassRig {
@@ -794,8 +999,11 @@ struct Storm {
     last_reset_end: Instant,
     /// Raises that landed while the loops ran.
     raised_during: u64,
-    /// Interrupts that reached the guest's ISR while the loops ran and found
-    /// their status bit (the ISR wrote the ack).
+    /// Interrupts that reached the guest's ISR while the loops ran, whatever
+    /// its status read found (mid-reset it reads 0).
+    isr_runs_during: u64,
+    /// Of those, the ones that found their status bit (the ISR wrote the
+    /// ack).
     isr_acks_during: u64,
     /// Interrupts delivered (acks seen landed) while the loops ran: only a
     /// status read while the device decodes confirms an ack, which the
@@ -840,12 +1048,14 @@ fn storm(subject: &dyn Subject, duration: Duration) -> Storm {
         // included), so the scope can join them.
         let stopper = StopOnDrop(&stop);
         let before = (subject.edu().poll(), subject.edu().book().ack_writes);
+        let runs_before = subject.edu().book().isr_runs;
         let start = Instant::now();
         while start.elapsed() < duration {
             subject.edu().raise_tick();
             thread::sleep(RAISE_EVERY);
         }
         let after = (subject.edu().poll(), subject.edu().book().ack_writes);
+        let runs_after = subject.edu().book().isr_runs;
         drop(stopper);
         let mut storm = Storm {
             resets: 0,
@@ -853,6 +1063,7 @@ fn storm(subject: &dyn Subject, duration: Duration) -> Storm {
             first_reset_error: None,
             last_reset_end: start,
             raised_during: after.0 .0 - before.0 .0,
+            isr_runs_during: runs_after - runs_before,
             isr_acks_during: after.1 - before.1,
             delivered_during: after.0 .1 - before.0 .1,
         };
@@ -934,12 +1145,13 @@ impl Round {
         let s = &self.stats;
         say(format_args!(
             "tier3 watchdog | {label}, round {round}: during the loops raised {}, reached the \
-             guest's ISR {}, confirmed delivered {}; \
+             guest's ISR {} (found their status bit {}), confirmed delivered {}; \
              in all raised {}, delivered {}, \
              re-raised-after-drop {}, resets {} (errors {}), stuck detections {}, re-syncs {}, \
              harmless re-checks {}, mid-reset events {}, stuck time {:?}, last reset -> all \
              delivered: {}",
             self.storm.raised_during,
+            self.storm.isr_runs_during,
             self.storm.isr_acks_during,
             self.storm.delivered_during,
             self.raised,
@@ -960,9 +1172,19 @@ impl Round {
 
 /// One storm and the wait for delivery after it; counts are this round's.
 fn run_round(subject: &dyn Subject, patience: Duration, limit: Duration) -> Round {
+    run_round_for(subject, STORM_FOR, patience, limit)
+}
+
+/// [`run_round`] with a storm of `storm_for`.
+fn run_round_for(
+    subject: &dyn Subject,
+    storm_for: Duration,
+    patience: Duration,
+    limit: Duration,
+) -> Round {
     let edu = subject.edu();
     let before = edu.book().clone();
-    let storm = storm(subject, STORM_FOR);
+    let storm = storm(subject, storm_for);
     assert!(
         edu.finish_raising(),
         "{}: the edu does not decode after the loops stopped",
@@ -1271,4 +1493,87 @@ fn kernel_bypass_with_a_100ms_guest_isr_and_no_reset_sees_no_stuck_line() {
     assert_eq!(a.control.empty_isr_runs(), 0, "{}", rig.diagnostics());
     assert_eq!(a.control.acked(), INTERRUPTS);
     rig.finish();
+}
+
+/// Issue 11 item 13: while two sysfs reset loops run, the project delivers
+/// at least as many interrupts as the bare servicer of KERNEL-NOTES.md, on
+/// the same definition and in the same boot: ISR runs that found their
+/// status bit (the device decoded; mid-reset the ISR's read finds nothing).
+/// ISR runs in all are printed, not compared: more of them is not better
+/// delivery (the bare servicer's UNMASK re-signals at once while a reset is
+/// starting, with the device not decoding and its line still up: up to
+/// 555 ISR runs that found nothing in one round). One round per subject
+/// (bare servicer, user-space path, kernel bypass) for each guest ISR delay:
+/// [`ISR_DELAY`] (the storm tests' ISR: its read lands in the next reset
+/// nearly always, for everyone), and none (the read lands in the gap after
+/// the reset that delayed the interrupt), where the project must also
+/// reach the issue's figure for the bare servicer.
+#[test]
+fn during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer() {
+    let test = "during_two_sysfs_reset_loops_the_project_delivers_as_many_as_a_bare_servicer";
+    let Some(bdf) = guest_device("VFIO_INTX_EDU_RESET", test) else {
+        return;
+    };
+    let started = Instant::now();
+    let labels = [
+        "bare servicer",
+        "project user-space path",
+        "project kernel bypass",
+    ];
+    let round_for = |subject: &dyn Subject, delay: Duration| {
+        let round = run_round_for(subject, COMPARE_STORM_FOR, RECOVERY_LIMIT, RECOVERY_LIMIT);
+        let label = format!("{}, ISR delay {delay:?}", subject.label());
+        round.report(&label, 1);
+        assert_eq!(
+            round.storm.reset_errors, 0,
+            "{label}: sysfs resets failed: {:?}",
+            round.storm.first_reset_error
+        );
+        assert!(
+            round.recovered_after.is_some(),
+            "{label}: delivery did not come back after the loops: {}",
+            subject.diagnostics()
+        );
+        (round.storm.isr_runs_during, round.storm.isr_acks_during)
+    };
+    for delay in [ISR_DELAY, Duration::ZERO] {
+        let bare = BareServicer::start(bdf, delay);
+        let bare_round = round_for(&bare, delay);
+        drop(bare);
+        let rig = vfio_user_space_with_isr(bdf, true, delay);
+        let user_round = round_for(&rig, delay);
+        drop(rig);
+        let rig = vfio_bypass_with_isr(bdf, true, delay);
+        let bypass_round = round_for(&rig, delay);
+        rig.finish();
+
+        let rounds = [bare_round, user_round, bypass_round];
+        for (label, (reached, acked)) in labels.iter().zip(rounds) {
+            say(format_args!(
+                "tier3 watchdog | comparison, ISR delay {delay:?}, {COMPARE_STORM_FOR:?} of \
+                 reset loops: {label} reached the guest's ISR {reached} times, {acked} found \
+                 their status bit"
+            ));
+        }
+        let bare_acked = bare_round.1;
+        let slack = COMPARE_SLACK + bare_acked / 2;
+        for (label, (_, acked)) in labels.iter().zip(rounds).skip(1) {
+            assert!(
+                acked + slack >= bare_acked,
+                "{label}, ISR delay {delay:?}: {acked} ISR runs found their status bit during \
+                 the loops, the bare servicer's {bare_acked} (slack {slack})"
+            );
+            if delay.is_zero() {
+                assert!(
+                    acked >= ISSUE_BARE_DELIVERED,
+                    "{label}: {acked} ISR runs found their status bit during the loops, fewer \
+                     than the issue's bare servicer ({ISSUE_BARE_DELIVERED})"
+                );
+            }
+        }
+    }
+    say(format_args!(
+        "tier3 watchdog | comparison with the bare servicer: whole test {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 }
