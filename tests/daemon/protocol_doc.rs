@@ -211,6 +211,21 @@ fn every_documented_request_parses_carries_its_fds_and_round_trips() {
     }
 }
 
+/// The versioning rules the page states: unknown fields in a request are
+/// ignored, unknown ops refused.
+#[test]
+fn the_documented_versioning_rules_hold() {
+    let r: Request =
+        protocol::decode(br#"{"op":"reset","bdf":"0000:00:04.0","from-v2":1}"#).unwrap();
+    assert_eq!(
+        r,
+        Request::Reset {
+            bdf: "0000:00:04.0".into()
+        }
+    );
+    assert!(protocol::decode::<Request>(br#"{"op":"reset-all"}"#).is_err());
+}
+
 #[test]
 fn every_documented_reply_decodes_into_its_type_field_for_field() {
     let replies = examples("reply");
