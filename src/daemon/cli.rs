@@ -713,3 +713,47 @@ fn validate(paths: &[PathBuf]) -> Result<Output, Failure> {
         Some(_) => Err(Failure::new(exit::CONFIG, "config", text.join("\n"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(wait: u64) -> Change {
+        Change { force: true, wait }
+    }
+
+    #[test]
+    fn a_binding_change_that_returns_in_time_gives_its_result() {
+        let bdf: Bdf = "0000:00:04.0".parse().unwrap();
+        let got = bounded(bdf, &change(5), || Ok(7)).unwrap();
+        assert_eq!(got, 7);
+        let e = bounded::<()>(bdf, &change(5), move || {
+            Err(SysfsError::NoDevice {
+                bdf,
+                path: "/nonexistent".into(),
+            })
+        })
+        .unwrap_err();
+        assert_eq!(e.code, exit::NOT_FOUND, "{}", e.message);
+    }
+
+    #[test]
+    fn a_binding_change_that_blocks_gives_up_busy_at_the_deadline() {
+        let bdf: Bdf = "0000:00:04.0".parse().unwrap();
+        let start = Instant::now();
+        // Stands for vfio-pci's unbind waiting for the device's user.
+        let e = bounded(bdf, &change(1), || {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        })
+        .unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(e.code, exit::BUSY, "{}", e.message);
+        assert!(e.message.contains("gave up after 1 s"), "{}", e.message);
+        assert!(e.message.contains("cannot be cancelled"), "{}", e.message);
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+            "{took:?}"
+        );
+    }
+}
