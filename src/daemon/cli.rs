@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -16,7 +17,8 @@ use crate::daemon::client::{Client, ClientError};
 use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use crate::daemon::protocol::{ErrorKind, Request, Response};
 use crate::daemon::{exit, exit_code, DaemonStatus, HasKind};
-use crate::pci::sysfs::{PciSysfs, UIO_PCI_GENERIC, VFIO_PCI};
+use crate::pci::holders::{Holders, HoldersError};
+use crate::pci::sysfs::{PciSysfs, SysfsError, UIO_PCI_GENERIC, VFIO_PCI};
 use crate::pci::Bdf;
 
 /// Options every client command takes.
@@ -28,6 +30,20 @@ pub struct Common {
     /// The daemon's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+}
+
+/// Options of the commands that change a device's binding.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Change {
+    /// Change the binding even though a process holds the device open: a
+    /// uio user then gets EIO, and a VFIO user makes the kernel's unbind
+    /// wait until it releases the device.
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for the kernel's unbind, in seconds, before giving
+    /// up with exit 8 (the kernel's write itself cannot be cancelled).
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
 }
 
 /// The operator commands.
@@ -57,21 +73,30 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Bind a device to vfio-pci or uio_pci_generic.
+    /// Bind a device to vfio-pci or uio_pci_generic. Refused (exit 8) while
+    /// a process holds the device (its /dev/uioN, VFIO group or device fd)
+    /// or the daemon owns it.
     Bind {
         /// The device.
         bdf: String,
         /// The driver.
         #[arg(long, value_parser = [VFIO_PCI, UIO_PCI_GENERIC])]
         driver: String,
+        /// How the binding change is made.
+        #[command(flatten)]
+        change: Change,
         /// Output and socket options.
         #[command(flatten)]
         common: Common,
     },
-    /// Unbind a device from its driver (and clear driver_override).
+    /// Unbind a device from its driver (and clear driver_override). Refused
+    /// (exit 8) while a process holds the device or the daemon owns it.
     Unbind {
         /// The device.
         bdf: String,
+        /// How the binding change is made.
+        #[command(flatten)]
+        change: Change,
         /// Output and socket options.
         #[command(flatten)]
         common: Common,
@@ -205,9 +230,14 @@ pub fn run(command: Command) -> ExitCode {
         Command::Bind {
             bdf,
             driver,
+            change,
             common,
-        } => bind(&bdf, &driver, &common),
-        Command::Unbind { bdf, common } => unbind(&bdf, &common),
+        } => bind(&bdf, &driver, &change, &common),
+        Command::Unbind {
+            bdf,
+            change,
+            common,
+        } => unbind(&bdf, &change, &common),
         Command::Reset {
             bdf,
             retries,
@@ -356,7 +386,8 @@ fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
     Ok(Output { json: data, text })
 }
 
-/// Refuses to touch the binding of a device the daemon owns.
+/// Refuses to touch the binding of a device the daemon owns (whatever
+/// `--force` says: the daemon would lose a device in service).
 fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> {
     if let Some(mut client) = reach(&common.socket)? {
         let data = ask(&mut client, &Request::Status)?;
@@ -364,22 +395,155 @@ fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> {
             .as_array()
             .is_some_and(|d| d.iter().any(|d| d["bdf"] == bdf.to_string()));
         if owned {
+            let pid = data["pid"].as_u64().unwrap_or_default();
             return Err(Failure::new(
                 exit::BUSY,
                 "busy",
-                format!("{bdf}: the daemon owns this device; remove it from the daemon's configuration and reload first"),
+                format!("{bdf}: the vfio-intx daemon (PID {pid}) owns this device; remove it from the daemon's configuration and reload first"),
             ));
         }
     }
     Ok(())
 }
 
-fn bind(text: &str, driver: &str, common: &Common) -> Result<Output, Failure> {
+/// Refuses to change the binding of a device a process holds open, unless
+/// `force`: unbinding takes a uio device from its user (who then gets EIO)
+/// and blocks in the kernel until a VFIO user lets go.
+fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
+    let scan = Holders::default().of(bdf).map_err(|e| {
+        // The code of the sysfs cause (no such device: 5), else 3.
+        let code = match &e {
+            HoldersError::Sysfs { source, .. } => exit_code(source),
+            _ => exit::RUNTIME,
+        };
+        Failure::new(code, kind_name(code), crate::error_chain(&e))
+    })?;
+    if scan.unreadable > 0 {
+        tracing::warn!(
+            %bdf,
+            processes = scan.unreadable,
+            "could not read every process's descriptors; holders may be missed"
+        );
+    }
+    if !scan.is_held() {
+        return Ok(());
+    }
+    if change.force {
+        eprintln!(
+            "{bdf}: in use ({}); going ahead because of --force",
+            scan.describe()
+        );
+        return Ok(());
+    }
+    Err(Failure::new(
+        exit::BUSY,
+        "busy",
+        format!(
+            "{bdf}: in use: {}; stop it (or pass --force to take the device from it)",
+            scan.describe()
+        ),
+    ))
+}
+
+/// Runs a binding change on a helper thread and waits at most
+/// `change.wait` seconds for it: vfio-pci's unbind blocks in the kernel
+/// until the device's user releases it. After a second it says who it is
+/// waiting for; at the deadline it gives up with exit 8. The kernel write
+/// itself cannot be cancelled: it stays pending, and this process cannot
+/// finish exiting, until the holder lets go.
+fn bounded<T: Send + 'static>(
+    bdf: Bdf,
+    change: &Change,
+    op: impl FnOnce() -> Result<T, SysfsError> + Send + 'static,
+) -> Result<T, Failure> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("sysfs-write".into())
+        .spawn(move || {
+            // The receiver may be gone after the deadline.
+            let _ = tx.send(op());
+        })
+        .map_err(|e| {
+            Failure::new(
+                exit::RUNTIME,
+                "runtime",
+                format!("{bdf}: starting the sysfs writer thread: {e}"),
+            )
+        })?;
+    let start = Instant::now();
+    let deadline = Duration::from_secs(change.wait);
+    let mut said = false;
+    loop {
+        let left = deadline.saturating_sub(start.elapsed());
+        let wait = if said {
+            left
+        } else {
+            left.min(Duration::from_secs(1))
+        };
+        match rx.recv_timeout(wait) {
+            Ok(result) => return result.map_err(|e| Failure::from_error(&e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Failure::new(
+                    exit::FAILED,
+                    "failed",
+                    format!("{bdf}: the sysfs writer thread ended without an answer"),
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let who = who_holds(bdf);
+                if start.elapsed() >= deadline {
+                    return Err(Failure::new(
+                        exit::BUSY,
+                        "busy",
+                        format!(
+                            "{bdf}: gave up after {} s waiting for {who} to release the device; \
+                             the kernel's unbind cannot be cancelled: it completes (and this \
+                             command exits) only when the device is released",
+                            change.wait
+                        ),
+                    ));
+                }
+                if !said {
+                    eprintln!("{bdf}: still waiting for {who} to release the device");
+                    said = true;
+                }
+            }
+        }
+    }
+}
+
+/// "PID 12 (qemu)" for the device's holders, for the waiting messages.
+fn who_holds(bdf: Bdf) -> String {
+    match Holders::default().of(bdf) {
+        Ok(scan) if scan.is_held() => {
+            let mut seen = Vec::new();
+            for h in &scan.holders {
+                let who = format!("PID {} ({})", h.pid, h.comm);
+                if !seen.contains(&who) {
+                    seen.push(who);
+                }
+            }
+            seen.join(", ")
+        }
+        _ => "the device's user".to_owned(),
+    }
+}
+
+fn bind(text: &str, driver: &str, change: &Change, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     refuse_if_owned(bdf, common)?;
-    let binding = PciSysfs::default()
-        .bind(bdf, driver)
-        .map_err(|e| Failure::from_error(&e))?;
+    let sysfs = PciSysfs::default();
+    // Already bound to it: nothing changes, nobody is disturbed.
+    if sysfs
+        .driver(bdf)
+        .map_err(|e| Failure::from_error(&e))?
+        .as_deref()
+        != Some(driver)
+    {
+        refuse_if_held(bdf, change)?;
+    }
+    let to = driver.to_owned();
+    let binding = bounded(bdf, change, move || sysfs.bind(bdf, &to))?;
     Ok(Output {
         json: json!({
             "bdf": bdf.to_string(),
@@ -398,12 +562,11 @@ fn bind(text: &str, driver: &str, common: &Common) -> Result<Output, Failure> {
     })
 }
 
-fn unbind(text: &str, common: &Common) -> Result<Output, Failure> {
+fn unbind(text: &str, change: &Change, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     refuse_if_owned(bdf, common)?;
-    let previous = PciSysfs::default()
-        .unbind_device(bdf)
-        .map_err(|e| Failure::from_error(&e))?;
+    refuse_if_held(bdf, change)?;
+    let previous = bounded(bdf, change, move || PciSysfs::default().unbind_device(bdf))?;
     Ok(Output {
         json: json!({ "bdf": bdf.to_string(), "previous": previous }),
         text: format!(
@@ -475,6 +638,22 @@ fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
             "VFIO_DEVICE_RESET"
         }
         _ => {
+            // Without a method the kernel hides the `reset` attribute, and
+            // writing it would fail with a bare ENOENT.
+            let methods = sysfs
+                .reset_methods(bdf)
+                .map_err(|e| Failure::from_error(&e))?;
+            if methods.is_empty() {
+                return Err(Failure::new(
+                    exit::FAILED,
+                    "failed",
+                    format!(
+                        "{bdf}: no reset method: the kernel knows no way to reset this \
+                         function alone (its reset_method is empty; a device on the root bus \
+                         without FLR or PM reset has none)"
+                    ),
+                ));
+            }
             sysfs
                 .reset_function(bdf)
                 .map_err(|e| Failure::from_error(&e))?;
@@ -538,5 +717,49 @@ fn validate(paths: &[PathBuf]) -> Result<Output, Failure> {
             text: text.join("\n"),
         }),
         Some(_) => Err(Failure::new(exit::CONFIG, "config", text.join("\n"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(wait: u64) -> Change {
+        Change { force: true, wait }
+    }
+
+    #[test]
+    fn a_binding_change_that_returns_in_time_gives_its_result() {
+        let bdf: Bdf = "0000:00:04.0".parse().unwrap();
+        let got = bounded(bdf, &change(5), || Ok(7)).unwrap();
+        assert_eq!(got, 7);
+        let e = bounded::<()>(bdf, &change(5), move || {
+            Err(SysfsError::NoDevice {
+                bdf,
+                path: "/nonexistent".into(),
+            })
+        })
+        .unwrap_err();
+        assert_eq!(e.code, exit::NOT_FOUND, "{}", e.message);
+    }
+
+    #[test]
+    fn a_binding_change_that_blocks_gives_up_busy_at_the_deadline() {
+        let bdf: Bdf = "0000:00:04.0".parse().unwrap();
+        let start = Instant::now();
+        // Stands for vfio-pci's unbind waiting for the device's user.
+        let e = bounded(bdf, &change(1), || {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        })
+        .unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(e.code, exit::BUSY, "{}", e.message);
+        assert!(e.message.contains("gave up after 1 s"), "{}", e.message);
+        assert!(e.message.contains("cannot be cancelled"), "{}", e.message);
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+            "{took:?}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 mod health;
 mod journald;
 mod lifecycle;
+mod protocol_doc;
 mod sessions;
 mod socket;
 

@@ -907,3 +907,160 @@ fn uio_has_no_unmask_eventfd_and_no_intx_without_an_irq() {
     assert!(matches!(u.intx_enable(&trigger), Err(BackendError::NoIntx)));
     assert!(!u.is_forwarding());
 }
+
+// ---- Who holds a device (pci::holders), against a fake /proc ----
+
+/// A fake process: `<tmp>/proc/PID/{comm,fd/N,fdinfo/N}`; each fd is a
+/// symlink to `target` as the kernel shows it.
+fn fake_process(h: &FakeHost, pid: u32, comm: &str, fds: &[(&str, Option<&str>)]) {
+    let dir = h.tmp.path().join("proc").join(pid.to_string());
+    fs::create_dir_all(dir.join("fd")).unwrap();
+    fs::create_dir_all(dir.join("fdinfo")).unwrap();
+    fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+    for (n, (target, fdinfo)) in fds.iter().enumerate() {
+        let n = n + 3;
+        symlink(target, dir.join("fd").join(n.to_string())).unwrap();
+        let info = format!("pos:\t0\nflags:\t02\nmnt_id:\t15\n{}", fdinfo.unwrap_or(""));
+        fs::write(dir.join("fdinfo").join(n.to_string()), info).unwrap();
+    }
+}
+
+fn holders(h: &FakeHost) -> vfio_intx::pci::holders::Holders {
+    fs::create_dir_all(h.tmp.path().join("proc")).unwrap();
+    vfio_intx::pci::holders::Holders::new(h.sysfs(), h.tmp.path().join("proc"))
+}
+
+#[test]
+fn a_process_with_the_uio_node_open_holds_the_device_and_is_named() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(UIO_PCI_GENERIC),
+        ..FakeDevice::default()
+    });
+    h.add_uio("0000:01:00.0", 2);
+    fake_process(&h, 4242, "uio-app", &[("/dev/uio2", None)]);
+    // Other processes: another uio node, a pipe, a file.
+    fake_process(
+        &h,
+        17,
+        "bystander",
+        &[
+            ("/dev/uio1", None),
+            ("pipe:[123]", None),
+            ("/etc/passwd", None),
+        ],
+    );
+    let scan = holders(&h).of(a).unwrap();
+    assert!(scan.is_held());
+    assert_eq!(scan.pids(), [4242]);
+    assert_eq!(scan.describe(), "PID 4242 (uio-app) holds /dev/uio2");
+}
+
+#[test]
+fn an_open_vfio_group_holds_every_device_in_it() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(VFIO_PCI),
+        group: Some(7),
+        ..FakeDevice::default()
+    });
+    fake_process(
+        &h,
+        300,
+        "qemu-system-x86",
+        &[("/dev/vfio/vfio", None), ("/dev/vfio/7", None)],
+    );
+    fake_process(&h, 301, "other-vmm", &[("/dev/vfio/71", None)]);
+    let scan = holders(&h).of(a).unwrap();
+    assert_eq!(
+        scan.describe(),
+        "PID 300 (qemu-system-x86) holds /dev/vfio/7"
+    );
+}
+
+#[test]
+fn a_vfio_device_fd_counts_only_where_its_fdinfo_names_the_device() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(VFIO_PCI),
+        group: Some(9),
+        ..FakeDevice::default()
+    });
+    // Linux 6.18+: the fdinfo names the device (group fd already closed).
+    fake_process(
+        &h,
+        500,
+        "vmm",
+        &[(
+            "anon_inode:[vfio-device]",
+            Some("vfio-device-syspath: /sys/devices/pci0000:00/0000:01:00.0\n"),
+        )],
+    );
+    // Another device's fd, and an fd of an older kernel that names none.
+    fake_process(
+        &h,
+        501,
+        "vmm2",
+        &[(
+            "anon_inode:[vfio-device]",
+            Some("vfio-device-syspath: /sys/devices/pci0000:00/0000:02:00.0\n"),
+        )],
+    );
+    fake_process(&h, 502, "vmm3", &[("anon_inode:[vfio-device]", None)]);
+    let scan = holders(&h).of(a).unwrap();
+    assert_eq!(scan.describe(), "PID 500 (vmm) holds a VFIO device fd");
+}
+
+#[test]
+fn an_iommufd_vfio_cdev_holds_the_device() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(VFIO_PCI),
+        ..FakeDevice::default()
+    });
+    fs::create_dir_all(h.dir("0000:01:00.0").join("vfio-dev/vfio3")).unwrap();
+    fake_process(
+        &h,
+        60,
+        "cloud-hv",
+        &[("/dev/iommu", None), ("/dev/vfio/devices/vfio3", None)],
+    );
+    let scan = holders(&h).of(a).unwrap();
+    assert_eq!(
+        scan.describe(),
+        "PID 60 (cloud-hv) holds /dev/vfio/devices/vfio3"
+    );
+}
+
+#[test]
+fn nobody_holds_an_idle_device_and_unreadable_processes_are_counted() {
+    let h = FakeHost::new();
+    let a = h.add(FakeDevice {
+        driver: Some(UIO_PCI_GENERIC),
+        group: Some(4),
+        ..FakeDevice::default()
+    });
+    h.add_uio("0000:01:00.0", 0);
+    fake_process(&h, 10, "sh", &[("/dev/tty1", None)]);
+    // A process whose fd directory is not a directory (as unreadable).
+    let p = h.tmp.path().join("proc/11");
+    fs::create_dir_all(&p).unwrap();
+    fs::write(p.join("fd"), "").unwrap();
+    // Entries of /proc that are no processes.
+    fs::create_dir_all(h.tmp.path().join("proc/sys")).unwrap();
+    let scan = holders(&h).of(a).unwrap();
+    assert!(!scan.is_held(), "{}", scan.describe());
+    assert_eq!(scan.unreadable, 1);
+}
+
+#[test]
+fn holders_of_an_unknown_device_name_it() {
+    let h = FakeHost::new();
+    let err = holders(&h).of(bdf("0000:09:00.0")).unwrap_err();
+    let msg = vfio_intx::error_chain(&err);
+    assert!(
+        msg.starts_with("0000:09:00.0: finding who holds the device"),
+        "{msg}"
+    );
+    assert!(msg.contains("no such PCI device"), "{msg}");
+}
