@@ -241,13 +241,8 @@ pub fn run(command: Command) -> ExitCode {
 }
 
 fn parse_bdf(text: &str) -> Result<Bdf, Failure> {
-    text.parse::<Bdf>().map_err(|e| {
-        Failure::new(
-            exit::USAGE,
-            "usage",
-            format!("invalid PCI address {text:?}: {e}"),
-        )
-    })
+    text.parse::<Bdf>()
+        .map_err(|e| Failure::new(exit::USAGE, "usage", e.to_string()))
 }
 
 /// Connects to the daemon; `None` when it is not running.

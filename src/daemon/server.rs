@@ -267,12 +267,8 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
 }
 
 pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
-    text.parse::<Bdf>().map_err(|e| {
-        Response::error(
-            ErrorKind::BadRequest,
-            format!("invalid PCI address {text:?}: {e}"),
-        )
-    })
+    text.parse::<Bdf>()
+        .map_err(|e| Response::error(ErrorKind::BadRequest, e.to_string()))
 }
 
 /// Answers a session request; on success the connection is the session

@@ -313,3 +313,36 @@ fn clients_beyond_the_limit_are_refused_and_the_daemon_survives_running_out_of_d
     }
     d.wait_log("accepting a client failed");
 }
+
+#[test]
+fn a_long_pci_address_is_echoed_bounded_and_named_once() {
+    let d = Daemon::start(&device(A, ""));
+    // 600 KB of address: the answer used to repeat it twice and exceed
+    // the 1 MiB frame cap, so no answer came at all.
+    let long = "0".repeat(600_000);
+    let r = d
+        .client()
+        .request(&Request::Reset { bdf: long.clone() })
+        .unwrap();
+    let Response::Error { kind, message } = r else {
+        panic!("{r:?}");
+    };
+    assert_eq!(kind, ErrorKind::BadRequest);
+    assert!(
+        message.len() < 512,
+        "{} bytes: {message:.300}",
+        message.len()
+    );
+    assert!(message.contains("(600000 bytes)"), "{message}");
+    assert_eq!(
+        message.matches("invalid PCI address").count(),
+        1,
+        "{message}"
+    );
+    // The CLI says it once too.
+    let out = d.cli(&["mask", "00:04"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(err.matches("invalid PCI address").count(), 1, "{err}");
+    assert!(err.contains("\"00:04\""), "{err}");
+}
