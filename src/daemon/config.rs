@@ -4,7 +4,7 @@
 //! ```toml
 //! [daemon]
 //! socket = "/run/vfio-intx/control.sock"
-//! socket-mode = 0o660          # must include 0o600
+//! socket-mode = 0o660          # must include 0o600, nothing for others
 //! socket-group = "kvm"         # members may connect (SO_PEERCRED checked)
 //! max-clients = 64
 //! client-timeout-ms = 10000
@@ -447,6 +447,22 @@ impl Config {
     }
 }
 
+/// The longest control socket path: `sun_path` holds 108 bytes including
+/// the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Whether `path` fits in a Unix socket address; the message says why not.
+pub fn socket_path_fits(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket path is {len} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH} \
+             (sun_path is 108 bytes with its NUL)"
+        ));
+    }
+    Ok(())
+}
+
 impl Checker<'_> {
     fn daemon(&self, raw: Option<RawDaemon>) -> Result<DaemonConfig, ConfigError> {
         let mut d = DaemonConfig::default();
@@ -455,6 +471,9 @@ impl Checker<'_> {
             if !s.get_ref().is_absolute() {
                 return Err(self.invalid(s.span(), "socket must be an absolute path"));
             }
+            if let Err(message) = socket_path_fits(s.get_ref()) {
+                return Err(self.invalid(s.span(), message));
+            }
             d.socket = s.into_inner();
         }
         if let Some(m) = raw.socket_mode {
@@ -462,6 +481,16 @@ impl Checker<'_> {
                 return Err(self.invalid(
                     m.span(),
                     "socket-mode must be permission bits (at most 0o777) including 0o600",
+                ));
+            }
+            if *m.get_ref() & 0o007 != 0 {
+                return Err(self.invalid(
+                    m.span(),
+                    format!(
+                        "socket-mode {:#o} gives every local user access to the daemon; use the \
+                         socket-group for the VMMs (e.g. 0o660)",
+                        m.get_ref()
+                    ),
                 ));
             }
             d.socket_mode = m.into_inner();

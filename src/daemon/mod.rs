@@ -161,6 +161,11 @@ pub fn exit_code(error: &impl HasKind) -> u8 {
 pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
     let mut config = Config::load(path)?;
     if let Some(socket) = socket {
+        config::socket_path_fits(socket).map_err(|message| DaemonError::Socket {
+            path: socket.to_owned(),
+            op: "checking the socket path",
+            source: io::Error::new(io::ErrorKind::InvalidInput, message),
+        })?;
         config.daemon.socket = socket.to_owned();
     }
     let group = match &config.daemon.socket_group {

@@ -322,3 +322,48 @@ fn sigterm_hands_back_a_device_still_asserting_without_a_false_error() {
         assert!(line.contains("command=0x0103"), "{line}");
     }
 }
+
+#[test]
+fn validate_refuses_a_world_writable_socket_mode_and_a_socket_path_over_sun_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |name: &str, daemon: &str| {
+        let config = dir.path().join(name);
+        std::fs::write(&config, format!("[daemon]\n{daemon}\n{}", device(A, ""))).unwrap();
+        let out = Command::new(BIN)
+            .arg("validate")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out, config)
+    };
+    for mode in ["0o666", "0o602", "0o677"] {
+        let (out, config) = validate("mode.toml", &format!("socket-mode = {mode}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(exit::CONFIG)),
+            "{mode}: {out:?}"
+        );
+        assert!(
+            err.contains(&format!("{}:2:15: socket-mode", config.display())),
+            "{mode}: {err}"
+        );
+    }
+    // sun_path holds 107 bytes and a NUL.
+    let long = format!("/run/{}/control.sock", "d".repeat(100));
+    let (out, config) = validate("long.toml", &format!("socket = \"{long}\""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(i32::from(exit::CONFIG)), "{out:?}");
+    assert!(
+        err.contains(&format!("{}:2:10: socket", config.display())),
+        "{err}"
+    );
+    assert!(err.contains("108"), "{err}");
+    // The limit itself passes.
+    let fits = format!("/{}", "s".repeat(106));
+    let (out, _) = validate(
+        "fits.toml",
+        &format!("socket = \"{fits}\"\nsocket-mode = 0o660"),
+    );
+    assert!(out.status.success(), "{out:?}");
+}

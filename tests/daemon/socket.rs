@@ -175,9 +175,11 @@ fn a_peer_with_another_uid_is_refused() {
         );
         return;
     }
-    // The socket is world-writable here so that the refusal is the
-    // daemon's SO_PEERCRED check, not the file mode.
-    let d = Daemon::start_with("socket-mode = 0o666", &device(A, ""));
+    // The test makes the socket world-writable (the configuration refuses
+    // such a mode) so that the refusal is the daemon's SO_PEERCRED check,
+    // not the file mode.
+    let d = Daemon::start(&device(A, ""));
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
         .args([
