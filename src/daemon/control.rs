@@ -181,6 +181,8 @@ impl HasKind for DaemonError {
         match self {
             DaemonError::Config(e) => e.kind(),
             DaemonError::Device(e) => e.kind(),
+            DaemonError::AlreadyRunning { .. } | DaemonError::Locked { .. } => Kind::Busy,
+            DaemonError::UnsafeDirectory { .. } => Kind::PermissionDenied,
             _ => os_kind(self),
         }
     }

@@ -56,6 +56,7 @@ mod example;
 pub mod metrics;
 pub mod protocol;
 mod registry;
+mod rundir;
 mod server;
 pub(crate) mod service;
 mod sys;
@@ -136,6 +137,39 @@ pub enum DaemonError {
         /// The socket.
         path: PathBuf,
     },
+    /// Something other than a socket is at the socket path.
+    #[error("{}: {what} is there, not a socket; refusing to remove it", .path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there.
+        what: &'static str,
+    },
+    /// The socket's directory could be changed by someone else.
+    #[error(
+        "{}: the control socket's directory is {why}; it must be owned by uid {euid} and \
+         writable by nobody else", .dir.display()
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+        /// The daemon's effective uid.
+        euid: u32,
+    },
+    /// Another daemon holds the instance lock.
+    #[error(
+        "{}: another vfio-intx daemon{} holds the instance lock; no device was touched",
+        .lock.display(),
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid, as written in the lock file.
+        pid: Option<u32>,
+    },
     /// The configured socket group does not exist.
     #[error("socket-group {name:?} does not exist")]
     NoSuchGroup {
@@ -179,6 +213,8 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
                 .as_raw(),
         ),
     };
+    // Before any device is touched: a second instance stops here.
+    let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)

@@ -22,14 +22,15 @@ use crate::daemon::protocol::SessionReport;
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
 use crate::daemon::registry::Daemon;
 use crate::daemon::service::{self, rate_limit, AttachError, DeviceError, ManagedDevice};
-use crate::daemon::{sys, DaemonError};
+use crate::daemon::{rundir, sys, DaemonError};
 use crate::kvm::validate_eventfd;
 use crate::pci::Bdf;
 use crate::vfio::VfioBackend;
 
-/// Creates the control socket: its directory if missing, refusing to take
-/// over a socket another daemon still answers on, with the configured mode
-/// and group.
+/// Creates the control socket: its directory if missing (and checked, see
+/// `rundir`), replacing only a stale socket (refusing one another daemon
+/// still answers on, and anything that is not a socket), with the
+/// configured mode and group set without following symbolic links.
 pub(crate) fn bind(
     path: &Path,
     mode: u32,
@@ -39,19 +40,8 @@ pub(crate) fn bind(
         let path = path.to_owned();
         move |source| DaemonError::Socket { path, op, source }
     };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(fail("creating the socket's directory"))?;
-        }
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning {
-                path: path.to_owned(),
-            });
-        }
-        std::fs::remove_file(path).map_err(fail("removing a stale socket"))?;
-    }
+    let dir = rundir::open_dir(path, nix::unistd::geteuid().as_raw())?;
+    rundir::remove_stale(&dir, path)?;
     // Created with no access for anyone until the mode is set.
     let listener = {
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -59,15 +49,7 @@ pub(crate) fn bind(
         nix::sys::stat::umask(old);
         l.map_err(fail("binding"))?
     };
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(fail("setting the socket's group"))?;
-    }
-    std::fs::set_permissions(
-        path,
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
-    )
-    .map_err(fail("setting the socket's mode"))?;
+    rundir::set_owner_and_mode(&dir, path, mode, group)?;
     Ok(listener)
 }
 

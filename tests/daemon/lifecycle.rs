@@ -367,3 +367,38 @@ fn validate_refuses_a_world_writable_socket_mode_and_a_socket_path_over_sun_path
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn a_second_instance_exits_busy_naming_the_first_before_touching_any_device() {
+    let first = Daemon::start(&device(A, ""));
+    let first_pid = first.child.id();
+    first.wait_log("INTx masking probed");
+    // The same configuration, socket and devices; its own NOTIFY_SOCKET.
+    let mut second = Daemon::spawn_as("", &device(A, ""), |_, _| {
+        let mut c = Command::new(BIN);
+        c.args(["daemon", "--config"])
+            .arg(&first.config)
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    let (code, took) = second.wait_exit(Duration::from_secs(10));
+    let log = second.log();
+    assert_eq!(code, Some(i32::from(exit::BUSY)), "{log}");
+    assert!(
+        log.contains(&format!("pid {first_pid}")),
+        "the holder is named: {log}"
+    );
+    assert!(
+        !log.contains("INTx masking probed") && !log.contains("arming"),
+        "the second instance touched the devices: {log}"
+    );
+    let mut buf = [0u8; 512];
+    assert!(
+        second.notify.recv(&mut buf).is_err(),
+        "no notification at all"
+    );
+    println!("second instance refused in {took:?}");
+    // The first is untouched and still serves.
+    assert_eq!(first.status().pid, first_pid);
+    assert!(first.socket.exists());
+}

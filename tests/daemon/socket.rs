@@ -348,3 +348,87 @@ fn a_long_pci_address_is_echoed_bounded_and_named_once() {
     assert_eq!(err.matches("invalid PCI address").count(), 1, "{err}");
     assert!(err.contains("\"00:04\""), "{err}");
 }
+
+/// Spawns a daemon whose socket is `run/control.sock` under its test
+/// directory, after `prepare(run)` set the scene (the directory is
+/// created 0755 first).
+fn spawn_in_run_dir(prepare: impl FnOnce(&Path)) -> (Daemon, PathBuf) {
+    let mut socket = PathBuf::new();
+    let d = Daemon::spawn_as("", &device(A, ""), |dir, config| {
+        let run = dir.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare(&run);
+        socket = run.join("control.sock");
+        let mut c = Command::new(BIN);
+        c.args(["daemon", "--config"])
+            .arg(config)
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    (d, socket)
+}
+
+#[test]
+fn anything_but_a_stale_socket_at_the_socket_path_is_refused_and_kept() {
+    // A regular file.
+    let (mut d, socket) = spawn_in_run_dir(|run| {
+        std::fs::write(run.join("control.sock"), "precious").unwrap();
+    });
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(i32::from(exit::RUNTIME)), "{}", d.log());
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+    assert!(d.log().contains("not a socket"), "{}", d.log());
+    assert!(!d.log().contains("INTx masking probed"), "{}", d.log());
+    // A symbolic link (to a file the daemon must not chmod or chown).
+    let target = tempfile::NamedTempFile::new().unwrap();
+    std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (mut d, socket) = spawn_in_run_dir(|run| {
+        std::os::unix::fs::symlink(target.path(), run.join("control.sock")).unwrap();
+    });
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(i32::from(exit::RUNTIME)), "{}", d.log());
+    assert!(std::fs::symlink_metadata(&socket).unwrap().is_symlink());
+    let mode = std::fs::metadata(target.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A stale socket (nobody listens) is replaced.
+    let (d, socket) = spawn_in_run_dir(|run| {
+        drop(std::os::unix::net::UnixListener::bind(run.join("control.sock")).unwrap());
+    });
+    d.wait_notify("READY=1", Duration::from_secs(10));
+    assert!(Client::connect(&socket, Duration::from_secs(5)).is_ok());
+}
+
+#[test]
+fn a_socket_directory_others_can_write_or_own_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP a_socket_directory_others_can_write_or_own_is_refused: needs root to chown"
+        );
+        return;
+    }
+    for (what, mode, owner) in [
+        ("world-writable", 0o777, 0),
+        ("group-writable", 0o775, 0),
+        ("owned by uid 65534", 0o755, 65534),
+    ] {
+        let (mut d, socket) = spawn_in_run_dir(|run| {
+            std::fs::set_permissions(run, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(run, Some(owner), None).unwrap();
+        });
+        let (code, _) = d.wait_exit(Duration::from_secs(10));
+        let log = d.log();
+        assert_eq!(code, Some(i32::from(exit::PERMISSION)), "{what}: {log}");
+        assert!(
+            log.contains("run: "),
+            "{what}: the directory is named: {log}"
+        );
+        assert!(!socket.exists(), "{what}");
+        assert!(!log.contains("INTx masking probed"), "{what}: {log}");
+    }
+}
