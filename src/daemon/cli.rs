@@ -6,7 +6,7 @@
 //! `--json` the result (or the error) is printed as one JSON document on
 //! stdout. Exit codes are those of [`crate::daemon::exit`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,6 +28,10 @@ pub struct Common {
     /// The daemon's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Seconds to wait for the daemon's answer before reporting it as not
+    /// answering (exit 7).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub timeout: u64,
 }
 
 /// The operator commands.
@@ -246,8 +250,8 @@ fn parse_bdf(text: &str) -> Result<Bdf, Failure> {
 }
 
 /// Connects to the daemon; `None` when it is not running.
-fn reach(socket: &Path) -> Result<Option<Client>, Failure> {
-    match Client::connect(socket, Duration::from_secs(30)) {
+fn reach(common: &Common) -> Result<Option<Client>, Failure> {
+    match Client::connect(&common.socket, Duration::from_secs(common.timeout.max(1))) {
         Ok(c) => Ok(Some(c)),
         Err(ClientError::NotRunning { .. }) => Ok(None),
         Err(e) => Err(Failure::from_error(&e)),
@@ -264,7 +268,7 @@ fn ask(client: &mut Client, request: &Request) -> Result<Value, Failure> {
 }
 
 fn need_daemon(common: &Common) -> Result<Client, Failure> {
-    reach(&common.socket)?.ok_or_else(|| {
+    reach(common)?.ok_or_else(|| {
         Failure::new(
             exit::UNREACHABLE,
             "unreachable",
@@ -327,7 +331,7 @@ fn status(common: &Common) -> Result<Output, Failure> {
 
 fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
-    let data = match reach(&common.socket)? {
+    let data = match reach(common)? {
         Some(mut client) => ask(
             &mut client,
             &Request::Probe {
@@ -347,7 +351,7 @@ fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
 
 /// Refuses to touch the binding of a device the daemon owns.
 fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> {
-    if let Some(mut client) = reach(&common.socket)? {
+    if let Some(mut client) = reach(common)? {
         let data = ask(&mut client, &Request::Status)?;
         let owned = data["devices"]
             .as_array()
@@ -404,7 +408,7 @@ fn unbind(text: &str, common: &Common) -> Result<Output, Failure> {
 
 fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
-    if let Some(mut client) = reach(&common.socket)? {
+    if let Some(mut client) = reach(common)? {
         let request = Request::Reset {
             bdf: bdf.to_string(),
         };

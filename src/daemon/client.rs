@@ -39,6 +39,15 @@ pub enum ClientError {
     /// The daemon's answer could not be decoded.
     #[error("the vfio-intx daemon's answer could not be decoded")]
     Frame(#[from] FrameError),
+    /// The daemon accepted the connection but did not answer in time (hung
+    /// or stalled).
+    #[error("{}: the vfio-intx daemon is not answering (nothing within {timeout:?})", .path.display())]
+    NotAnswering {
+        /// The socket.
+        path: PathBuf,
+        /// How long the client waited.
+        timeout: Duration,
+    },
     /// The daemon closed the connection without answering.
     #[error("the vfio-intx daemon closed the connection without answering")]
     Closed,
@@ -48,6 +57,8 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    path: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
@@ -71,7 +82,11 @@ impl Client {
         })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(Self { stream })
+        Ok(Self {
+            stream,
+            path: path.to_owned(),
+            timeout,
+        })
     }
 
     /// Waits for answers without a time limit (sessions).
@@ -93,11 +108,30 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let frame = protocol::encode(request)?;
         if let Err(e) = self.send_frame(&frame, fds) {
+            if timed_out(&e) {
+                return Err(self.not_answering());
+            }
             // The daemon may have answered and closed before reading (a
             // refused peer): its answer says more than EPIPE.
             return self.read_response().map_err(|_| ClientError::Io(e));
         }
         self.read_response()
+    }
+
+    fn not_answering(&self) -> ClientError {
+        ClientError::NotAnswering {
+            path: self.path.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// An I/O error that is the socket's timeout expiring.
+    fn io(&self, e: io::Error) -> ClientError {
+        if timed_out(&e) {
+            self.not_answering()
+        } else {
+            ClientError::Io(e)
+        }
     }
 
     fn send_frame(&mut self, frame: &[u8], fds: &[RawFd]) -> io::Result<()> {
@@ -151,7 +185,7 @@ impl Client {
             return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
                 ClientError::Closed
             } else {
-                e.into()
+                self.io(e)
             });
         }
         let len = u32::from_be_bytes(header) as usize;
@@ -159,7 +193,7 @@ impl Client {
             return Err(FrameError::TooLarge { len }.into());
         }
         let mut body = vec![0; len];
-        self.stream.read_exact(&mut body)?;
+        self.stream.read_exact(&mut body).map_err(|e| self.io(e))?;
         Ok(protocol::decode(&body)?)
     }
 
@@ -192,4 +226,13 @@ impl Client {
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
+}
+
+/// Whether `e` is a socket timeout expiring (`SO_RCVTIMEO`/`SO_SNDTIMEO`
+/// report EAGAIN).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }

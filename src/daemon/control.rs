@@ -38,6 +38,8 @@ pub enum Kind {
     Busy,
     /// Not possible in the device's state or this build.
     Unsupported,
+    /// The daemon is not running or does not answer.
+    Unreachable,
     /// Anything else: it could not be done.
     Failed,
 }
@@ -51,7 +53,7 @@ impl Kind {
             Kind::PermissionDenied => ErrorKind::PermissionDenied,
             Kind::Busy => ErrorKind::Busy,
             Kind::Unsupported => ErrorKind::Unsupported,
-            Kind::Config | Kind::Failed => ErrorKind::Failed,
+            Kind::Config | Kind::Unreachable | Kind::Failed => ErrorKind::Failed,
         }
     }
 
@@ -62,6 +64,7 @@ impl Kind {
             Kind::NotFound => exit::NOT_FOUND,
             Kind::PermissionDenied => exit::PERMISSION,
             Kind::Busy => exit::BUSY,
+            Kind::Unreachable => exit::UNREACHABLE,
             Kind::BadRequest | Kind::Unsupported | Kind::Failed => exit::RUNTIME,
         }
     }
@@ -172,7 +175,10 @@ impl HasKind for AttachError {
 
 impl HasKind for ClientError {
     fn kind(&self) -> Kind {
-        os_kind(self)
+        match self {
+            ClientError::NotRunning { .. } | ClientError::NotAnswering { .. } => Kind::Unreachable,
+            _ => os_kind(self),
+        }
     }
 }
 

@@ -432,3 +432,29 @@ fn a_socket_directory_others_can_write_or_own_is_refused() {
         assert!(!log.contains("INTx masking probed"), "{what}: {log}");
     }
 }
+
+#[test]
+fn the_cli_reports_a_hung_daemon_as_not_answering() {
+    // A "daemon" that accepts connections (the backlog) and never answers.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let _hung = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let start = Instant::now();
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--timeout", "1", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::UNREACHABLE)),
+        "{out:?}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["kind"], "unreachable", "{json}");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not answering"), "{message}");
+    assert!(message.contains(&socket.display().to_string()), "{message}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
