@@ -223,7 +223,11 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    runtime.block_on(main(config, group, socket.map(Path::to_owned)))
+    let result = runtime.block_on(main(config, group, socket.map(Path::to_owned)));
+    // A reload still reading a configuration file that does not answer is
+    // abandoned, not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn main(
@@ -273,11 +277,38 @@ async fn main(
     status_timer.tick().await;
     let watchdog = daemon.notifier.watchdog_interval();
     let mut watchdog_timer = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    // Reloads run beside the signal loop, so that neither SIGTERM nor the
+    // watchdog keepalive waits for one. SIGHUPs during a reload coalesce
+    // into one more. `stopping` is held while a reload changes devices and
+    // set at shutdown: a reload is abandoned while it reads the file,
+    // waited for while it changes devices, and none starts after.
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let reloader = tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        let stopping = Arc::clone(&stopping);
+        async move {
+            while reload_rx.recv().await.is_some() {
+                let Some(new) = daemon.load_for_reload().await else {
+                    continue;
+                };
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    break;
+                }
+                daemon.apply_reload(new).await;
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => daemon.reload().await,
+            _ = hup.recv() => {
+                if reload_tx.try_send(()).is_err() {
+                    info!("SIGHUP: a reload is under way; one more follows it");
+                }
+            }
             _ = status_timer.tick() => {
                 let status = daemon.status_line();
                 info!("{status}");
@@ -287,6 +318,8 @@ async fn main(
         }
     }
     daemon.notifier.stopping();
+    *stopping.lock().await = true;
+    reloader.abort();
     server.abort();
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;

@@ -308,27 +308,34 @@ impl Daemon {
         self.remove(None).await
     }
 
-    /// SIGHUP: re-reads the configuration; devices added are brought up,
-    /// devices removed (or whose settings changed) are handed back, the
-    /// rest are not touched. An invalid file changes nothing.
-    pub(crate) async fn reload(self: &Arc<Self>) {
+    /// SIGHUP, first half: re-reads the configuration (on the blocking
+    /// pool: a file that does not answer holds up nothing else, and the
+    /// read may be abandoned at shutdown). `None` when it is invalid: that
+    /// changes nothing.
+    pub(crate) async fn load_for_reload(&self) -> Option<Config> {
         self.notifier.reloading();
         let path = self.config().path;
-        let new = match Config::load(&path) {
-            Ok(mut c) => {
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let msg = match loaded {
+            Ok(Ok(mut c)) => {
                 if let Some(socket) = &self.socket_override {
                     c.daemon.socket = socket.clone();
                 }
-                c
+                return Some(c);
             }
-            Err(e) => {
-                let msg = crate::error_chain(&e);
-                error!(error = %msg, "reload failed; the previous configuration stays in force");
-                self.notifier
-                    .ready(&format!("reload failed ({msg}); {}", self.status_line()));
-                return;
-            }
+            Ok(Err(e)) => crate::error_chain(&e),
+            Err(e) => format!("reading the configuration could not run: {e}"),
         };
+        error!(error = %msg, "reload failed; the previous configuration stays in force");
+        self.notifier
+            .ready(&format!("reload failed ({msg}); {}", self.status_line()));
+        None
+    }
+
+    /// SIGHUP, second half: devices added are brought up, devices removed
+    /// (or whose settings changed) are handed back, the rest are not
+    /// touched.
+    pub(crate) async fn apply_reload(self: &Arc<Self>, new: Config) {
         let old = self.config();
         if new.daemon != old.daemon {
             warn!("changes to [daemon] take effect at the next restart");

@@ -402,3 +402,38 @@ fn a_second_instance_exits_busy_naming_the_first_before_touching_any_device() {
     assert_eq!(first.status().pid, first_pid);
     assert!(first.socket.exists());
 }
+
+#[test]
+fn a_reload_stuck_reading_its_config_holds_up_neither_the_watchdog_nor_sigterm() {
+    let mut d = Daemon::spawn_as("", &device(A, ""), |_, config| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "WATCHDOG_PID=$$ exec {BIN} daemon --config {}",
+                config.display()
+            ))
+            .env("WATCHDOG_USEC", "200000")
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    d.wait_notify("READY=1", Duration::from_secs(10));
+    // The configuration becomes a FIFO nobody writes: reading it blocks
+    // (as a file on a hung network filesystem would).
+    std::fs::remove_file(&d.config).unwrap();
+    nix::unistd::mkfifo(&d.config, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_notify("RELOADING=1", Duration::from_secs(2));
+    let keepalive = Instant::now();
+    d.wait_notify("WATCHDOG=1", Duration::from_secs(1));
+    println!("keepalive {:?} after RELOADING=1", keepalive.elapsed());
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopping = Instant::now();
+    d.wait_notify("STOPPING=1", Duration::from_secs(1));
+    let stopping = stopping.elapsed();
+    // The abandoned read is given a bounded time at exit.
+    let (code, took) = d.wait_exit(Duration::from_secs(3));
+    println!("STOPPING=1 {stopping:?} after SIGTERM, exited {took:?} later");
+    assert_eq!(code, Some(0), "{}", d.log());
+    assert!(d.log().contains("device restored"), "{}", d.log());
+}
