@@ -238,9 +238,9 @@ impl Daemon {
             }
             Request::Metrics => {
                 let stats: Vec<DeviceStats> = self.all().iter().map(|d| d.stats()).collect();
-                Response::ok(MetricsReply {
-                    text: metrics::prometheus(&stats),
-                })
+                let mut text = metrics::prometheus(&stats);
+                text.push_str(&self.events.prometheus());
+                Response::ok(MetricsReply { text })
             }
             Request::Reset { bdf } => {
                 let dev = match self.owned(&bdf) {

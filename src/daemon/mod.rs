@@ -254,6 +254,7 @@ async fn main(
         #[cfg(feature = "testkit")]
         example: Mutex::new(None),
         socket_override,
+        events: Default::default(),
     });
     let opened = open_devices(config.devices.clone()).await?;
     daemon.insert(opened);

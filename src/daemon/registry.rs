@@ -38,6 +38,8 @@ pub struct Daemon {
     pub(crate) example: Mutex<Option<example::ExampleGuest>>,
     /// The socket given on the command line, over the configuration's.
     pub(crate) socket_override: Option<PathBuf>,
+    /// The control socket's events, counted and rate limited per cause.
+    pub(crate) events: crate::daemon::metrics::ControlEvents,
 }
 
 impl std::fmt::Debug for Daemon {

@@ -13,11 +13,12 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::backend::ConfigSpace;
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
 use crate::daemon::control::failure;
+use crate::daemon::metrics::ControlEvent;
 use crate::daemon::protocol::SessionReport;
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
 use crate::daemon::registry::Daemon;
@@ -68,6 +69,12 @@ pub(crate) async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
                         tokio::spawn(connection(daemon, stream, permit));
                     }
                     Err(_) => {
+                        if let Some(suppressed) = daemon.events.note(ControlEvent::TooManyClients) {
+                            info!(
+                                suppressed,
+                                "refusing a client: too many clients are connected"
+                            );
+                        }
                         tokio::spawn(refuse(stream));
                     }
                 }
@@ -173,7 +180,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         buf: vec![0; 64 * 1024],
     };
     if !daemon.authorized(cred.uid(), cred.gid(), cred.pid()) {
-        info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refusing a client: not allowed by uid or group");
+        if let Some(suppressed) = daemon.events.note(ControlEvent::Unauthorized) {
+            info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), suppressed,
+                "refusing a client: not allowed by uid or group");
+        }
         let r = Response::error(
             ErrorKind::PermissionDenied,
             format!(
@@ -190,6 +200,12 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
     loop {
         let frame = match tokio::time::timeout(timeout, conn.next_frame()).await {
             Err(_) => {
+                if let Some(suppressed) = daemon.events.note(ControlEvent::Timeout) {
+                    info!(
+                        ?timeout,
+                        suppressed, "closing an idle client: no complete request in time"
+                    );
+                }
                 let r = Response::error(
                     ErrorKind::Timeout,
                     format!("no complete request within {timeout:?}; closing"),
@@ -204,7 +220,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                     ReadError::Frame(FrameError::TooLarge { .. }) => ErrorKind::FrameTooLarge,
                     _ => ErrorKind::BadRequest,
                 };
-                debug!(error = %crate::error_chain(&e), "closing a client after a bad frame");
+                if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                    info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
+                }
                 let r = Response::error(kind, crate::error_chain(&e));
                 let _ = send(&mut conn.stream, &r).await;
                 return;
@@ -213,6 +231,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         let request: Request = match protocol::decode(&frame) {
             Ok(r) => r,
             Err(e) => {
+                if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                    info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
+                }
                 let r = Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
                 let _ = send(&mut conn.stream, &r).await;
                 return;
@@ -220,6 +241,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         };
         let fds = std::mem::take(&mut conn.fds);
         if fds.len() != request.fds_expected() {
+            if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                info!(
+                    fds = fds.len(),
+                    expected = request.fds_expected(),
+                    suppressed,
+                    "closing a client after a bad frame: wrong number of descriptors"
+                );
+            }
             let r = Response::error(
                 ErrorKind::BadRequest,
                 format!(
@@ -277,7 +306,9 @@ async fn session(
             return;
         }
     };
-    info!(bdf = %dev.bdf(), "VMM session started");
+    if let Some(suppressed) = daemon.events.note(ControlEvent::SessionStarted) {
+        info!(bdf = %dev.bdf(), suppressed, "VMM session started");
+    }
     // Sessions are bounded by the devices (one each), not by the client
     // limit, which is for short requests.
     drop(permit);
@@ -307,7 +338,9 @@ async fn session(
     }
     let bdf = dev.bdf();
     end_session(daemon, dev).await;
-    info!(%bdf, "VMM session ended; its descriptors are released");
+    if let Some(suppressed) = daemon.events.note(ControlEvent::SessionEnded) {
+        info!(%bdf, suppressed, "VMM session ended; its descriptors are released");
+    }
     // `conn` closes only now: a VMM that shut down its writing side and
     // waits for the end of the stream knows the daemon has let go.
 }

@@ -458,3 +458,139 @@ fn the_cli_reports_a_hung_daemon_as_not_answering() {
     assert!(message.contains(&socket.display().to_string()), "{message}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
+
+/// The value of `vfio_intx_control_events_total{cause="…"}`.
+fn control_events(d: &Daemon, cause: &str) -> u64 {
+    let text = d.ask(&Request::Metrics)["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let row = format!("vfio_intx_control_events_total{{cause=\"{cause}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&row))
+        .unwrap_or_else(|| panic!("no {row:?} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn client_faults_and_sessions_are_counted_per_cause_and_logged_rate_limited() {
+    let d = Daemon::start_with("max-clients = 1\nclient-timeout-ms = 500", &device(A, ""));
+    let start = Instant::now();
+    // Too many clients: one holds the only slot.
+    let held = d.client();
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..200 {
+        let mut c = d.client();
+        assert!(matches!(
+            c.read_response(),
+            Ok(Response::Error {
+                kind: ErrorKind::TooManyClients,
+                ..
+            })
+        ));
+    }
+    // Timeouts, and their client gone.
+    let r = { held }.read_response();
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Error {
+                kind: ErrorKind::Timeout,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    for _ in 0..2 {
+        let r = d.client().read_response();
+        assert!(
+            matches!(
+                r,
+                Ok(Response::Error {
+                    kind: ErrorKind::Timeout,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    // Bad frames.
+    for _ in 0..300 {
+        let mut c = d.client();
+        c.send_raw(b"\0\0\0\x09{not json").unwrap();
+        assert!(matches!(
+            c.read_response(),
+            Ok(Response::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            })
+        ));
+    }
+    // Sessions starting and ending.
+    for _ in 0..20 {
+        let vmm = FakeVmm::attach(&d, A);
+        vmm.session.end_session().unwrap();
+    }
+    // Unauthorized peers (as root: a client running as uid 65534).
+    let unauthorized = if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = format!(
+            "import socket\nfor i in range(1000):\n    s = socket.socket(socket.AF_UNIX)\n    \
+             s.connect({:?})\n    s.recv(4096)\n    s.close()\n",
+            d.socket.display().to_string()
+        );
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        1000
+    } else {
+        eprintln!("SKIP the unauthorized-peer part: needs root to run a client as uid 65534");
+        0
+    };
+    let took = start.elapsed();
+    // One line per cause (the window is longer than the test), none lost
+    // from the counts.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log();
+    let causes = [
+        (
+            "too-many-clients",
+            "refusing a client: too many clients",
+            200,
+        ),
+        ("timeout", "closing an idle client", 3),
+        ("bad-frame", "closing a client after a bad frame", 300),
+        ("session-started", "VMM session started", 20),
+        ("session-ended", "VMM session ended", 20),
+        (
+            "unauthorized",
+            "refusing a client: not allowed",
+            unauthorized,
+        ),
+    ];
+    let lines = |needle: &str| log.matches(needle).count();
+    let figures: Vec<String> = causes
+        .iter()
+        .map(|(cause, needle, events)| {
+            format!("{cause}: {events} events, {} log lines", lines(needle))
+        })
+        .collect();
+    println!("{} in {took:?}", figures.join("; "));
+    for (cause, needle, events) in causes {
+        wait_for(cause, Duration::from_secs(5), || {
+            control_events(&d, cause) == events
+        });
+        if events > 0 {
+            let lines = lines(needle);
+            assert!(
+                (1..=3).contains(&lines),
+                "{cause}: {lines} lines for {events} events:\n{log}"
+            );
+        }
+    }
+}
