@@ -6,6 +6,7 @@
 //! socket = "/run/vfio-intx/control.sock"
 //! socket-mode = 0o660          # must include 0o600, nothing for others
 //! socket-group = "kvm"         # members may connect (SO_PEERCRED checked)
+//! admin-group = "vfio-admin"   # members are operators (mask, reset any device)
 //! max-clients = 64
 //! client-timeout-ms = 10000
 //! status-interval-ms = 10000
@@ -164,8 +165,13 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Permission bits of the control socket.
     pub socket_mode: u32,
-    /// Group that owns the control socket and whose members may use it.
+    /// Group that owns the control socket and whose members may use it:
+    /// as VMMs, acting only on their own session's device.
     pub socket_group: Option<String>,
+    /// Group whose members are operators, as root is: they may mask,
+    /// unmask, reset and drive the test hooks of any device. (They reach
+    /// the socket through its mode and group like anyone else.)
+    pub admin_group: Option<String>,
     /// Clients served at once; further connections are refused.
     pub max_clients: usize,
     /// How long a client may take to send a request (and stay idle between
@@ -181,6 +187,7 @@ impl Default for DaemonConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o600,
             socket_group: None,
+            admin_group: None,
             max_clients: 64,
             client_timeout: Duration::from_secs(10),
             status_interval: Duration::from_secs(10),
@@ -275,6 +282,7 @@ struct RawDaemon {
     socket: Option<Spanned<PathBuf>>,
     socket_mode: Option<Spanned<u32>>,
     socket_group: Option<Spanned<String>>,
+    admin_group: Option<Spanned<String>>,
     max_clients: Option<Spanned<usize>>,
     client_timeout_ms: Option<Spanned<u64>>,
     status_interval_ms: Option<Spanned<u64>>,
@@ -500,6 +508,12 @@ impl Checker<'_> {
                 return Err(self.invalid(g.span(), "socket-group must not be empty"));
             }
             d.socket_group = Some(g.into_inner());
+        }
+        if let Some(g) = raw.admin_group {
+            if g.get_ref().is_empty() {
+                return Err(self.invalid(g.span(), "admin-group must not be empty"));
+            }
+            d.admin_group = Some(g.into_inner());
         }
         if let Some(n) = raw.max_clients {
             if *n.get_ref() == 0 || *n.get_ref() > 4096 {

@@ -213,9 +213,25 @@ impl crate::kvm::assign::DeviceSide for SimSide {
     }
 }
 
+/// Who sent a request (SO_PEERCRED) and its role: an operator (root, the
+/// daemon's uid, the admin group) may act on any device the daemon owns; a
+/// VMM (the socket group) reads everything but masks, unmasks, resets and
+/// drives test hooks only on the device of a session it holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub(crate) uid: u32,
+    pub(crate) pid: Option<i32>,
+    pub(crate) operator: bool,
+}
+
 impl Daemon {
     /// Answers one control request (sessions are handled by the server).
-    pub(crate) async fn handle(self: &Arc<Self>, request: Request) -> Response {
+    pub(crate) async fn handle(self: &Arc<Self>, request: Request, peer: &Peer) -> Response {
+        if let Some(bdf) = request.acts_on() {
+            if let Err(r) = self.may_act(bdf, peer) {
+                return r;
+            }
+        }
         match request {
             Request::Ping => Response::ok(PingReply {
                 pid: std::process::id(),
@@ -296,6 +312,33 @@ impl Daemon {
         }
     }
 
+    /// Refuses a VMM acting on a device that is not its session's.
+    fn may_act(&self, text: &str, peer: &Peer) -> Result<(), Response> {
+        if peer.operator {
+            return Ok(());
+        }
+        let dev = self.owned(text)?;
+        let owner = self
+            .session_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&dev.bdf())
+            .copied();
+        if peer.pid.is_some() && owner == Some(peer.pid) {
+            return Ok(());
+        }
+        Err(Response::error(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{}: uid {} (pid {}) may act only on the device of its own VMM session; \
+                 acting on other devices needs root or the admin-group",
+                dev.bdf(),
+                peer.uid,
+                peer.pid.map_or("unknown".to_owned(), |p| p.to_string())
+            ),
+        ))
+    }
+
     fn owned(&self, text: &str) -> Result<Arc<ManagedDevice>, Response> {
         let bdf = server::bdf_arg(text)?;
         self.device(bdf).ok_or_else(|| server::not_owned(bdf))
@@ -362,7 +405,11 @@ impl Daemon {
                 owned: true,
             });
         }
-        match tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict(bdf)).await {
+        // Read-only: someone else may be using a device the daemon does
+        // not own; nothing is toggled.
+        let verdict =
+            tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict_read_only(bdf));
+        match verdict.await {
             Ok(Ok(v)) => Response::ok(ProbeReport {
                 bdf: bdf.to_string(),
                 supported: Some(v.supported),

@@ -170,8 +170,8 @@ pub enum DaemonError {
         /// The holder's pid, as written in the lock file.
         pid: Option<u32>,
     },
-    /// The configured socket group does not exist.
-    #[error("socket-group {name:?} does not exist")]
+    /// The configured socket or admin group does not exist.
+    #[error("group {name:?} does not exist")]
     NoSuchGroup {
         /// The group.
         name: String,
@@ -202,17 +202,16 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
         })?;
         config.daemon.socket = socket.to_owned();
     }
-    let group = match &config.daemon.socket_group {
-        None => None,
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| DaemonError::NoSuchGroup { name: name.clone() })?
-                .gid
-                .as_raw(),
-        ),
+    let gid = |name: &Option<String>| match name {
+        None => Ok(None),
+        Some(name) => nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| Some(g.gid.as_raw()))
+            .ok_or_else(|| DaemonError::NoSuchGroup { name: name.clone() }),
     };
+    let group = gid(&config.daemon.socket_group)?;
+    let admin_group = gid(&config.daemon.admin_group)?;
     // Before any device is touched: a second instance stops here.
     let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -223,7 +222,7 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    let result = runtime.block_on(main(config, group, socket.map(Path::to_owned)));
+    let result = runtime.block_on(main(config, group, admin_group, socket.map(Path::to_owned)));
     // A reload still reading a configuration file that does not answer is
     // abandoned, not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -233,6 +232,7 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
 async fn main(
     config: Config,
     group: Option<u32>,
+    admin_group: Option<u32>,
     socket_override: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
@@ -251,6 +251,8 @@ async fn main(
         started,
         euid: nix::unistd::geteuid().as_raw(),
         group,
+        admin_group,
+        session_owners: Mutex::new(BTreeMap::new()),
         #[cfg(feature = "testkit")]
         example: Mutex::new(None),
         socket_override,

@@ -34,6 +34,11 @@ pub struct Daemon {
     pub(crate) started: Instant,
     pub(crate) euid: u32,
     pub(crate) group: Option<u32>,
+    /// The admin group's gid: its members are operators.
+    pub(crate) admin_group: Option<u32>,
+    /// The pid (SO_PEERCRED) of each session's VMM, by device: it may act
+    /// on that device from other connections.
+    pub(crate) session_owners: Mutex<BTreeMap<Bdf, Option<i32>>>,
     #[cfg(feature = "testkit")]
     pub(crate) example: Mutex<Option<example::ExampleGuest>>,
     /// The socket given on the command line, over the configuration's.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::backend::ConfigSpace;
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
-use crate::daemon::control::failure;
+use crate::daemon::control::{failure, Peer};
 use crate::daemon::metrics::ControlEvent;
 use crate::daemon::protocol::SessionReport;
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
@@ -196,6 +196,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         let _ = send(&mut conn.stream, &r).await;
         return;
     }
+    let peer = Peer {
+        uid: cred.uid(),
+        pid: cred.pid(),
+        operator: daemon.operator(cred.uid(), cred.gid(), cred.pid()),
+    };
     let timeout = daemon.config().daemon.client_timeout;
     loop {
         let frame = match tokio::time::timeout(timeout, conn.next_frame()).await {
@@ -267,10 +272,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         } = request
         {
             let attached = attach(&daemon, bdf, vfio_device_fd, path, fds).await;
-            session(&daemon, conn, attached, permit).await;
+            session(&daemon, conn, attached, permit, peer.pid).await;
             return;
         }
-        let response = daemon.handle(request).await;
+        let response = daemon.handle(request, &peer).await;
         if send(&mut conn.stream, &response).await.is_err() {
             return;
         }
@@ -289,6 +294,7 @@ async fn session(
     mut conn: Conn,
     attached: Result<(Arc<ManagedDevice>, SessionReport), Response>,
     permit: OwnedSemaphorePermit,
+    owner: Option<i32>,
 ) {
     let dev = match attached {
         Ok((dev, report)) => {
@@ -306,6 +312,7 @@ async fn session(
             return;
         }
     };
+    lock(&daemon.session_owners).insert(dev.bdf(), owner);
     if let Some(suppressed) = daemon.events.note(ControlEvent::SessionStarted) {
         info!(bdf = %dev.bdf(), suppressed, "VMM session started");
     }
@@ -348,6 +355,7 @@ async fn session(
 /// Detaches a session; a VMM's own device is released with it (INTx
 /// disarmed, the daemon's copy of its fd closed) before this returns.
 async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
+    lock(&daemon.session_owners).remove(&dev.bdf());
     dev.detach();
     if dev.handed_over.is_some() {
         daemon.release_handed_over(dev).await;
@@ -502,17 +510,28 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-impl Daemon {
-    /// Root, the daemon's own uid, and members of the socket group (the
-    /// peer's primary group from SO_PEERCRED, or a supplementary group
-    /// from its /proc status).
-    pub(crate) fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        if uid == 0 || uid == self.euid {
-            return true;
-        }
-        let Some(group) = self.group else {
-            return false;
-        };
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a peer is in `group`: its primary group from SO_PEERCRED, or a
+/// supplementary group from its /proc status.
+fn in_group(group: Option<u32>, gid: u32, pid: Option<i32>) -> bool {
+    group.is_some_and(|group| {
         gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
+    })
+}
+
+impl Daemon {
+    /// Root, the daemon's own uid, and members of the socket group or the
+    /// admin group.
+    pub(crate) fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        self.operator(uid, gid, pid) || in_group(self.group, gid, pid)
+    }
+
+    /// Operators: root, the daemon's own uid, and members of the admin
+    /// group. Everyone else allowed in is a VMM.
+    pub(crate) fn operator(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        uid == 0 || uid == self.euid || in_group(self.admin_group, gid, pid)
     }
 }

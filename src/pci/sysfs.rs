@@ -1078,6 +1078,17 @@ impl PciSysfs {
     /// - any other driver: the same read-only inference (nothing is
     ///   toggled under a live driver).
     pub fn masking_verdict(&self, bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+        self.verdict(bdf, true)
+    }
+
+    /// [`masking_verdict`](Self::masking_verdict) without the toggle test:
+    /// the read-only evidence only, for every driver (the daemon's answer
+    /// about a device it does not own, which someone else may be using).
+    pub fn masking_verdict_read_only(&self, bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+        self.verdict(bdf, false)
+    }
+
+    fn verdict(&self, bdf: Bdf, toggle: bool) -> Result<MaskingVerdict, SysfsError> {
         let driver = self.driver(bdf)?;
         let ids = self.ids(bdf)?;
         let verdict = |supported, source| MaskingVerdict {
@@ -1087,7 +1098,7 @@ impl PciSysfs {
             supported,
             source,
         };
-        if driver.is_none() || driver.as_deref() == Some(UIO_PCI_GENERIC) {
+        if toggle && (driver.is_none() || driver.as_deref() == Some(UIO_PCI_GENERIC)) {
             let support = self.probe_masking(bdf)?;
             let source = match support.reason {
                 MaskingReason::Quirk(q) => Source::QuirkTable(q),
@@ -1300,4 +1311,9 @@ impl ConfigSpace for SysfsConfig {
 /// [`PciSysfs::masking_verdict`] on the real host.
 pub fn masking_verdict(bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
     PciSysfs::default().masking_verdict(bdf)
+}
+
+/// [`PciSysfs::masking_verdict_read_only`] on the real host.
+pub fn masking_verdict_read_only(bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+    PciSysfs::default().masking_verdict_read_only(bdf)
 }

@@ -594,3 +594,74 @@ fn client_faults_and_sessions_are_counted_per_cause_and_logged_rate_limited() {
         }
     }
 }
+
+/// Runs tests/daemon/scripts/vmm_roles.py against `d` as uid/gid 65534
+/// (nobody/nogroup); its answers by step.
+fn vmm_as_nobody(d: &Daemon) -> serde_json::Value {
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/daemon/scripts/vmm_roles.py"
+    );
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["/usr/bin/python3", script])
+        .arg(&d.socket)
+        .args([A, B])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_vmm_acts_only_on_its_own_sessions_device_and_operators_on_any() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_vmm_acts_only_on_its_own_sessions_device_and_operators_on_any: needs root to run a client as uid 65534");
+        return;
+    }
+    let devices = format!("{}{}", device(A, ""), device(B, ""));
+    let d = Daemon::start_with("socket-group = \"nogroup\"\nsocket-mode = 0o660", &devices);
+    let r = vmm_as_nobody(&d);
+    let result = |step: &str| r[step]["result"].as_str().unwrap_or("").to_owned();
+    let kind = |step: &str| r[step]["kind"].as_str().unwrap_or("").to_owned();
+    assert_eq!(result("status"), "ok", "{r}");
+    assert_eq!(result("session"), "ok", "{r}");
+    for step in ["mask-own", "unmask-own", "reset-own"] {
+        assert_eq!(result(step), "ok", "{step}: {r}");
+    }
+    for step in [
+        "mask-before-session",
+        "mask-other",
+        "reset-other",
+        "sim-raise-other",
+    ] {
+        assert_eq!(kind(step), "permission-denied", "{step}: {r}");
+    }
+    assert!(
+        r["mask-other"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin-group"),
+        "{r}"
+    );
+    assert_eq!(device_status(&d, B).held, None);
+    assert_eq!(device_status(&d, B).stats.engine.resets, 0);
+    // Root is an operator.
+    assert!(d.cli(&["mask", B]).status.success());
+    assert!(d.cli(&["unmask", B]).status.success());
+    // So is a member of the admin group.
+    let d = Daemon::start_with(
+        "socket-group = \"nogroup\"\nsocket-mode = 0o660\nadmin-group = \"nogroup\"",
+        &devices,
+    );
+    let r = vmm_as_nobody(&d);
+    for step in [
+        "mask-before-session",
+        "mask-other",
+        "reset-other",
+        "sim-raise-other",
+    ] {
+        assert_eq!(r[step]["result"], "ok", "{step}: {r}");
+    }
+}
