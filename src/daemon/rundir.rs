@@ -58,7 +58,7 @@ pub(crate) fn open_dir(socket: &Path, euid: u32) -> Result<File, DaemonError> {
 /// (with the holder's pid written in it) until the process exits.
 #[derive(Debug)]
 pub(crate) struct InstanceLock {
-    _file: File,
+    _file: nix::fcntl::Flock<File>,
 }
 
 /// Takes the instance lock for `socket` (checking its directory first,
@@ -71,7 +71,7 @@ pub(crate) fn lock(socket: &Path, euid: u32) -> Result<InstanceLock, DaemonError
         let path = path.clone();
         move |source| DaemonError::Socket { path, op, source }
     };
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -80,9 +80,10 @@ pub(crate) fn lock(socket: &Path, euid: u32) -> Result<InstanceLock, DaemonError
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(fail("opening the instance lock"))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(locked) => locked,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             return Err(DaemonError::Locked {
@@ -90,10 +91,8 @@ pub(crate) fn lock(socket: &Path, euid: u32) -> Result<InstanceLock, DaemonError
                 lock: path,
             });
         }
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(fail("taking the instance lock")(e));
-        }
-    }
+        Err((_, e)) => return Err(fail("taking the instance lock")(e.into())),
+    };
     file.set_len(0)
         .and_then(|()| file.rewind())
         .and_then(|()| writeln!(file, "{}", std::process::id()))
