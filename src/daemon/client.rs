@@ -63,23 +63,10 @@ pub struct Client {
 
 impl Client {
     /// Connects to the socket at `path`; requests time out after `timeout`.
+    /// A daemon whose backlog is full (it stopped accepting) is
+    /// [`ClientError::NotAnswering`] after `timeout`, too.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| {
-            if matches!(
-                source.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) {
-                ClientError::NotRunning {
-                    path: path.to_owned(),
-                    source,
-                }
-            } else {
-                ClientError::Connect {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        })?;
+        let stream = connect_within(path, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         Ok(Self {
@@ -235,4 +222,55 @@ fn timed_out(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+/// Connects without blocking in connect(2): a Unix socket whose backlog
+/// is full answers EAGAIN to a non-blocking connect, retried until
+/// `timeout`.
+fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let failed = |source: io::Error| {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        ) {
+            ClientError::NotRunning {
+                path: path.to_owned(),
+                source,
+            }
+        } else {
+            ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    };
+    let addr = UnixAddr::new(path).map_err(|e| failed(e.into()))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| failed(e.into()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(ClientError::NotAnswering {
+                    path: path.to_owned(),
+                    timeout,
+                })
+            }
+            Err(e) => return Err(failed(e.into())),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }

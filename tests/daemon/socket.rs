@@ -665,3 +665,47 @@ fn a_vmm_acts_only_on_its_own_sessions_device_and_operators_on_any() {
         assert_eq!(r[step]["result"], "ok", "{step}: {r}");
     }
 }
+
+#[test]
+fn the_cli_reports_a_daemon_whose_backlog_is_full_as_not_answering() {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    // A hung daemon that stopped accepting: its backlog (0: one pending
+    // connection) is full, so a blocking connect(2) would wait for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("control.sock");
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(listener.as_raw_fd(), &UnixAddr::new(&socket_path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let _pending = std::os::unix::net::UnixStream::connect(&socket_path).unwrap();
+    let start = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["status", "--json", "--timeout", "1", "--socket"])
+        .arg(&socket_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the CLI still waits after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(i32::from(exit::UNREACHABLE)));
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(stdout.contains("not answering"), "{stdout}");
+    println!("answered 'not answering' after {:?}", start.elapsed());
+}
