@@ -713,6 +713,14 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_group_is_read_and_an_empty_one_refused() {
+        let c = parse("[daemon]\nadmin-group = \"wheel\"\n").unwrap();
+        assert_eq!(c.daemon.admin_group.as_deref(), Some("wheel"));
+        let e = parse("[daemon]\nadmin-group = \"\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:2:15: admin-group"), "{e}");
+    }
+
+    #[test]
     fn line_column_counts_from_one() {
         assert_eq!(line_column("ab\ncd", 0), (1, 1));
         assert_eq!(line_column("ab\ncd", 4), (2, 2));

@@ -450,7 +450,10 @@ mod tests {
         assert_eq!(eperm.kind().exit_code(), exit::PERMISSION);
         let ebusy = io::Error::from_raw_os_error(libc::EBUSY);
         assert_eq!(HasKind::kind(&ebusy), Kind::Busy);
-        let other = DaemonError::NoSuchGroup { name: "kvm".into() };
+        let other = DaemonError::NoSuchGroup {
+            key: "socket-group",
+            name: "kvm".into(),
+        };
         assert_eq!(other.kind().exit_code(), exit::RUNTIME);
     }
 }

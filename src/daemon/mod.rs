@@ -171,8 +171,10 @@ pub enum DaemonError {
         pid: Option<u32>,
     },
     /// The configured socket or admin group does not exist.
-    #[error("group {name:?} does not exist")]
+    #[error("{key} {name:?} does not exist")]
     NoSuchGroup {
+        /// The configuration key naming it.
+        key: &'static str,
         /// The group.
         name: String,
     },
@@ -202,16 +204,19 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
         })?;
         config.daemon.socket = socket.to_owned();
     }
-    let gid = |name: &Option<String>| match name {
+    let gid = |key, name: &Option<String>| match name {
         None => Ok(None),
         Some(name) => nix::unistd::Group::from_name(name)
             .ok()
             .flatten()
             .map(|g| Some(g.gid.as_raw()))
-            .ok_or_else(|| DaemonError::NoSuchGroup { name: name.clone() }),
+            .ok_or_else(|| DaemonError::NoSuchGroup {
+                key,
+                name: name.clone(),
+            }),
     };
-    let group = gid(&config.daemon.socket_group)?;
-    let admin_group = gid(&config.daemon.admin_group)?;
+    let group = gid("socket-group", &config.daemon.socket_group)?;
+    let admin_group = gid("admin-group", &config.daemon.admin_group)?;
     // Before any device is touched: a second instance stops here.
     let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
