@@ -6,7 +6,7 @@
 //! `--json` the result (or the error) is printed as one JSON document on
 //! stdout. Exit codes are those of [`crate::daemon::exit`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,10 @@ pub struct Common {
     /// The daemon's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Seconds to wait for the daemon's answer before reporting it as not
+    /// answering (exit 7).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub timeout: u64,
 }
 
 /// Options of the commands that change a device's binding.
@@ -271,18 +275,13 @@ pub fn run(command: Command) -> ExitCode {
 }
 
 fn parse_bdf(text: &str) -> Result<Bdf, Failure> {
-    text.parse::<Bdf>().map_err(|e| {
-        Failure::new(
-            exit::USAGE,
-            "usage",
-            format!("invalid PCI address {text:?}: {e}"),
-        )
-    })
+    text.parse::<Bdf>()
+        .map_err(|e| Failure::new(exit::USAGE, "usage", e.to_string()))
 }
 
 /// Connects to the daemon; `None` when it is not running.
-fn reach(socket: &Path) -> Result<Option<Client>, Failure> {
-    match Client::connect(socket, Duration::from_secs(30)) {
+fn reach(common: &Common) -> Result<Option<Client>, Failure> {
+    match Client::connect(&common.socket, Duration::from_secs(common.timeout.max(1))) {
         Ok(c) => Ok(Some(c)),
         Err(ClientError::NotRunning { .. }) => Ok(None),
         Err(e) => Err(Failure::from_error(&e)),
@@ -299,7 +298,7 @@ fn ask(client: &mut Client, request: &Request) -> Result<Value, Failure> {
 }
 
 fn need_daemon(common: &Common) -> Result<Client, Failure> {
-    reach(&common.socket)?.ok_or_else(|| {
+    reach(common)?.ok_or_else(|| {
         Failure::new(
             exit::UNREACHABLE,
             "unreachable",
@@ -362,7 +361,7 @@ fn status(common: &Common) -> Result<Output, Failure> {
 
 fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
-    let data = match reach(&common.socket)? {
+    let data = match reach(common)? {
         Some(mut client) => ask(
             &mut client,
             &Request::Probe {
@@ -389,7 +388,7 @@ fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
 /// Refuses to touch the binding of a device the daemon owns (whatever
 /// `--force` says: the daemon would lose a device in service).
 fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> {
-    if let Some(mut client) = reach(&common.socket)? {
+    if let Some(mut client) = reach(common)? {
         let data = ask(&mut client, &Request::Status)?;
         let owned = data["devices"]
             .as_array()
@@ -578,7 +577,7 @@ fn unbind(text: &str, change: &Change, common: &Common) -> Result<Output, Failur
 
 fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
-    if let Some(mut client) = reach(&common.socket)? {
+    if let Some(mut client) = reach(common)? {
         let request = Request::Reset {
             bdf: bdf.to_string(),
         };

@@ -39,6 +39,15 @@ pub enum ClientError {
     /// The daemon's answer could not be decoded.
     #[error("the vfio-intx daemon's answer could not be decoded")]
     Frame(#[from] FrameError),
+    /// The daemon accepted the connection but did not answer in time (hung
+    /// or stalled).
+    #[error("{}: the vfio-intx daemon is not answering (nothing within {timeout:?})", .path.display())]
+    NotAnswering {
+        /// The socket.
+        path: PathBuf,
+        /// How long the client waited.
+        timeout: Duration,
+    },
     /// The daemon closed the connection without answering.
     #[error("the vfio-intx daemon closed the connection without answering")]
     Closed,
@@ -48,30 +57,23 @@ pub enum ClientError {
 #[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
+    path: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
     /// Connects to the socket at `path`; requests time out after `timeout`.
+    /// A daemon whose backlog is full (it stopped accepting) is
+    /// [`ClientError::NotAnswering`] after `timeout`, too.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| {
-            if matches!(
-                source.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) {
-                ClientError::NotRunning {
-                    path: path.to_owned(),
-                    source,
-                }
-            } else {
-                ClientError::Connect {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        })?;
+        let stream = connect_within(path, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(Self { stream })
+        Ok(Self {
+            stream,
+            path: path.to_owned(),
+            timeout,
+        })
     }
 
     /// Waits for answers without a time limit (sessions).
@@ -93,11 +95,30 @@ impl Client {
     ) -> Result<Response, ClientError> {
         let frame = protocol::encode(request)?;
         if let Err(e) = self.send_frame(&frame, fds) {
+            if timed_out(&e) {
+                return Err(self.not_answering());
+            }
             // The daemon may have answered and closed before reading (a
             // refused peer): its answer says more than EPIPE.
             return self.read_response().map_err(|_| ClientError::Io(e));
         }
         self.read_response()
+    }
+
+    fn not_answering(&self) -> ClientError {
+        ClientError::NotAnswering {
+            path: self.path.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// An I/O error that is the socket's timeout expiring.
+    fn io(&self, e: io::Error) -> ClientError {
+        if timed_out(&e) {
+            self.not_answering()
+        } else {
+            ClientError::Io(e)
+        }
     }
 
     fn send_frame(&mut self, frame: &[u8], fds: &[RawFd]) -> io::Result<()> {
@@ -151,7 +172,7 @@ impl Client {
             return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
                 ClientError::Closed
             } else {
-                e.into()
+                self.io(e)
             });
         }
         let len = u32::from_be_bytes(header) as usize;
@@ -159,7 +180,7 @@ impl Client {
             return Err(FrameError::TooLarge { len }.into());
         }
         let mut body = vec![0; len];
-        self.stream.read_exact(&mut body)?;
+        self.stream.read_exact(&mut body).map_err(|e| self.io(e))?;
         Ok(protocol::decode(&body)?)
     }
 
@@ -192,4 +213,64 @@ impl Client {
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
+}
+
+/// Whether `e` is a socket timeout expiring (`SO_RCVTIMEO`/`SO_SNDTIMEO`
+/// report EAGAIN).
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Connects without blocking in connect(2): a Unix socket whose backlog
+/// is full answers EAGAIN to a non-blocking connect, retried until
+/// `timeout`.
+fn connect_within(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let failed = |source: io::Error| {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        ) {
+            ClientError::NotRunning {
+                path: path.to_owned(),
+                source,
+            }
+        } else {
+            ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    };
+    let addr = UnixAddr::new(path).map_err(|e| failed(e.into()))?;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| failed(e.into()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(ClientError::NotAnswering {
+                    path: path.to_owned(),
+                    timeout,
+                })
+            }
+            Err(e) => return Err(failed(e.into())),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }

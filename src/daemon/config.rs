@@ -4,8 +4,9 @@
 //! ```toml
 //! [daemon]
 //! socket = "/run/vfio-intx/control.sock"
-//! socket-mode = 0o660          # must include 0o600
+//! socket-mode = 0o660          # must include 0o600, nothing for others
 //! socket-group = "kvm"         # members may connect (SO_PEERCRED checked)
+//! admin-group = "vfio-admin"   # members are operators (mask, reset any device)
 //! max-clients = 64
 //! client-timeout-ms = 10000
 //! status-interval-ms = 10000
@@ -164,8 +165,13 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Permission bits of the control socket.
     pub socket_mode: u32,
-    /// Group that owns the control socket and whose members may use it.
+    /// Group that owns the control socket and whose members may use it:
+    /// as VMMs, acting only on their own session's device.
     pub socket_group: Option<String>,
+    /// Group whose members are operators, as root is: they may mask,
+    /// unmask, reset and drive the test hooks of any device. (They reach
+    /// the socket through its mode and group like anyone else.)
+    pub admin_group: Option<String>,
     /// Clients served at once; further connections are refused.
     pub max_clients: usize,
     /// How long a client may take to send a request (and stay idle between
@@ -181,6 +187,7 @@ impl Default for DaemonConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_mode: 0o600,
             socket_group: None,
+            admin_group: None,
             max_clients: 64,
             client_timeout: Duration::from_secs(10),
             status_interval: Duration::from_secs(10),
@@ -275,6 +282,7 @@ struct RawDaemon {
     socket: Option<Spanned<PathBuf>>,
     socket_mode: Option<Spanned<u32>>,
     socket_group: Option<Spanned<String>>,
+    admin_group: Option<Spanned<String>>,
     max_clients: Option<Spanned<usize>>,
     client_timeout_ms: Option<Spanned<u64>>,
     status_interval_ms: Option<Spanned<u64>>,
@@ -447,6 +455,22 @@ impl Config {
     }
 }
 
+/// The longest control socket path: `sun_path` holds 108 bytes including
+/// the terminating NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Whether `path` fits in a Unix socket address; the message says why not.
+pub fn socket_path_fits(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket path is {len} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH} \
+             (sun_path is 108 bytes with its NUL)"
+        ));
+    }
+    Ok(())
+}
+
 impl Checker<'_> {
     fn daemon(&self, raw: Option<RawDaemon>) -> Result<DaemonConfig, ConfigError> {
         let mut d = DaemonConfig::default();
@@ -454,6 +478,9 @@ impl Checker<'_> {
         if let Some(s) = raw.socket {
             if !s.get_ref().is_absolute() {
                 return Err(self.invalid(s.span(), "socket must be an absolute path"));
+            }
+            if let Err(message) = socket_path_fits(s.get_ref()) {
+                return Err(self.invalid(s.span(), message));
             }
             d.socket = s.into_inner();
         }
@@ -464,6 +491,16 @@ impl Checker<'_> {
                     "socket-mode must be permission bits (at most 0o777) including 0o600",
                 ));
             }
+            if *m.get_ref() & 0o007 != 0 {
+                return Err(self.invalid(
+                    m.span(),
+                    format!(
+                        "socket-mode {:#o} gives every local user access to the daemon; use the \
+                         socket-group for the VMMs (e.g. 0o660)",
+                        m.get_ref()
+                    ),
+                ));
+            }
             d.socket_mode = m.into_inner();
         }
         if let Some(g) = raw.socket_group {
@@ -471,6 +508,12 @@ impl Checker<'_> {
                 return Err(self.invalid(g.span(), "socket-group must not be empty"));
             }
             d.socket_group = Some(g.into_inner());
+        }
+        if let Some(g) = raw.admin_group {
+            if g.get_ref().is_empty() {
+                return Err(self.invalid(g.span(), "admin-group must not be empty"));
+            }
+            d.admin_group = Some(g.into_inner());
         }
         if let Some(n) = raw.max_clients {
             if *n.get_ref() == 0 || *n.get_ref() > 4096 {
@@ -667,6 +710,14 @@ mod tests {
         assert!(parse(fast).unwrap_err().to_string().contains("t.toml:4:8:"));
         let bind = "[[device]]\nbdf = \"0000:00:04.0\"\nbackend = \"sim\"\nbind = true\n";
         assert!(parse(bind).unwrap_err().to_string().contains("t.toml:4:8:"));
+    }
+
+    #[test]
+    fn the_admin_group_is_read_and_an_empty_one_refused() {
+        let c = parse("[daemon]\nadmin-group = \"wheel\"\n").unwrap();
+        assert_eq!(c.daemon.admin_group.as_deref(), Some("wheel"));
+        let e = parse("[daemon]\nadmin-group = \"\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("t.toml:2:15: admin-group"), "{e}");
     }
 
     #[test]

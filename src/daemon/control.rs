@@ -38,6 +38,8 @@ pub enum Kind {
     Busy,
     /// Not possible in the device's state or this build.
     Unsupported,
+    /// The daemon is not running or does not answer.
+    Unreachable,
     /// Anything else: it could not be done.
     Failed,
 }
@@ -51,7 +53,7 @@ impl Kind {
             Kind::PermissionDenied => ErrorKind::PermissionDenied,
             Kind::Busy => ErrorKind::Busy,
             Kind::Unsupported => ErrorKind::Unsupported,
-            Kind::Config | Kind::Failed => ErrorKind::Failed,
+            Kind::Config | Kind::Unreachable | Kind::Failed => ErrorKind::Failed,
         }
     }
 
@@ -62,6 +64,7 @@ impl Kind {
             Kind::NotFound => exit::NOT_FOUND,
             Kind::PermissionDenied => exit::PERMISSION,
             Kind::Busy => exit::BUSY,
+            Kind::Unreachable => exit::UNREACHABLE,
             Kind::BadRequest | Kind::Unsupported | Kind::Failed => exit::RUNTIME,
         }
     }
@@ -172,7 +175,10 @@ impl HasKind for AttachError {
 
 impl HasKind for ClientError {
     fn kind(&self) -> Kind {
-        os_kind(self)
+        match self {
+            ClientError::NotRunning { .. } | ClientError::NotAnswering { .. } => Kind::Unreachable,
+            _ => os_kind(self),
+        }
     }
 }
 
@@ -181,6 +187,8 @@ impl HasKind for DaemonError {
         match self {
             DaemonError::Config(e) => e.kind(),
             DaemonError::Device(e) => e.kind(),
+            DaemonError::AlreadyRunning { .. } | DaemonError::Locked { .. } => Kind::Busy,
+            DaemonError::UnsafeDirectory { .. } => Kind::PermissionDenied,
             _ => os_kind(self),
         }
     }
@@ -205,9 +213,25 @@ impl crate::kvm::assign::DeviceSide for SimSide {
     }
 }
 
+/// Who sent a request (SO_PEERCRED) and its role: an operator (root, the
+/// daemon's uid, the admin group) may act on any device the daemon owns; a
+/// VMM (the socket group) reads everything but masks, unmasks, resets and
+/// drives test hooks only on the device of a session it holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer {
+    pub(crate) uid: u32,
+    pub(crate) pid: Option<i32>,
+    pub(crate) operator: bool,
+}
+
 impl Daemon {
     /// Answers one control request (sessions are handled by the server).
-    pub(crate) async fn handle(self: &Arc<Self>, request: Request) -> Response {
+    pub(crate) async fn handle(self: &Arc<Self>, request: Request, peer: &Peer) -> Response {
+        if let Some(bdf) = request.acts_on() {
+            if let Err(r) = self.may_act(bdf, peer) {
+                return r;
+            }
+        }
         match request {
             Request::Ping => Response::ok(PingReply {
                 pid: std::process::id(),
@@ -230,9 +254,9 @@ impl Daemon {
             }
             Request::Metrics => {
                 let stats: Vec<DeviceStats> = self.all().iter().map(|d| d.stats()).collect();
-                Response::ok(MetricsReply {
-                    text: metrics::prometheus(&stats),
-                })
+                let mut text = metrics::prometheus(&stats);
+                text.push_str(&self.events.prometheus());
+                Response::ok(MetricsReply { text })
             }
             Request::Reset { bdf } => {
                 let dev = match self.owned(&bdf) {
@@ -286,6 +310,33 @@ impl Daemon {
                 "sessions are started on a connection of their own",
             ),
         }
+    }
+
+    /// Refuses a VMM acting on a device that is not its session's.
+    fn may_act(&self, text: &str, peer: &Peer) -> Result<(), Response> {
+        if peer.operator {
+            return Ok(());
+        }
+        let dev = self.owned(text)?;
+        let owner = self
+            .session_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&dev.bdf())
+            .copied();
+        if peer.pid.is_some() && owner == Some(peer.pid) {
+            return Ok(());
+        }
+        Err(Response::error(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{}: uid {} (pid {}) may act only on the device of its own VMM session; \
+                 acting on other devices needs root or the admin-group",
+                dev.bdf(),
+                peer.uid,
+                peer.pid.map_or("unknown".to_owned(), |p| p.to_string())
+            ),
+        ))
     }
 
     fn owned(&self, text: &str) -> Result<Arc<ManagedDevice>, Response> {
@@ -355,7 +406,11 @@ impl Daemon {
                 owned: true,
             });
         }
-        match tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict(bdf)).await {
+        // Read-only: someone else may be using a device the daemon does
+        // not own; nothing is toggled.
+        let verdict =
+            tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict_read_only(bdf));
+        match verdict.await {
             Ok(Ok(v)) => Response::ok(ProbeReport {
                 bdf: bdf.to_string(),
                 supported: Some(v.supported),
@@ -397,7 +452,10 @@ mod tests {
         assert_eq!(eperm.kind().exit_code(), exit::PERMISSION);
         let ebusy = io::Error::from_raw_os_error(libc::EBUSY);
         assert_eq!(HasKind::kind(&ebusy), Kind::Busy);
-        let other = DaemonError::NoSuchGroup { name: "kvm".into() };
+        let other = DaemonError::NoSuchGroup {
+            key: "socket-group",
+            name: "kvm".into(),
+        };
         assert_eq!(other.kind().exit_code(), exit::RUNTIME);
     }
 }

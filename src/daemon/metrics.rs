@@ -1,6 +1,7 @@
 //! Per-device metrics beyond the engine's counters: the interrupt round trip
 //! (injection to the guest's EOI), time held masked, storms, EOI timeouts;
-//! and the Prometheus text rendering of everything.
+//! the control socket's events per cause; and the Prometheus text
+//! rendering of everything.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -280,6 +281,108 @@ pub fn prometheus(devices: &[DeviceStats]) -> String {
         let _ = writeln!(out, "{name}_count{{bdf=\"{}\"}} {}", d.bdf, h.count);
     }
     out
+}
+
+/// A control-socket event a client can cause at will: counted per cause,
+/// logged rate limited per cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ControlEvent {
+    /// A peer neither root, the daemon's uid nor in the socket group.
+    Unauthorized,
+    /// A connection beyond `max-clients`.
+    TooManyClients,
+    /// A malformed or oversized frame, undecodable JSON, the wrong
+    /// descriptors.
+    BadFrame,
+    /// No complete request within `client-timeout-ms`.
+    Timeout,
+    /// A VMM session started.
+    SessionStarted,
+    /// A VMM session ended.
+    SessionEnded,
+}
+
+impl ControlEvent {
+    const ALL: [Self; 6] = [
+        Self::Unauthorized,
+        Self::TooManyClients,
+        Self::BadFrame,
+        Self::Timeout,
+        Self::SessionStarted,
+        Self::SessionEnded,
+    ];
+
+    /// The `cause` label.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::TooManyClients => "too-many-clients",
+            Self::BadFrame => "bad-frame",
+            Self::Timeout => "timeout",
+            Self::SessionStarted => "session-started",
+            Self::SessionEnded => "session-ended",
+        }
+    }
+}
+
+/// Counts of [`ControlEvent`]s and their log limiters: a client's faults
+/// get one line per cause per ten seconds, sessions three per five
+/// seconds (every one in normal operation, not a flood's).
+#[derive(Debug)]
+pub(crate) struct ControlEvents {
+    counts: [AtomicU64; ControlEvent::ALL.len()],
+    limits: std::sync::Mutex<[crate::ratelimit::LogLimiter; ControlEvent::ALL.len()]>,
+}
+
+impl Default for ControlEvents {
+    fn default() -> Self {
+        use crate::ratelimit::LogLimiter;
+        Self {
+            counts: Default::default(),
+            limits: std::sync::Mutex::new(ControlEvent::ALL.map(|e| match e {
+                ControlEvent::SessionStarted | ControlEvent::SessionEnded => {
+                    LogLimiter::new(Duration::from_secs(5), 3)
+                }
+                _ => LogLimiter::new(Duration::from_secs(10), 1),
+            })),
+        }
+    }
+}
+
+impl ControlEvents {
+    /// Counts `event`; `Some(n)` when it may be logged, `n` the lines of
+    /// its cause suppressed since the last one.
+    pub(crate) fn note(&self, event: ControlEvent) -> Option<u32> {
+        let i = event as usize;
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut limits = self
+            .limits
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        limits.get_mut(i).and_then(|l| l.admit())
+    }
+
+    /// The Prometheus rows.
+    pub(crate) fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP vfio_intx_control_events_total Control-socket events by cause \
+             (refusals, bad frames, timeouts, sessions); their log lines are rate limited."
+        );
+        let _ = writeln!(out, "# TYPE vfio_intx_control_events_total counter");
+        for (e, c) in ControlEvent::ALL.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "vfio_intx_control_events_total{{cause=\"{}\"}} {}",
+                e.name(),
+                c.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ mod example;
 pub mod metrics;
 pub mod protocol;
 mod registry;
+mod rundir;
 mod server;
 pub(crate) mod service;
 mod sys;
@@ -136,9 +137,44 @@ pub enum DaemonError {
         /// The socket.
         path: PathBuf,
     },
-    /// The configured socket group does not exist.
-    #[error("socket-group {name:?} does not exist")]
+    /// Something other than a socket is at the socket path.
+    #[error("{}: {what} is there, not a socket; refusing to remove it", .path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there.
+        what: &'static str,
+    },
+    /// The socket's directory could be changed by someone else.
+    #[error(
+        "{}: the control socket's directory is {why}; it must be owned by uid {euid} and \
+         writable by nobody else", .dir.display()
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        why: String,
+        /// The daemon's effective uid.
+        euid: u32,
+    },
+    /// Another daemon holds the instance lock.
+    #[error(
+        "{}: another vfio-intx daemon{} holds the instance lock; no device was touched",
+        .lock.display(),
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The lock file.
+        lock: PathBuf,
+        /// The holder's pid, as written in the lock file.
+        pid: Option<u32>,
+    },
+    /// The configured socket or admin group does not exist.
+    #[error("{key} {name:?} does not exist")]
     NoSuchGroup {
+        /// The configuration key naming it.
+        key: &'static str,
         /// The group.
         name: String,
     },
@@ -161,19 +197,28 @@ pub fn exit_code(error: &impl HasKind) -> u8 {
 pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
     let mut config = Config::load(path)?;
     if let Some(socket) = socket {
+        config::socket_path_fits(socket).map_err(|message| DaemonError::Socket {
+            path: socket.to_owned(),
+            op: "checking the socket path",
+            source: io::Error::new(io::ErrorKind::InvalidInput, message),
+        })?;
         config.daemon.socket = socket.to_owned();
     }
-    let group = match &config.daemon.socket_group {
-        None => None,
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| DaemonError::NoSuchGroup { name: name.clone() })?
-                .gid
-                .as_raw(),
-        ),
+    let gid = |key, name: &Option<String>| match name {
+        None => Ok(None),
+        Some(name) => nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| Some(g.gid.as_raw()))
+            .ok_or_else(|| DaemonError::NoSuchGroup {
+                key,
+                name: name.clone(),
+            }),
     };
+    let group = gid("socket-group", &config.daemon.socket_group)?;
+    let admin_group = gid("admin-group", &config.daemon.admin_group)?;
+    // Before any device is touched: a second instance stops here.
+    let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)
@@ -182,12 +227,17 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    runtime.block_on(main(config, group, socket.map(Path::to_owned)))
+    let result = runtime.block_on(main(config, group, admin_group, socket.map(Path::to_owned)));
+    // A reload still reading a configuration file that does not answer is
+    // abandoned, not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn main(
     config: Config,
     group: Option<u32>,
+    admin_group: Option<u32>,
     socket_override: Option<PathBuf>,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
@@ -206,9 +256,12 @@ async fn main(
         started,
         euid: nix::unistd::geteuid().as_raw(),
         group,
+        admin_group,
+        session_owners: Mutex::new(BTreeMap::new()),
         #[cfg(feature = "testkit")]
         example: Mutex::new(None),
         socket_override,
+        events: Default::default(),
     });
     let opened = open_devices(config.devices.clone()).await?;
     daemon.insert(opened);
@@ -232,11 +285,38 @@ async fn main(
     status_timer.tick().await;
     let watchdog = daemon.notifier.watchdog_interval();
     let mut watchdog_timer = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    // Reloads run beside the signal loop, so that neither SIGTERM nor the
+    // watchdog keepalive waits for one. SIGHUPs during a reload coalesce
+    // into one more. `stopping` is held while a reload changes devices and
+    // set at shutdown: a reload is abandoned while it reads the file,
+    // waited for while it changes devices, and none starts after.
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let reloader = tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        let stopping = Arc::clone(&stopping);
+        async move {
+            while reload_rx.recv().await.is_some() {
+                let Some(new) = daemon.load_for_reload().await else {
+                    continue;
+                };
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    break;
+                }
+                daemon.apply_reload(new).await;
+            }
+        }
+    });
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => daemon.reload().await,
+            _ = hup.recv() => {
+                if reload_tx.try_send(()).is_err() {
+                    info!("SIGHUP: a reload is under way; one more follows it");
+                }
+            }
             _ = status_timer.tick() => {
                 let status = daemon.status_line();
                 info!("{status}");
@@ -246,6 +326,8 @@ async fn main(
         }
     }
     daemon.notifier.stopping();
+    *stopping.lock().await = true;
+    reloader.abort();
     server.abort();
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;

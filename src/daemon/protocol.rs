@@ -189,6 +189,24 @@ impl Request {
         }
     }
 
+    /// The device a request changes (mask, unmask, reset, the test
+    /// hooks): an operator may name any, a VMM only its own session's.
+    pub fn acts_on(&self) -> Option<&str> {
+        match self {
+            Request::Reset { bdf }
+            | Request::Mask { bdf }
+            | Request::Unmask { bdf }
+            | Request::SimRaise { bdf, .. }
+            | Request::SimAck { bdf } => Some(bdf),
+            Request::Ping
+            | Request::Status
+            | Request::Stats { .. }
+            | Request::Metrics
+            | Request::Probe { .. }
+            | Request::Session { .. } => None,
+        }
+    }
+
     /// A session on the VMM's own VFIO device (send the device fd, the
     /// irqfd and the resample eventfd with it). `bdf` may be `None` where
     /// the kernel names a device fd's device (Linux 6.18+).

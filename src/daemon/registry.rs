@@ -34,10 +34,17 @@ pub struct Daemon {
     pub(crate) started: Instant,
     pub(crate) euid: u32,
     pub(crate) group: Option<u32>,
+    /// The admin group's gid: its members are operators.
+    pub(crate) admin_group: Option<u32>,
+    /// The pid (SO_PEERCRED) of each session's VMM, by device: it may act
+    /// on that device from other connections.
+    pub(crate) session_owners: Mutex<BTreeMap<Bdf, Option<i32>>>,
     #[cfg(feature = "testkit")]
     pub(crate) example: Mutex<Option<example::ExampleGuest>>,
     /// The socket given on the command line, over the configuration's.
     pub(crate) socket_override: Option<PathBuf>,
+    /// The control socket's events, counted and rate limited per cause.
+    pub(crate) events: crate::daemon::metrics::ControlEvents,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -308,27 +315,34 @@ impl Daemon {
         self.remove(None).await
     }
 
-    /// SIGHUP: re-reads the configuration; devices added are brought up,
-    /// devices removed (or whose settings changed) are handed back, the
-    /// rest are not touched. An invalid file changes nothing.
-    pub(crate) async fn reload(self: &Arc<Self>) {
+    /// SIGHUP, first half: re-reads the configuration (on the blocking
+    /// pool: a file that does not answer holds up nothing else, and the
+    /// read may be abandoned at shutdown). `None` when it is invalid: that
+    /// changes nothing.
+    pub(crate) async fn load_for_reload(&self) -> Option<Config> {
         self.notifier.reloading();
         let path = self.config().path;
-        let new = match Config::load(&path) {
-            Ok(mut c) => {
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+        let msg = match loaded {
+            Ok(Ok(mut c)) => {
                 if let Some(socket) = &self.socket_override {
                     c.daemon.socket = socket.clone();
                 }
-                c
+                return Some(c);
             }
-            Err(e) => {
-                let msg = crate::error_chain(&e);
-                error!(error = %msg, "reload failed; the previous configuration stays in force");
-                self.notifier
-                    .ready(&format!("reload failed ({msg}); {}", self.status_line()));
-                return;
-            }
+            Ok(Err(e)) => crate::error_chain(&e),
+            Err(e) => format!("reading the configuration could not run: {e}"),
         };
+        error!(error = %msg, "reload failed; the previous configuration stays in force");
+        self.notifier
+            .ready(&format!("reload failed ({msg}); {}", self.status_line()));
+        None
+    }
+
+    /// SIGHUP, second half: devices added are brought up, devices removed
+    /// (or whose settings changed) are handed back, the rest are not
+    /// touched.
+    pub(crate) async fn apply_reload(self: &Arc<Self>, new: Config) {
         let old = self.config();
         if new.daemon != old.daemon {
             warn!("changes to [daemon] take effect at the next restart");

@@ -13,23 +13,25 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::backend::ConfigSpace;
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
-use crate::daemon::control::failure;
+use crate::daemon::control::{failure, Peer};
+use crate::daemon::metrics::ControlEvent;
 use crate::daemon::protocol::SessionReport;
 use crate::daemon::protocol::{self, ErrorKind, FrameDecoder, FrameError, Request, Response};
 use crate::daemon::registry::Daemon;
 use crate::daemon::service::{self, rate_limit, AttachError, DeviceError, ManagedDevice};
-use crate::daemon::{sys, DaemonError};
+use crate::daemon::{rundir, sys, DaemonError};
 use crate::kvm::validate_eventfd;
 use crate::pci::Bdf;
 use crate::vfio::VfioBackend;
 
-/// Creates the control socket: its directory if missing, refusing to take
-/// over a socket another daemon still answers on, with the configured mode
-/// and group.
+/// Creates the control socket: its directory if missing (and checked, see
+/// `rundir`), replacing only a stale socket (refusing one another daemon
+/// still answers on, and anything that is not a socket), with the
+/// configured mode and group set without following symbolic links.
 pub(crate) fn bind(
     path: &Path,
     mode: u32,
@@ -39,19 +41,8 @@ pub(crate) fn bind(
         let path = path.to_owned();
         move |source| DaemonError::Socket { path, op, source }
     };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(fail("creating the socket's directory"))?;
-        }
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning {
-                path: path.to_owned(),
-            });
-        }
-        std::fs::remove_file(path).map_err(fail("removing a stale socket"))?;
-    }
+    let dir = rundir::open_dir(path, nix::unistd::geteuid().as_raw())?;
+    rundir::remove_stale(&dir, path)?;
     // Created with no access for anyone until the mode is set.
     let listener = {
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -59,15 +50,7 @@ pub(crate) fn bind(
         nix::sys::stat::umask(old);
         l.map_err(fail("binding"))?
     };
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(fail("setting the socket's group"))?;
-    }
-    std::fs::set_permissions(
-        path,
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
-    )
-    .map_err(fail("setting the socket's mode"))?;
+    rundir::set_owner_and_mode(&dir, path, mode, group)?;
     Ok(listener)
 }
 
@@ -86,6 +69,12 @@ pub(crate) async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
                         tokio::spawn(connection(daemon, stream, permit));
                     }
                     Err(_) => {
+                        if let Some(suppressed) = daemon.events.note(ControlEvent::TooManyClients) {
+                            info!(
+                                suppressed,
+                                "refusing a client: too many clients are connected"
+                            );
+                        }
                         tokio::spawn(refuse(stream));
                     }
                 }
@@ -191,7 +180,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         buf: vec![0; 64 * 1024],
     };
     if !daemon.authorized(cred.uid(), cred.gid(), cred.pid()) {
-        info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refusing a client: not allowed by uid or group");
+        if let Some(suppressed) = daemon.events.note(ControlEvent::Unauthorized) {
+            info!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), suppressed,
+                "refusing a client: not allowed by uid or group");
+        }
         let r = Response::error(
             ErrorKind::PermissionDenied,
             format!(
@@ -204,10 +196,21 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         let _ = send(&mut conn.stream, &r).await;
         return;
     }
+    let peer = Peer {
+        uid: cred.uid(),
+        pid: cred.pid(),
+        operator: daemon.operator(cred.uid(), cred.gid(), cred.pid()),
+    };
     let timeout = daemon.config().daemon.client_timeout;
     loop {
         let frame = match tokio::time::timeout(timeout, conn.next_frame()).await {
             Err(_) => {
+                if let Some(suppressed) = daemon.events.note(ControlEvent::Timeout) {
+                    info!(
+                        ?timeout,
+                        suppressed, "closing an idle client: no complete request in time"
+                    );
+                }
                 let r = Response::error(
                     ErrorKind::Timeout,
                     format!("no complete request within {timeout:?}; closing"),
@@ -222,7 +225,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                     ReadError::Frame(FrameError::TooLarge { .. }) => ErrorKind::FrameTooLarge,
                     _ => ErrorKind::BadRequest,
                 };
-                debug!(error = %crate::error_chain(&e), "closing a client after a bad frame");
+                if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                    info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
+                }
                 let r = Response::error(kind, crate::error_chain(&e));
                 let _ = send(&mut conn.stream, &r).await;
                 return;
@@ -231,6 +236,9 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         let request: Request = match protocol::decode(&frame) {
             Ok(r) => r,
             Err(e) => {
+                if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                    info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
+                }
                 let r = Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
                 let _ = send(&mut conn.stream, &r).await;
                 return;
@@ -238,6 +246,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         };
         let fds = std::mem::take(&mut conn.fds);
         if fds.len() != request.fds_expected() {
+            if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
+                info!(
+                    fds = fds.len(),
+                    expected = request.fds_expected(),
+                    suppressed,
+                    "closing a client after a bad frame: wrong number of descriptors"
+                );
+            }
             let r = Response::error(
                 ErrorKind::BadRequest,
                 format!(
@@ -256,10 +272,10 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         } = request
         {
             let attached = attach(&daemon, bdf, vfio_device_fd, path, fds).await;
-            session(&daemon, conn, attached, permit).await;
+            session(&daemon, conn, attached, permit, peer.pid).await;
             return;
         }
-        let response = daemon.handle(request).await;
+        let response = daemon.handle(request, &peer).await;
         if send(&mut conn.stream, &response).await.is_err() {
             return;
         }
@@ -267,12 +283,8 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
 }
 
 pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
-    text.parse::<Bdf>().map_err(|e| {
-        Response::error(
-            ErrorKind::BadRequest,
-            format!("invalid PCI address {text:?}: {e}"),
-        )
-    })
+    text.parse::<Bdf>()
+        .map_err(|e| Response::error(ErrorKind::BadRequest, e.to_string()))
 }
 
 /// Answers a session request; on success the connection is the session
@@ -282,6 +294,7 @@ async fn session(
     mut conn: Conn,
     attached: Result<(Arc<ManagedDevice>, SessionReport), Response>,
     permit: OwnedSemaphorePermit,
+    owner: Option<i32>,
 ) {
     let dev = match attached {
         Ok((dev, report)) => {
@@ -299,7 +312,10 @@ async fn session(
             return;
         }
     };
-    info!(bdf = %dev.bdf(), "VMM session started");
+    lock(&daemon.session_owners).insert(dev.bdf(), owner);
+    if let Some(suppressed) = daemon.events.note(ControlEvent::SessionStarted) {
+        info!(bdf = %dev.bdf(), suppressed, "VMM session started");
+    }
     // Sessions are bounded by the devices (one each), not by the client
     // limit, which is for short requests.
     drop(permit);
@@ -329,7 +345,9 @@ async fn session(
     }
     let bdf = dev.bdf();
     end_session(daemon, dev).await;
-    info!(%bdf, "VMM session ended; its descriptors are released");
+    if let Some(suppressed) = daemon.events.note(ControlEvent::SessionEnded) {
+        info!(%bdf, suppressed, "VMM session ended; its descriptors are released");
+    }
     // `conn` closes only now: a VMM that shut down its writing side and
     // waits for the end of the stream knows the daemon has let go.
 }
@@ -337,6 +355,7 @@ async fn session(
 /// Detaches a session; a VMM's own device is released with it (INTx
 /// disarmed, the daemon's copy of its fd closed) before this returns.
 async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
+    lock(&daemon.session_owners).remove(&dev.bdf());
     dev.detach();
     if dev.handed_over.is_some() {
         daemon.release_handed_over(dev).await;
@@ -491,17 +510,28 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-impl Daemon {
-    /// Root, the daemon's own uid, and members of the socket group (the
-    /// peer's primary group from SO_PEERCRED, or a supplementary group
-    /// from its /proc status).
-    pub(crate) fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        if uid == 0 || uid == self.euid {
-            return true;
-        }
-        let Some(group) = self.group else {
-            return false;
-        };
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether a peer is in `group`: its primary group from SO_PEERCRED, or a
+/// supplementary group from its /proc status.
+fn in_group(group: Option<u32>, gid: u32, pid: Option<i32>) -> bool {
+    group.is_some_and(|group| {
         gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
+    })
+}
+
+impl Daemon {
+    /// Root, the daemon's own uid, and members of the socket group or the
+    /// admin group.
+    pub(crate) fn authorized(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        self.operator(uid, gid, pid) || in_group(self.group, gid, pid)
+    }
+
+    /// Operators: root, the daemon's own uid, and members of the admin
+    /// group. Everyone else allowed in is a VMM.
+    pub(crate) fn operator(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        uid == 0 || uid == self.euid || in_group(self.admin_group, gid, pid)
     }
 }

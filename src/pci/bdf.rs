@@ -5,10 +5,27 @@ use std::str::FromStr;
 
 /// Why a string is not a PCI address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid PCI address {input:?}: {reason} (expected DDDD:BB:DD.F or BB:DD.F, hexadecimal)")]
+#[error("invalid PCI address {input}: {reason} (expected DDDD:BB:DD.F or BB:DD.F, hexadecimal)")]
 pub struct BdfError {
+    /// The input as echoed: quoted, and bounded (see [`echo`]).
     input: String,
     reason: &'static str,
+}
+
+/// How many characters of a bad input an error echoes.
+const ECHO_CHARS: usize = 64;
+
+/// `input` quoted for an error message, cut to its first [`ECHO_CHARS`]
+/// characters with its length in bytes when longer: an error about a
+/// client's input stays small however large the input.
+fn echo(input: &str) -> String {
+    match input.char_indices().nth(ECHO_CHARS) {
+        None => format!("{input:?}"),
+        Some((end, _)) => {
+            let head = input.get(..end).unwrap_or_default();
+            format!("{head:?}… ({} bytes)", input.len())
+        }
+    }
 }
 
 /// A PCI function address, printed the way sysfs names devices
@@ -30,7 +47,7 @@ impl Bdf {
     /// Builds an address, rejecting device and function numbers out of range.
     pub fn new(domain: u16, bus: u8, device: u8, function: u8) -> Result<Self, BdfError> {
         let fail = |reason| BdfError {
-            input: format!("{domain:04x}:{bus:02x}:{device:02x}.{function}"),
+            input: echo(&format!("{domain:04x}:{bus:02x}:{device:02x}.{function}")),
             reason,
         };
         if device > Self::MAX_DEVICE {
@@ -88,7 +105,7 @@ impl FromStr for Bdf {
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let fail = |reason| BdfError {
-            input: input.to_owned(),
+            input: echo(input),
             reason,
         };
         let (rest, function) = input
@@ -121,10 +138,7 @@ impl FromStr for Bdf {
         ) else {
             return Err(fail("field out of range"));
         };
-        Self::new(domain, bus, device, function).map_err(|e| BdfError {
-            input: input.to_owned(),
-            reason: e.reason,
-        })
+        Self::new(domain, bus, device, function).map_err(|e| fail(e.reason))
     }
 }
 
@@ -165,6 +179,20 @@ mod tests {
                 "{err} should name {bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_long_input_is_echoed_bounded() {
+        let long = "0".repeat(100_000);
+        let err = long.parse::<Bdf>().unwrap_err().to_string();
+        assert!(err.len() < 256, "{err}");
+        assert!(
+            err.contains(&format!("{:?}… (100000 bytes)", &long[..64])),
+            "{err}"
+        );
+        let multibyte = "é".repeat(100);
+        let err = multibyte.parse::<Bdf>().unwrap_err().to_string();
+        assert!(err.contains("(200 bytes)"), "{err}");
     }
 
     proptest::proptest! {

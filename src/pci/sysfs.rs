@@ -1114,6 +1114,17 @@ impl PciSysfs {
     ///   vfio's own no-INTx list, the quirk table, and otherwise an inference;
     /// - any other driver: the same read-only inference.
     pub fn masking_verdict(&self, bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+        self.verdict(bdf, true)
+    }
+
+    /// [`masking_verdict`](Self::masking_verdict) without the toggle test:
+    /// the read-only evidence only, for every driver (the daemon's answer
+    /// about a device it does not own, which someone else may be using).
+    pub fn masking_verdict_read_only(&self, bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+        self.verdict(bdf, false)
+    }
+
+    fn verdict(&self, bdf: Bdf, toggle: bool) -> Result<MaskingVerdict, SysfsError> {
         let driver = self.driver(bdf)?;
         let ids = self.ids(bdf)?;
         let verdict = |supported, source| MaskingVerdict {
@@ -1123,7 +1134,7 @@ impl PciSysfs {
             supported,
             source,
         };
-        if driver.is_none() {
+        if toggle && driver.is_none() {
             let support = self.probe_masking(bdf)?;
             let source = match support.reason {
                 MaskingReason::Quirk(q) => Source::QuirkTable(q),
@@ -1356,4 +1367,9 @@ impl ConfigSpace for SysfsConfig {
 /// [`PciSysfs::masking_verdict`] on the real host.
 pub fn masking_verdict(bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
     PciSysfs::default().masking_verdict(bdf)
+}
+
+/// [`PciSysfs::masking_verdict_read_only`] on the real host.
+pub fn masking_verdict_read_only(bdf: Bdf) -> Result<MaskingVerdict, SysfsError> {
+    PciSysfs::default().masking_verdict_read_only(bdf)
 }

@@ -322,3 +322,118 @@ fn sigterm_hands_back_a_device_still_asserting_without_a_false_error() {
         assert!(line.contains("command=0x0103"), "{line}");
     }
 }
+
+#[test]
+fn validate_refuses_a_world_writable_socket_mode_and_a_socket_path_over_sun_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let validate = |name: &str, daemon: &str| {
+        let config = dir.path().join(name);
+        std::fs::write(&config, format!("[daemon]\n{daemon}\n{}", device(A, ""))).unwrap();
+        let out = Command::new(BIN)
+            .arg("validate")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out, config)
+    };
+    for mode in ["0o666", "0o602", "0o677"] {
+        let (out, config) = validate("mode.toml", &format!("socket-mode = {mode}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(exit::CONFIG)),
+            "{mode}: {out:?}"
+        );
+        assert!(
+            err.contains(&format!("{}:2:15: socket-mode", config.display())),
+            "{mode}: {err}"
+        );
+    }
+    // sun_path holds 107 bytes and a NUL.
+    let long = format!("/run/{}/control.sock", "d".repeat(100));
+    let (out, config) = validate("long.toml", &format!("socket = \"{long}\""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(i32::from(exit::CONFIG)), "{out:?}");
+    assert!(
+        err.contains(&format!("{}:2:10: socket", config.display())),
+        "{err}"
+    );
+    assert!(err.contains("108"), "{err}");
+    // The limit itself passes.
+    let fits = format!("/{}", "s".repeat(106));
+    let (out, _) = validate(
+        "fits.toml",
+        &format!("socket = \"{fits}\"\nsocket-mode = 0o660"),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_second_instance_exits_busy_naming_the_first_before_touching_any_device() {
+    let first = Daemon::start(&device(A, ""));
+    let first_pid = first.child.id();
+    first.wait_log("INTx masking probed");
+    // The same configuration, socket and devices; its own NOTIFY_SOCKET.
+    let mut second = Daemon::spawn_as("", &device(A, ""), |_, _| {
+        let mut c = Command::new(BIN);
+        c.args(["daemon", "--config"])
+            .arg(&first.config)
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    let (code, took) = second.wait_exit(Duration::from_secs(10));
+    let log = second.log();
+    assert_eq!(code, Some(i32::from(exit::BUSY)), "{log}");
+    assert!(
+        log.contains(&format!("pid {first_pid}")),
+        "the holder is named: {log}"
+    );
+    assert!(
+        !log.contains("INTx masking probed") && !log.contains("arming"),
+        "the second instance touched the devices: {log}"
+    );
+    let mut buf = [0u8; 512];
+    assert!(
+        second.notify.recv(&mut buf).is_err(),
+        "no notification at all"
+    );
+    println!("second instance refused in {took:?}");
+    // The first is untouched and still serves.
+    assert_eq!(first.status().pid, first_pid);
+    assert!(first.socket.exists());
+}
+
+#[test]
+fn a_reload_stuck_reading_its_config_holds_up_neither_the_watchdog_nor_sigterm() {
+    let mut d = Daemon::spawn_as("", &device(A, ""), |_, config| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "WATCHDOG_PID=$$ exec {BIN} daemon --config {}",
+                config.display()
+            ))
+            .env("WATCHDOG_USEC", "200000")
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    d.wait_notify("READY=1", Duration::from_secs(10));
+    // The configuration becomes a FIFO nobody writes: reading it blocks
+    // (as a file on a hung network filesystem would).
+    std::fs::remove_file(&d.config).unwrap();
+    nix::unistd::mkfifo(&d.config, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_notify("RELOADING=1", Duration::from_secs(2));
+    let keepalive = Instant::now();
+    d.wait_notify("WATCHDOG=1", Duration::from_secs(1));
+    println!("keepalive {:?} after RELOADING=1", keepalive.elapsed());
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopping = Instant::now();
+    d.wait_notify("STOPPING=1", Duration::from_secs(1));
+    let stopping = stopping.elapsed();
+    // The abandoned read is given a bounded time at exit.
+    let (code, took) = d.wait_exit(Duration::from_secs(3));
+    println!("STOPPING=1 {stopping:?} after SIGTERM, exited {took:?} later");
+    assert_eq!(code, Some(0), "{}", d.log());
+    assert!(d.log().contains("device restored"), "{}", d.log());
+}

@@ -177,9 +177,11 @@ fn a_peer_with_another_uid_is_refused() {
         );
         return;
     }
-    // The socket is world-writable here so that the refusal is the
-    // daemon's SO_PEERCRED check, not the file mode.
-    let d = Daemon::start_with("socket-mode = 0o666", &device(A, ""));
+    // The test makes the socket world-writable (the configuration refuses
+    // such a mode) so that the refusal is the daemon's SO_PEERCRED check,
+    // not the file mode.
+    let d = Daemon::start(&device(A, ""));
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
         .args([
@@ -314,4 +316,398 @@ fn clients_beyond_the_limit_are_refused_and_the_daemon_survives_running_out_of_d
         std::thread::sleep(Duration::from_millis(20));
     }
     d.wait_log("accepting a client failed");
+}
+
+#[test]
+fn a_long_pci_address_is_echoed_bounded_and_named_once() {
+    let d = Daemon::start(&device(A, ""));
+    // 600 KB of address: the answer used to repeat it twice and exceed
+    // the 1 MiB frame cap, so no answer came at all.
+    let long = "0".repeat(600_000);
+    let r = d
+        .client()
+        .request(&Request::Reset { bdf: long.clone() })
+        .unwrap();
+    let Response::Error { kind, message } = r else {
+        panic!("{r:?}");
+    };
+    assert_eq!(kind, ErrorKind::BadRequest);
+    assert!(
+        message.len() < 512,
+        "{} bytes: {message:.300}",
+        message.len()
+    );
+    assert!(message.contains("(600000 bytes)"), "{message}");
+    assert_eq!(
+        message.matches("invalid PCI address").count(),
+        1,
+        "{message}"
+    );
+    // The CLI says it once too.
+    let out = d.cli(&["mask", "00:04"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(err.matches("invalid PCI address").count(), 1, "{err}");
+    assert!(err.contains("\"00:04\""), "{err}");
+}
+
+/// Spawns a daemon whose socket is `run/control.sock` under its test
+/// directory, after `prepare(run)` set the scene (the directory is
+/// created 0755 first).
+fn spawn_in_run_dir(prepare: impl FnOnce(&Path)) -> (Daemon, PathBuf) {
+    let mut socket = PathBuf::new();
+    let d = Daemon::spawn_as("", &device(A, ""), |dir, config| {
+        let run = dir.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare(&run);
+        socket = run.join("control.sock");
+        let mut c = Command::new(BIN);
+        c.args(["daemon", "--config"])
+            .arg(config)
+            .arg("--socket")
+            .arg(&socket)
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    (d, socket)
+}
+
+#[test]
+fn anything_but_a_stale_socket_at_the_socket_path_is_refused_and_kept() {
+    // A regular file.
+    let (mut d, socket) = spawn_in_run_dir(|run| {
+        std::fs::write(run.join("control.sock"), "precious").unwrap();
+    });
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(i32::from(exit::RUNTIME)), "{}", d.log());
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "precious");
+    assert!(d.log().contains("not a socket"), "{}", d.log());
+    assert!(!d.log().contains("INTx masking probed"), "{}", d.log());
+    // A symbolic link (to a file the daemon must not chmod or chown).
+    let target = tempfile::NamedTempFile::new().unwrap();
+    std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (mut d, socket) = spawn_in_run_dir(|run| {
+        std::os::unix::fs::symlink(target.path(), run.join("control.sock")).unwrap();
+    });
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(i32::from(exit::RUNTIME)), "{}", d.log());
+    assert!(std::fs::symlink_metadata(&socket).unwrap().is_symlink());
+    let mode = std::fs::metadata(target.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A stale socket (nobody listens) is replaced.
+    let (d, socket) = spawn_in_run_dir(|run| {
+        drop(std::os::unix::net::UnixListener::bind(run.join("control.sock")).unwrap());
+    });
+    d.wait_notify("READY=1", Duration::from_secs(10));
+    assert!(Client::connect(&socket, Duration::from_secs(5)).is_ok());
+}
+
+#[test]
+fn a_socket_directory_others_can_write_or_own_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIP a_socket_directory_others_can_write_or_own_is_refused: needs root to chown"
+        );
+        return;
+    }
+    for (what, mode, owner) in [
+        ("world-writable", 0o777, 0),
+        ("group-writable", 0o775, 0),
+        ("owned by uid 65534", 0o755, 65534),
+    ] {
+        let (mut d, socket) = spawn_in_run_dir(|run| {
+            std::fs::set_permissions(run, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(run, Some(owner), None).unwrap();
+        });
+        let (code, _) = d.wait_exit(Duration::from_secs(10));
+        let log = d.log();
+        assert_eq!(code, Some(i32::from(exit::PERMISSION)), "{what}: {log}");
+        assert!(
+            log.contains("run: "),
+            "{what}: the directory is named: {log}"
+        );
+        assert!(!socket.exists(), "{what}");
+        assert!(!log.contains("INTx masking probed"), "{what}: {log}");
+    }
+}
+
+#[test]
+fn the_cli_reports_a_hung_daemon_as_not_answering() {
+    // A "daemon" that accepts connections (the backlog) and never answers.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let _hung = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let start = Instant::now();
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--timeout", "1", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::UNREACHABLE)),
+        "{out:?}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["kind"], "unreachable", "{json}");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not answering"), "{message}");
+    assert!(message.contains(&socket.display().to_string()), "{message}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// The value of `vfio_intx_control_events_total{cause="…"}`.
+fn control_events(d: &Daemon, cause: &str) -> u64 {
+    let text = d.ask(&Request::Metrics)["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let row = format!("vfio_intx_control_events_total{{cause=\"{cause}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&row))
+        .unwrap_or_else(|| panic!("no {row:?} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn client_faults_and_sessions_are_counted_per_cause_and_logged_rate_limited() {
+    let d = Daemon::start_with("max-clients = 1\nclient-timeout-ms = 500", &device(A, ""));
+    let start = Instant::now();
+    // Too many clients: one holds the only slot.
+    let held = d.client();
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..200 {
+        let mut c = d.client();
+        assert!(matches!(
+            c.read_response(),
+            Ok(Response::Error {
+                kind: ErrorKind::TooManyClients,
+                ..
+            })
+        ));
+    }
+    // Timeouts, and their client gone.
+    let r = { held }.read_response();
+    assert!(
+        matches!(
+            r,
+            Ok(Response::Error {
+                kind: ErrorKind::Timeout,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    for _ in 0..2 {
+        let r = d.client().read_response();
+        assert!(
+            matches!(
+                r,
+                Ok(Response::Error {
+                    kind: ErrorKind::Timeout,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    // Bad frames.
+    for _ in 0..300 {
+        let mut c = d.client();
+        c.send_raw(b"\0\0\0\x09{not json").unwrap();
+        assert!(matches!(
+            c.read_response(),
+            Ok(Response::Error {
+                kind: ErrorKind::BadRequest,
+                ..
+            })
+        ));
+    }
+    // Sessions starting and ending.
+    for _ in 0..20 {
+        let vmm = FakeVmm::attach(&d, A);
+        vmm.session.end_session().unwrap();
+    }
+    // Unauthorized peers (as root: a client running as uid 65534).
+    let unauthorized = if nix::unistd::geteuid().is_root() {
+        std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = format!(
+            "import socket\nfor i in range(1000):\n    s = socket.socket(socket.AF_UNIX)\n    \
+             s.connect({:?})\n    s.recv(4096)\n    s.close()\n",
+            d.socket.display().to_string()
+        );
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        1000
+    } else {
+        eprintln!("SKIP the unauthorized-peer part: needs root to run a client as uid 65534");
+        0
+    };
+    let took = start.elapsed();
+    // One line per cause (the window is longer than the test), none lost
+    // from the counts.
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.log();
+    let causes = [
+        (
+            "too-many-clients",
+            "refusing a client: too many clients",
+            200,
+        ),
+        ("timeout", "closing an idle client", 3),
+        ("bad-frame", "closing a client after a bad frame", 300),
+        ("session-started", "VMM session started", 20),
+        ("session-ended", "VMM session ended", 20),
+        (
+            "unauthorized",
+            "refusing a client: not allowed",
+            unauthorized,
+        ),
+    ];
+    let lines = |needle: &str| log.matches(needle).count();
+    let figures: Vec<String> = causes
+        .iter()
+        .map(|(cause, needle, events)| {
+            format!("{cause}: {events} events, {} log lines", lines(needle))
+        })
+        .collect();
+    println!("{} in {took:?}", figures.join("; "));
+    for (cause, needle, events) in causes {
+        wait_for(cause, Duration::from_secs(5), || {
+            control_events(&d, cause) == events
+        });
+        if events > 0 {
+            let lines = lines(needle);
+            assert!(
+                (1..=3).contains(&lines),
+                "{cause}: {lines} lines for {events} events:\n{log}"
+            );
+        }
+    }
+}
+
+/// Runs tests/daemon/scripts/vmm_roles.py against `d` as uid/gid 65534
+/// (nobody/nogroup); its answers by step.
+fn vmm_as_nobody(d: &Daemon) -> serde_json::Value {
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/daemon/scripts/vmm_roles.py"
+    );
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(["/usr/bin/python3", script])
+        .arg(&d.socket)
+        .args([A, B])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_vmm_acts_only_on_its_own_sessions_device_and_operators_on_any() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_vmm_acts_only_on_its_own_sessions_device_and_operators_on_any: needs root to run a client as uid 65534");
+        return;
+    }
+    let devices = format!("{}{}", device(A, ""), device(B, ""));
+    let d = Daemon::start_with("socket-group = \"nogroup\"\nsocket-mode = 0o660", &devices);
+    let r = vmm_as_nobody(&d);
+    let result = |step: &str| r[step]["result"].as_str().unwrap_or("").to_owned();
+    let kind = |step: &str| r[step]["kind"].as_str().unwrap_or("").to_owned();
+    assert_eq!(result("status"), "ok", "{r}");
+    assert_eq!(result("session"), "ok", "{r}");
+    for step in ["mask-own", "unmask-own", "reset-own"] {
+        assert_eq!(result(step), "ok", "{step}: {r}");
+    }
+    for step in [
+        "mask-before-session",
+        "mask-other",
+        "reset-other",
+        "sim-raise-other",
+    ] {
+        assert_eq!(kind(step), "permission-denied", "{step}: {r}");
+    }
+    assert!(
+        r["mask-other"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("admin-group"),
+        "{r}"
+    );
+    assert_eq!(device_status(&d, B).held, None);
+    assert_eq!(device_status(&d, B).stats.engine.resets, 0);
+    // Root is an operator.
+    assert!(d.cli(&["mask", B]).status.success());
+    assert!(d.cli(&["unmask", B]).status.success());
+    // So is a member of the admin group.
+    let d = Daemon::start_with(
+        "socket-group = \"nogroup\"\nsocket-mode = 0o660\nadmin-group = \"nogroup\"",
+        &devices,
+    );
+    let r = vmm_as_nobody(&d);
+    for step in [
+        "mask-before-session",
+        "mask-other",
+        "reset-other",
+        "sim-raise-other",
+    ] {
+        assert_eq!(r[step]["result"], "ok", "{step}: {r}");
+    }
+}
+
+#[test]
+fn the_cli_reports_a_daemon_whose_backlog_is_full_as_not_answering() {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    // A hung daemon that stopped accepting: its backlog (0: one pending
+    // connection) is full, so a blocking connect(2) would wait for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("control.sock");
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(listener.as_raw_fd(), &UnixAddr::new(&socket_path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let _pending = std::os::unix::net::UnixStream::connect(&socket_path).unwrap();
+    let start = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["status", "--json", "--timeout", "1", "--socket"])
+        .arg(&socket_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the CLI still waits after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(i32::from(exit::UNREACHABLE)));
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(stdout.contains("not answering"), "{stdout}");
+    println!("answered 'not answering' after {:?}", start.elapsed());
 }

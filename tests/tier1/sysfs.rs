@@ -1064,3 +1064,39 @@ fn holders_of_an_unknown_device_name_it() {
     );
     assert!(msg.contains("no such PCI device"), "{msg}");
 }
+
+#[test]
+fn the_read_only_verdict_never_writes_a_device_someone_else_may_use() {
+    let h = FakeHost::new();
+    // No driver: the only case where the plain verdict toggles.
+    let a = h.add(FakeDevice {
+        driver: None,
+        ..FakeDevice::default()
+    });
+    let path = h.config("0000:01:00.0");
+    let written = || fs::metadata(&path).unwrap().modified().unwrap();
+    let age = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let set_old = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+    };
+    // The toggle test writes COMMAND (and restores it): a write to a
+    // device someone may be using through sysfs alone.
+    set_old();
+    let toggled = h.sysfs().masking_verdict(a).unwrap();
+    assert!(age(written()).as_secs() > 1, "the toggle test writes");
+    assert_eq!(
+        toggled.source,
+        Source::ToggleTest(MaskingReason::ToggleWorks)
+    );
+    // The read-only verdict only reads.
+    set_old();
+    let v = h.sysfs().masking_verdict_read_only(a).unwrap();
+    assert_eq!(age(written()).as_secs(), 1, "nothing written");
+    assert!(v.supported);
+    assert_eq!(v.source, Source::Inference);
+}

@@ -306,8 +306,8 @@ impl ManagedDevice {
     }
 }
 
-/// How long [`hand_back`] waits for the last user of a device to let go
-/// before it restores the driver.
+/// How long [`hand_back`] waits for the last users of the devices to let
+/// go before it restores the drivers (one bound for all the devices).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Hands devices back (blocking): each is disarmed with COMMAND as found
@@ -334,11 +334,17 @@ pub(crate) fn hand_back(
         }
         out.push((bdf, r));
     }
+    // One bound for all of them: they are closed in parallel (each by its
+    // own last user), so they are waited for together.
+    let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
+    while close
+        .iter()
+        .any(|(_, _, engine, _)| engine.strong_count() > 0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     for (i, bdf, engine, binding) in close {
-        let deadline = std::time::Instant::now() + CLOSE_TIMEOUT;
-        while engine.strong_count() > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let still_open = engine.strong_count() > 0;
         let rebind = binding.is_some();
         let restored = match binding {
@@ -366,6 +372,43 @@ mod tests {
 
     fn cs(command: u16, status: u16) -> CommandStatus {
         CommandStatus { command, status }
+    }
+
+    #[test]
+    fn hand_back_waits_for_every_device_within_one_overall_bound() {
+        // Three VMM devices whose engines someone still holds: each waits
+        // for the last user to let go, all of them within one bound, not
+        // one bound each (TimeoutStopSec=5s would kill the daemon first).
+        let mut devs = Vec::new();
+        let mut held = Vec::new();
+        for slot in 4..7u8 {
+            let bdf = Bdf::new(0, 0, slot, 0).unwrap_or_else(|_| unreachable!());
+            let config = DeviceConfig::defaults(bdf, crate::daemon::config::BackendKind::Sim);
+            let Ok((mut dev, _rx)) = ManagedDevice::open(config) else {
+                panic!("opening a simulated device failed");
+            };
+            let Some(d) = Arc::get_mut(&mut dev) else {
+                panic!("a new device is shared");
+            };
+            d.handed_over = Some(crate::vfio::handover::DeviceIdentity::Fdinfo);
+            held.push(Arc::clone(&dev.engine));
+            devs.push(dev);
+        }
+        let start = std::time::Instant::now();
+        let out = hand_back(devs);
+        let took = start.elapsed();
+        assert_eq!(out.len(), 3);
+        for (bdf, r) in &out {
+            assert!(
+                matches!(r, Err(DeviceError::FdStillHeld { .. })),
+                "{bdf}: {r:?}"
+            );
+        }
+        assert!(
+            took >= CLOSE_TIMEOUT && took < CLOSE_TIMEOUT + Duration::from_millis(500),
+            "{took:?} for three devices"
+        );
+        drop(held);
     }
 
     #[test]
