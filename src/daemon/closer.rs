@@ -4,59 +4,84 @@
 //! the last close of a TCP socket with `SO_LINGER` and unsent data waits
 //! for the linger time, a FUSE file's flush waits for its server. The
 //! daemon never does that on its runtime: every descriptor a client sent
-//! that the daemon does not keep goes to one closer thread, which may be
-//! held up by a hostile peer without holding up anything else.
+//! that the daemon does not keep goes to a small pool of closer threads,
+//! which a hostile peer may hold up without holding up anything else (past
+//! the pool's size, closes queue; nothing blocks the runtime).
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use tracing::warn;
 
-fn closer() -> Option<Sender<Vec<OwnedFd>>> {
-    static CLOSER: OnceLock<Option<Mutex<Sender<Vec<OwnedFd>>>>> = OnceLock::new();
-    CLOSER
-        .get_or_init(|| {
-            let (tx, rx) = mpsc::channel::<Vec<OwnedFd>>();
-            let spawned = std::thread::Builder::new()
-                .name("vfio-intx-closer".into())
-                .spawn(move || {
-                    for fds in rx {
-                        drop(fds);
-                    }
-                });
-            match spawned {
-                Ok(_) => Some(Mutex::new(tx)),
-                Err(e) => {
-                    warn!(error = %e, "starting the descriptor closer thread failed; peers' descriptors are closed on blocking-pool threads");
-                    None
-                }
-            }
-        })
-        .as_ref()
-        .map(|tx| tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+/// Closer threads at most: a close held up (a lingering socket: as long as
+/// its peer set, up to hours) holds up one of them, not the others' work.
+const MAX_CLOSERS: usize = 8;
+
+struct Pool {
+    state: Mutex<PoolState>,
+    work: Condvar,
 }
 
-/// Closes `fds` (received from a peer) without blocking the caller.
+struct PoolState {
+    queue: VecDeque<Vec<OwnedFd>>,
+    threads: usize,
+    idle: usize,
+}
+
+static POOL: Pool = Pool {
+    state: Mutex::new(PoolState {
+        queue: VecDeque::new(),
+        threads: 0,
+        idle: 0,
+    }),
+    work: Condvar::new(),
+};
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        let mut s = self.lock();
+        loop {
+            if let Some(fds) = s.queue.pop_front() {
+                drop(s);
+                drop(fds);
+                s = self.lock();
+                continue;
+            }
+            s.idle += 1;
+            s = self.work.wait(s).unwrap_or_else(PoisonError::into_inner);
+            s.idle -= 1;
+        }
+    }
+}
+
+/// Closes `fds` (received from a peer) without blocking the caller: on a
+/// closer thread (one more is started, up to [`MAX_CLOSERS`], when none is
+/// idle).
 pub(crate) fn close(fds: Vec<OwnedFd>) {
     if fds.is_empty() {
         return;
     }
-    let fds = match closer() {
-        Some(tx) => match tx.send(fds) {
-            Ok(()) => return,
-            Err(mpsc::SendError(fds)) => fds,
-        },
-        None => fds,
-    };
-    // No closer thread: the blocking pool (bounded) rather than the caller.
-    match tokio::runtime::Handle::try_current() {
-        Ok(rt) => {
-            rt.spawn_blocking(move || drop(fds));
+    let mut s = POOL.lock();
+    s.queue.push_back(fds);
+    if s.idle == 0 && s.threads < MAX_CLOSERS {
+        let spawned = std::thread::Builder::new()
+            .name("vfio-intx-closer".into())
+            .spawn(|| POOL.run());
+        match spawned {
+            Ok(_) => s.threads += 1,
+            Err(e) if s.threads == 0 => {
+                warn!(error = %e, "starting a descriptor closer thread failed");
+            }
+            Err(_) => {}
         }
-        // Not on the runtime: this thread may block.
-        Err(_) => drop(fds),
     }
+    drop(s);
+    POOL.work.notify_one();
 }
 
 /// Descriptors received from a peer and not (yet) taken: closed off-thread
