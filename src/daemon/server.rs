@@ -117,18 +117,25 @@ async fn refuse(mut stream: UnixStream) {
         "too many clients are connected; try again later",
     );
     let _ = send(&mut stream, &r, Duration::from_secs(1)).await;
-    close_off_thread(&stream);
+    // The last close of a client's socket discards what the client sent and
+    // nobody read, including descriptors in flight, whose own last close
+    // may block (a lingering TCP socket): the closer does it.
+    match stream.into_std() {
+        Ok(s) => closer::close(vec![OwnedFd::from(s)]),
+        Err(e) => debug!(error = %e, "deregistering a refused client's socket failed"),
+    }
 }
 
-/// Makes the closer thread, not the runtime, do the last close of a
-/// client's socket: that close discards what the client sent and nobody
-/// read, including descriptors in flight, whose own last close may block
-/// (a lingering TCP socket). The caller's close that follows is not the
-/// last one.
-fn close_off_thread(stream: &UnixStream) {
-    match stream.as_fd().try_clone_to_owned() {
-        Ok(dup) => closer::close(vec![dup]),
-        Err(e) => debug!(error = %e, "duplicating a client's socket to close it off-thread failed"),
+/// The closer's copy of a client's socket, taken as its connection ends:
+/// dropped after the connection's own copy (a later field), it makes the
+/// closer do the socket's last close, which discards descriptors the client
+/// sent and nobody read (their own last close may block).
+#[derive(Default)]
+struct LastClose(Option<OwnedFd>);
+
+impl Drop for LastClose {
+    fn drop(&mut self) {
+        closer::close(self.0.take().into_iter().collect());
     }
 }
 
@@ -176,11 +183,18 @@ struct Conn {
     /// complete: the most any request takes, none inside a session.
     max_fds: usize,
     buf: Vec<u8>,
+    /// Last: dropped after `stream`.
+    last_close: LastClose,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        close_off_thread(&self.stream);
+        match self.stream.as_fd().try_clone_to_owned() {
+            Ok(dup) => self.last_close.0 = Some(dup),
+            Err(e) => {
+                debug!(error = %e, "duplicating a client's socket to close it off-thread failed")
+            }
+        }
     }
 }
 
@@ -230,6 +244,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         fds: Foreign::default(),
         max_fds: protocol::MAX_FDS,
         buf: vec![0; 64 * 1024],
+        last_close: LastClose::default(),
     };
     let cred = match conn.stream.peer_cred() {
         Ok(c) => c,

@@ -255,6 +255,44 @@ fn a_saturated_blocking_irqfd_freezes_neither_the_daemon_nor_other_devices() {
 }
 
 #[test]
+fn a_saturated_non_blocking_irqfd_is_saturation_not_an_error() {
+    let d = start();
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    irqfd.write(u64::MAX - 1).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut session = d.client();
+    let r = session
+        .request_with_fds(
+            &Request::session(A),
+            &[irqfd.as_raw_fd(), resample.as_raw_fd()],
+        )
+        .unwrap();
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    for _ in 0..3 {
+        d.ask(&Request::SimRaise {
+            bdf: A.into(),
+            count: 1,
+        });
+        d.ask(&Request::SimAck { bdf: A.into() });
+        resample.write(1).unwrap();
+    }
+    d.wait_log("irqfd is saturated");
+    let stats = device_status(&d, A).stats.engine;
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.injected, 3, "{stats:?}");
+    // Consumed again: the next interrupt arrives.
+    assert_eq!(irqfd.read().unwrap(), u64::MAX - 1);
+    d.ask(&Request::SimRaise {
+        bdf: A.into(),
+        count: 1,
+    });
+    wait_for("the next injection", Duration::from_secs(5), || {
+        irqfd.read().is_ok()
+    });
+    session.end_session().unwrap();
+}
+
+#[test]
 fn a_blocking_resample_eventfd_the_vmm_drains_itself_freezes_nothing() {
     let d = start();
     let w = Watch::new(&d, "blocking resample drained by the VMM");
@@ -554,7 +592,7 @@ fn descriptors_of_the_wrong_type_or_inside_a_session_are_refused() {
     let dir = std::fs::File::open("/").unwrap();
     let (pair, _other) = UnixStream::pair().unwrap();
     let ev = EventFd::new(EFD_NONBLOCK).unwrap();
-    let (tcp, _l, _p) = lingering_socket(5);
+    let (tcp, _l, _p) = lingering_socket(1);
     let cases: [(&str, [i32; 2]); 5] = [
         ("/dev/null", [null.as_raw_fd(), ev.as_raw_fd()]),
         ("a directory", [ev.as_raw_fd(), dir.as_raw_fd()]),
