@@ -114,7 +114,8 @@ pub(crate) fn into_eventfd(fd: OwnedFd) -> EventFd {
 /// whatever blocking mode the descriptor's owner chose: `O_NONBLOCK` lives
 /// on the open file description the VMM shares with the daemon (and the VMM
 /// may change it at any time), so the daemon asks for non-blocking I/O per
-/// call with `preadv2(RWF_NOWAIT)` (eventfds support it since Linux 5.12).
+/// call with `preadv2(RWF_NOWAIT)` (eventfds support it since Linux 5.8,
+/// "eventfd: convert to f_op->read_iter()").
 /// `WouldBlock` when the counter is zero. On a kernel without it, a
 /// descriptor in blocking mode is refused (`Unsupported`) rather than read.
 pub(crate) fn read_eventfd_nowait(fd: &impl AsRawFd) -> io::Result<u64> {
