@@ -248,10 +248,27 @@ fn a_saturated_blocking_irqfd_freezes_neither_the_daemon_nor_other_devices() {
         resample.write(1).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
+    let pid = d.child.id();
+    let blocked = threads(pid);
     w.check();
-    // The session ends cleanly, and its descriptors are let go.
+    // The session ends cleanly: its irqfd writer, blocked on the full
+    // counter, is released (the daemon drains its copy) and exits.
     session.end_session().unwrap();
     assert!(d.ask(&Request::Ping)["pid"].is_number());
+    wait_for("the irqfd writer to exit", Duration::from_secs(5), || {
+        threads(pid) < blocked
+    });
+    eprintln!(
+        "[saturated blocking irqfd] daemon threads: {blocked} with the writer blocked, {} after \
+         the session",
+        threads(pid)
+    );
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[test]
