@@ -71,6 +71,7 @@ pub(crate) fn close(fds: Vec<OwnedFd>) {
     if s.idle == 0 && s.threads < MAX_CLOSERS {
         let spawned = std::thread::Builder::new()
             .name("vfio-intx-closer".into())
+            .stack_size(256 * 1024)
             .spawn(|| POOL.run());
         match spawned {
             Ok(_) => s.threads += 1,

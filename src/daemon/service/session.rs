@@ -60,6 +60,7 @@ impl IrqfdWriter {
         let span = tracing::Span::current();
         std::thread::Builder::new()
             .name("vfio-intx-irqfd".into())
+            .stack_size(256 * 1024)
             .spawn(move || span.in_scope(|| writer.run(&irqfd)))?;
         Ok(Self { shared, unblock })
     }
