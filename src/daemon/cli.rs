@@ -176,7 +176,7 @@ impl Failure {
         let code = match kind {
             ErrorKind::NotFound => exit::NOT_FOUND,
             ErrorKind::PermissionDenied => exit::PERMISSION,
-            ErrorKind::Busy | ErrorKind::TooManyClients => exit::BUSY,
+            ErrorKind::Busy | ErrorKind::TooManyClients | ErrorKind::OutOfDescriptors => exit::BUSY,
             ErrorKind::Timeout => exit::RUNTIME,
             _ => exit::FAILED,
         };

@@ -175,7 +175,7 @@ pub struct DaemonConfig {
     /// Clients served at once; further connections are refused.
     pub max_clients: usize,
     /// How long a client may take to send a request (and stay idle between
-    /// requests) before the connection is closed.
+    /// requests), and to read each reply, before the connection is closed.
     pub client_timeout: Duration,
     /// How often the daemon reports its state (STATUS= and a log line).
     pub status_interval: Duration,

@@ -49,6 +49,7 @@ pub(crate) mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod client;
+mod closer;
 pub mod config;
 mod control;
 #[cfg(feature = "testkit")]

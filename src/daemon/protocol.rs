@@ -221,7 +221,8 @@ impl Request {
         }
     }
 
-    /// How many descriptors must accompany the request.
+    /// How many descriptors must accompany the request (at most
+    /// [`MAX_FDS`]).
     pub fn fds_expected(&self) -> usize {
         match self {
             Request::Session {
@@ -234,6 +235,10 @@ impl Request {
         }
     }
 }
+
+/// The most descriptors any request carries (a session with the VMM's own
+/// device fd: device, irqfd, resample eventfd).
+pub const MAX_FDS: usize = 3;
 
 /// What kind of failure a [`Response::Error`] reports; the CLI maps each to
 /// an exit code.
@@ -256,6 +261,10 @@ pub enum ErrorKind {
     TooManyClients,
     /// The client took too long to send its request.
     Timeout,
+    /// The daemon is out of file descriptors (`EMFILE`/`ENFILE`): the
+    /// descriptors a request carried could not be received. Transient;
+    /// retry.
+    OutOfDescriptors,
     /// The operation failed.
     Failed,
 }

@@ -1,8 +1,11 @@
 //! The control socket: a Unix stream socket, peers checked with
 //! `SO_PEERCRED`, length-prefixed JSON frames (see [`protocol`]), a bounded
-//! number of clients, a per-connection timeout, back-off when the process
-//! runs out of descriptors, and VMM sessions with descriptors passed as
-//! `SCM_RIGHTS`.
+//! number of clients, a per-connection timeout (for reading a request and
+//! for writing each reply), back-off when the process runs out of
+//! descriptors, and VMM sessions with descriptors passed as `SCM_RIGHTS`:
+//! exactly the descriptors a request takes, none inside a session, and
+//! every one the daemon does not keep closed off the runtime's thread
+//! ([`closer`]).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -13,9 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::ConfigSpace;
+use crate::daemon::closer::{self, Foreign};
 use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
 use crate::daemon::control::{failure, Peer};
 use crate::daemon::metrics::ControlEvent;
@@ -101,12 +105,41 @@ async fn refuse(mut stream: UnixStream) {
         ErrorKind::TooManyClients,
         "too many clients are connected; try again later",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &r)).await;
+    let _ = send(&mut stream, &r, Duration::from_secs(1)).await;
+    // The last close of a client's socket discards what the client sent and
+    // nobody read, including descriptors in flight, whose own last close
+    // may block (a lingering TCP socket): the closer does it.
+    match stream.into_std() {
+        Ok(s) => closer::close(vec![OwnedFd::from(s)]),
+        Err(e) => debug!(error = %e, "deregistering a refused client's socket failed"),
+    }
 }
 
-async fn send(stream: &mut UnixStream, response: &Response) -> io::Result<()> {
+/// The closer's copy of a client's socket, taken as its connection ends:
+/// dropped after the connection's own copy (a later field), it makes the
+/// closer do the socket's last close, which discards descriptors the client
+/// sent and nobody read (their own last close may block).
+#[derive(Default)]
+struct LastClose(Option<OwnedFd>);
+
+impl Drop for LastClose {
+    fn drop(&mut self) {
+        closer::close(self.0.take().into_iter().collect());
+    }
+}
+
+/// Writes `response`, giving up after `timeout`: a client that does not
+/// read its replies loses its connection (and its client slot) instead of
+/// holding them forever.
+async fn send(stream: &mut UnixStream, response: &Response, timeout: Duration) -> io::Result<()> {
     let frame = protocol::encode(response).map_err(io::Error::other)?;
-    stream.write_all(&frame).await
+    match tokio::time::timeout(timeout, stream.write_all(&frame)).await {
+        Ok(written) => written,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client did not read its reply within {timeout:?}"),
+        )),
+    }
 }
 
 /// Why reading a request failed.
@@ -118,15 +151,40 @@ enum ReadError {
     Io(#[from] io::Error),
     #[error("the client closed the connection in the middle of a frame")]
     Truncated,
-    #[error("the client sent more descriptors than fit in one message")]
-    TooManyFds,
+    #[error("the client sent more descriptors than a request takes ({max})")]
+    TooManyFds { max: usize },
+    #[error(
+        "the daemon is out of file descriptors (EMFILE/ENFILE): the descriptors the request \
+         carried could not be received; try again later"
+    )]
+    OutOfDescriptors,
 }
 
+/// A client's connection; its socket and any descriptors it carried are
+/// closed off the runtime's thread.
 struct Conn {
     stream: UnixStream,
     decoder: FrameDecoder,
-    fds: Vec<OwnedFd>,
+    /// Descriptors received with the frame being read (closed off-thread
+    /// unless taken).
+    fds: Foreign,
+    /// How many descriptors the connection may carry before a frame is
+    /// complete: the most any request takes, none inside a session.
+    max_fds: usize,
     buf: Vec<u8>,
+    /// Last: dropped after `stream`.
+    last_close: LastClose,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        match self.stream.as_fd().try_clone_to_owned() {
+            Ok(dup) => self.last_close.0 = Some(dup),
+            Err(e) => {
+                debug!(error = %e, "duplicating a client's socket to close it off-thread failed")
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -142,7 +200,7 @@ impl Conn {
             let received = loop {
                 stream.readable().await?;
                 match stream.try_io(Interest::READABLE, || {
-                    sys::recv_with_fds(stream.as_fd(), buf, fds)
+                    sys::recv_with_fds(stream.as_fd(), buf, &mut fds.0)
                 }) {
                     Ok(r) => break r,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -150,7 +208,10 @@ impl Conn {
                 }
             };
             if received.truncated {
-                return Err(ReadError::TooManyFds);
+                return Err(ReadError::OutOfDescriptors);
+            }
+            if self.fds.0.len() > self.max_fds {
+                return Err(ReadError::TooManyFds { max: self.max_fds });
             }
             if received.bytes == 0 {
                 return if self.decoder.buffered() == 0 {
@@ -166,18 +227,20 @@ impl Conn {
 }
 
 async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaphorePermit) {
-    let cred = match stream.peer_cred() {
+    let mut conn = Conn {
+        stream,
+        decoder: FrameDecoder::new(),
+        fds: Foreign::default(),
+        max_fds: protocol::MAX_FDS,
+        buf: vec![0; 64 * 1024],
+        last_close: LastClose::default(),
+    };
+    let cred = match conn.stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "reading the client's credentials (SO_PEERCRED) failed");
             return;
         }
-    };
-    let mut conn = Conn {
-        stream,
-        decoder: FrameDecoder::new(),
-        fds: Vec::new(),
-        buf: vec![0; 64 * 1024],
     };
     if !daemon.authorized(cred.uid(), cred.gid(), cred.pid()) {
         if let Some(suppressed) = daemon.events.note(ControlEvent::Unauthorized) {
@@ -193,7 +256,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                 cred.gid()
             ),
         );
-        let _ = send(&mut conn.stream, &r).await;
+        let _ = send(&mut conn.stream, &r, Duration::from_secs(1)).await;
         return;
     }
     let peer = Peer {
@@ -215,7 +278,7 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                     ErrorKind::Timeout,
                     format!("no complete request within {timeout:?}; closing"),
                 );
-                let _ = send(&mut conn.stream, &r).await;
+                let _ = send(&mut conn.stream, &r, timeout).await;
                 return;
             }
             Ok(Ok(None)) => return,
@@ -223,13 +286,14 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
             Ok(Err(e)) => {
                 let kind = match e {
                     ReadError::Frame(FrameError::TooLarge { .. }) => ErrorKind::FrameTooLarge,
+                    ReadError::OutOfDescriptors => ErrorKind::OutOfDescriptors,
                     _ => ErrorKind::BadRequest,
                 };
                 if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
                     info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
                 }
                 let r = Response::error(kind, crate::error_chain(&e));
-                let _ = send(&mut conn.stream, &r).await;
+                let _ = send(&mut conn.stream, &r, timeout).await;
                 return;
             }
         };
@@ -240,15 +304,15 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                     info!(error = %crate::error_chain(&e), suppressed, "closing a client after a bad frame");
                 }
                 let r = Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
-                let _ = send(&mut conn.stream, &r).await;
+                let _ = send(&mut conn.stream, &r, timeout).await;
                 return;
             }
         };
         let fds = std::mem::take(&mut conn.fds);
-        if fds.len() != request.fds_expected() {
+        if fds.0.len() != request.fds_expected() {
             if let Some(suppressed) = daemon.events.note(ControlEvent::BadFrame) {
                 info!(
-                    fds = fds.len(),
+                    fds = fds.0.len(),
                     expected = request.fds_expected(),
                     suppressed,
                     "closing a client after a bad frame: wrong number of descriptors"
@@ -258,11 +322,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
                 ErrorKind::BadRequest,
                 format!(
                     "the request carries {} descriptor(s), {} expected",
-                    fds.len(),
+                    fds.0.len(),
                     request.fds_expected()
                 ),
             );
-            let _ = send(&mut conn.stream, &r).await;
+            let _ = send(&mut conn.stream, &r, timeout).await;
             return;
         }
         if let Request::Session {
@@ -272,11 +336,11 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         } = request
         {
             let attached = attach(&daemon, bdf, vfio_device_fd, path, fds).await;
-            session(&daemon, conn, attached, permit, peer.pid).await;
+            session(&daemon, conn, attached, permit, peer.pid, timeout).await;
             return;
         }
         let response = daemon.handle(request, &peer).await;
-        if send(&mut conn.stream, &response).await.is_err() {
+        if send(&mut conn.stream, &response, timeout).await.is_err() {
             return;
         }
     }
@@ -288,17 +352,21 @@ pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
 }
 
 /// Answers a session request; on success the connection is the session
-/// until the VMM closes it or dies.
+/// until the VMM closes it or dies. A session carries no descriptors; one
+/// that sends any, or does not read the refusal of a further request
+/// within `timeout`, ends.
 async fn session(
     daemon: &Arc<Daemon>,
     mut conn: Conn,
     attached: Result<(Arc<ManagedDevice>, SessionReport), Response>,
     permit: OwnedSemaphorePermit,
     owner: Option<i32>,
+    timeout: Duration,
 ) {
+    conn.max_fds = 0;
     let dev = match attached {
         Ok((dev, report)) => {
-            if send(&mut conn.stream, &Response::ok(&report))
+            if send(&mut conn.stream, &Response::ok(&report), timeout)
                 .await
                 .is_err()
             {
@@ -308,7 +376,7 @@ async fn session(
             dev
         }
         Err(r) => {
-            let _ = send(&mut conn.stream, &r).await;
+            let _ = send(&mut conn.stream, &r, timeout).await;
             return;
         }
     };
@@ -326,12 +394,11 @@ async fn session(
         tokio::select! {
             frame = conn.next_frame() => match frame {
                 Ok(Some(_)) => {
-                    drop(std::mem::take(&mut conn.fds));
                     let r = Response::error(
                         ErrorKind::BadRequest,
                         "a session connection takes no further requests",
                     );
-                    if send(&mut conn.stream, &r).await.is_err() {
+                    if send(&mut conn.stream, &r, timeout).await.is_err() {
                         break;
                     }
                 }
@@ -368,9 +435,8 @@ async fn attach(
     bdf: Option<String>,
     vfio_device_fd: bool,
     path: Option<PathSetting>,
-    fds: Vec<OwnedFd>,
+    mut fds: Foreign,
 ) -> Result<(Arc<ManagedDevice>, SessionReport), Response> {
-    let mut fds = fds.into_iter();
     let mut next = || {
         fds.next()
             .ok_or_else(|| Response::error(ErrorKind::BadRequest, "missing descriptor"))
@@ -380,8 +446,13 @@ async fn attach(
     let claimed = bdf.as_deref().map(bdf_arg).transpose()?;
     let device_fd = if vfio_device_fd || claimed.is_none() {
         let device = next()?;
-        crate::vfio::handover::check_device_fd(device.as_fd())
-            .map_err(|e| Response::error(ErrorKind::BadRequest, crate::error_chain(&e)))?;
+        if let Err(e) = crate::vfio::handover::check_device_fd(device.as_fd()) {
+            closer::close(vec![device]);
+            return Err(Response::error(
+                ErrorKind::BadRequest,
+                crate::error_chain(&e),
+            ));
+        }
         Some(device)
     } else {
         None
@@ -399,8 +470,13 @@ async fn attach(
     };
     let irqfd = next()?;
     let resample = next()?;
-    validate_eventfd(&irqfd, irq_what).map_err(bad)?;
-    validate_eventfd(&resample, resample_what).map_err(bad)?;
+    if let Err(e) =
+        validate_eventfd(&irqfd, irq_what).and_then(|()| validate_eventfd(&resample, resample_what))
+    {
+        closer::close(vec![irqfd, resample]);
+        closer::close(device_fd.into_iter().collect());
+        return Err(bad(e));
+    }
     let (irqfd, resample) = (sys::into_eventfd(irqfd), sys::into_eventfd(resample));
     let Some(device) = device_fd else {
         // `claimed` is Some here: without an address the first descriptor

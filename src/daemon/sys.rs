@@ -1,21 +1,30 @@
 //! The daemon's only `unsafe`: receiving descriptors with `recvmsg(2)`
-//! (`SCM_RIGHTS`) and taking ownership of them.
+//! (`SCM_RIGHTS`) and taking ownership of them, and reading a VMM's
+//! eventfd without ever blocking (`preadv2(RWF_NOWAIT)`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// The most descriptors one `SCM_RIGHTS` message carries (the kernel's
+/// `SCM_MAX_FD`); a stream socket's `recvmsg` returns one message's worth.
+const SCM_MAX_FD: usize = 253;
+
 /// Control-message buffer, 8-byte aligned as `cmsghdr` requires: room for
-/// far more descriptors than any request carries, so that a client sending
-/// too many gets them all closed instead of truncated.
-const CMSG_WORDS: usize = 64;
+/// [`SCM_MAX_FD`] descriptors after the (16-byte) header, so that a client
+/// sending too many gets them all closed instead of truncated, and a
+/// truncation (`MSG_CTRUNC`) can only mean the kernel could not install
+/// them: the daemon is out of descriptors.
+const CMSG_WORDS: usize = (16 + SCM_MAX_FD * std::mem::size_of::<RawFd>()).div_ceil(8);
 
 /// What one `recvmsg` returned.
 pub(crate) struct Received {
     /// Bytes read into the buffer (0 = end of stream).
     pub(crate) bytes: usize,
-    /// Whether the kernel dropped descriptors that did not fit.
+    /// Whether the kernel dropped descriptors: with a control buffer sized
+    /// for the most one message carries, because the process is out of
+    /// descriptors (`EMFILE`, `ENFILE`).
     pub(crate) truncated: bool,
 }
 
@@ -99,4 +108,45 @@ pub(crate) fn into_eventfd(fd: OwnedFd) -> EventFd {
     // SAFETY: the caller checked (by its /proc link) that `fd` is an
     // eventfd; ownership moves from the OwnedFd to the EventFd.
     unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// Reads (and so resets) an eventfd's counter without ever blocking,
+/// whatever blocking mode the descriptor's owner chose: `O_NONBLOCK` lives
+/// on the open file description the VMM shares with the daemon (and the VMM
+/// may change it at any time), so the daemon asks for non-blocking I/O per
+/// call with `preadv2(RWF_NOWAIT)` (eventfds support it since Linux 5.8,
+/// "eventfd: convert to f_op->read_iter()").
+/// `WouldBlock` when the counter is zero. On a kernel without it, a
+/// descriptor in blocking mode is refused (`Unsupported`) rather than read.
+pub(crate) fn read_eventfd_nowait(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut value = 0u64;
+    let iov = libc::iovec {
+        iov_base: std::ptr::from_mut(&mut value).cast(),
+        iov_len: std::mem::size_of::<u64>(),
+    };
+    // SAFETY: `iov` points at `value`, 8 writable bytes that outlive the
+    // call; offset -1 means the current position (an eventfd has none).
+    let n = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n == 8 {
+        return Ok(value);
+    }
+    if n >= 0 {
+        return Err(io::Error::other("a short read from an eventfd"));
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
+        return Err(e);
+    }
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .map_err(io::Error::from)?;
+    if flags & libc::O_NONBLOCK == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the eventfd is in blocking mode and this kernel has no per-call non-blocking \
+             read (RWF_NOWAIT); create it with EFD_NONBLOCK",
+        ));
+    }
+    let mut buf = [0u8; 8];
+    nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(io::Error::from)?;
+    Ok(u64::from_ne_bytes(buf))
 }

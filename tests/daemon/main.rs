@@ -6,6 +6,7 @@
 //! the test owns, a fake VMM) is here.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod attacks;
 mod health;
 mod journald;
 mod lifecycle;

@@ -117,6 +117,7 @@ fn every_kind() -> Vec<ErrorKind> {
         ErrorKind::Unsupported,
         ErrorKind::TooManyClients,
         ErrorKind::Timeout,
+        ErrorKind::OutOfDescriptors,
         ErrorKind::Failed,
     ];
     for k in all {
@@ -129,6 +130,7 @@ fn every_kind() -> Vec<ErrorKind> {
             | ErrorKind::Unsupported
             | ErrorKind::TooManyClients
             | ErrorKind::Timeout
+            | ErrorKind::OutOfDescriptors
             | ErrorKind::Failed => {}
         }
     }

@@ -1,24 +1,118 @@
 //! A device's sessions: the interrupt sink ([`SessionSink`]: the attached
-//! VMM's irqfd, or an interrupt parked for the next session), and
+//! VMM's irqfd, written on a thread of its own ([`IrqfdWriter`]), or an
+//! interrupt parked for the next session), and
 //! attaching, detaching and ending a session in the device's task (on the
 //! kernel bypass or the user-space EOI path).
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::task::Task;
-use super::{lock, AttachError};
+use super::{lock, rate_limit, AttachError};
 use crate::daemon::config::PathSetting;
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::InterruptSink;
 
+/// Signals a VMM's irqfd from a thread of its own, never the runtime's.
+///
+/// The VMM chose the descriptor's blocking mode, and `O_NONBLOCK` lives on
+/// the open file description it shares with the daemon, so the VMM can
+/// change it at any time; eventfds take no per-call non-blocking flag for
+/// writes (`pwritev2(RWF_NOWAIT)` is `EOPNOTSUPP`). A write blocks when the
+/// counter is at its maximum (nobody consumes it: no KVM irqfd registered).
+/// So the writes happen here: a blocked write holds up this session's
+/// interrupts alone, and signals coalesce meanwhile (the line is level: one
+/// write asserts it). `EAGAIN` (a non-blocking, saturated irqfd) means the
+/// guest's line is already asserted: not an error.
+struct IrqfdWriter {
+    shared: Arc<WriterShared>,
+    /// The daemon's other copy: reading it at the end unblocks a write
+    /// stuck on a saturated counter, so that the thread can exit.
+    unblock: EventFd,
+}
+
+struct WriterShared {
+    state: Mutex<WriterState>,
+    wake: Condvar,
+}
+
+struct WriterState {
+    signals: u64,
+    closed: bool,
+}
+
+impl IrqfdWriter {
+    fn spawn(irqfd: EventFd) -> io::Result<Self> {
+        let unblock = irqfd.try_clone()?;
+        let shared = Arc::new(WriterShared {
+            state: Mutex::new(WriterState {
+                signals: 0,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let writer = Arc::clone(&shared);
+        let span = tracing::Span::current();
+        std::thread::Builder::new()
+            .name("vfio-intx-irqfd".into())
+            .stack_size(256 * 1024)
+            .spawn(move || span.in_scope(|| writer.run(&irqfd)))?;
+        Ok(Self { shared, unblock })
+    }
+
+    fn signal(&self) {
+        lock(&self.shared.state).signals += 1;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl WriterShared {
+    fn run(&self, irqfd: &EventFd) {
+        let mut log = rate_limit();
+        loop {
+            {
+                let mut s = lock(&self.state);
+                while s.signals == 0 && !s.closed {
+                    s = self.wake.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                if s.closed {
+                    return;
+                }
+                s.signals = 0;
+            }
+            match irqfd.write(1) {
+                Ok(()) => {}
+                Err(e) => {
+                    if let Some(suppressed) = log.admit() {
+                        if e.kind() == io::ErrorKind::WouldBlock {
+                            info!(suppressed, "the VMM's irqfd is saturated (nobody consumes it); the guest's line is already asserted");
+                        } else {
+                            warn!(suppressed, error = %e, "signalling the VMM's irqfd failed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for IrqfdWriter {
+    fn drop(&mut self) {
+        lock(&self.shared.state).closed = true;
+        self.shared.wake.notify_one();
+        // A write blocked on a full counter completes once it is drained
+        // (a VMM that keeps refilling it keeps only this thread).
+        let _ = crate::daemon::sys::read_eventfd_nowait(&self.unblock);
+    }
+}
+
 struct SinkState {
-    irqfd: Option<EventFd>,
+    irqfd: Option<IrqfdWriter>,
     parked: bool,
     in_service_since: Option<std::time::Instant>,
 }
@@ -52,9 +146,10 @@ impl SessionSink {
     /// meanwhile is delivered now; on the kernel bypass the engine's
     /// re-check has the kernel signal it instead.
     pub(super) fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<()> {
+        let irqfd = IrqfdWriter::spawn(irqfd)?;
         let mut s = lock(&self.state);
         if std::mem::take(&mut s.parked) && !bypass {
-            irqfd.write(1)?;
+            irqfd.signal();
         }
         if bypass {
             s.in_service_since = None;
@@ -83,7 +178,10 @@ impl InterruptSink for SessionSink {
         let mut s = lock(&self.state);
         s.in_service_since = Some(std::time::Instant::now());
         match &s.irqfd {
-            Some(fd) => fd.write(1),
+            Some(fd) => {
+                fd.signal();
+                Ok(())
+            }
             None => {
                 s.parked = true;
                 self.metrics

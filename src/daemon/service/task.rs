@@ -116,7 +116,9 @@ impl Task {
                 },
                 guard = readable(resample.as_ref()), if !holding && resample.is_some() => match guard {
                     Ok(mut guard) => {
-                        let drained = guard.get_inner().read();
+                        // Never a blocking read of the VMM's descriptor,
+                        // whatever its mode: it may have drained it itself.
+                        let drained = crate::daemon::sys::read_eventfd_nowait(guard.get_inner());
                         guard.clear_ready();
                         if let Err(e) = drained {
                             if e.kind() != io::ErrorKind::WouldBlock {
