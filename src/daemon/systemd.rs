@@ -6,8 +6,8 @@
 //! [`stderr_is_journal`] tells whether systemd connected stderr to the
 //! journal, so that logs go to journald with their fields.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
@@ -46,6 +46,39 @@ fn journal_stream_is(value: &str, dev: u64, ino: u64) -> bool {
     d.parse() == Ok(dev) && i.parse() == Ok(ino)
 }
 
+/// How long READY=1, RELOADING=1 and STOPPING=1 wait for room in a full
+/// notify socket before they are dropped.
+const LIFECYCLE_PATIENCE: Duration = Duration::from_millis(100);
+
+/// One datagram to `NOTIFY_SOCKET` (a path, or `@name` in the abstract
+/// namespace), sent with MSG_DONTWAIT semantics: `WouldBlock` while the
+/// receiver's queue is full.
+fn send_nonblocking(msg: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    sock.connect_addr(&addr)?;
+    let sent = sock.send(msg)?;
+    if sent == msg.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ))
+    }
+}
+
 /// Sends notifications to the service manager, if there is one.
 #[derive(Debug, Clone, Copy)]
 pub struct Notifier {
@@ -60,15 +93,52 @@ impl Notifier {
         }
     }
 
+    /// Sends one notification without ever blocking the caller (the
+    /// runtime's thread): a manager that stops reading fills its socket's
+    /// queue (`net.unix.max_dgram_qlen`, 10 by default), and a blocking
+    /// send would then freeze every device and the control socket. STATUS=
+    /// and WATCHDOG=1 are dropped while the queue is full (the next one
+    /// carries the news); the lifecycle states are retried for up to
+    /// [`LIFECYCLE_PATIENCE`] first.
     fn send(&self, states: &[NotifyState<'_>]) {
         if !self.enabled {
             return;
         }
+        let mut msg = String::new();
+        for state in states {
+            msg.push_str(&state.to_string());
+            msg.push('\n');
+        }
+        let lifecycle = states.iter().any(|s| {
+            matches!(
+                s,
+                NotifyState::Ready | NotifyState::Reloading | NotifyState::Stopping
+            )
+        });
         static WARNED: AtomicBool = AtomicBool::new(false);
-        if let Err(e) = sd_notify::notify(false, states) {
-            // Once: a manager that went away does not come back.
-            if !WARNED.swap(true, Ordering::Relaxed) {
-                warn!(error = %e, "notifying the service manager failed");
+        static DROPPED: AtomicU64 = AtomicU64::new(0);
+        let deadline = Instant::now() + LIFECYCLE_PATIENCE;
+        loop {
+            match send_nonblocking(msg.as_bytes()) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if lifecycle && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    let dropped = DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+                    if dropped == 1 || dropped % 64 == 0 {
+                        warn!(dropped, lifecycle, "the service manager is not reading its notify socket; notification dropped");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // Once: a manager that went away does not come back.
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        warn!(error = %e, "notifying the service manager failed");
+                    }
+                    return;
+                }
             }
         }
     }
