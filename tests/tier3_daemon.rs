@@ -407,7 +407,7 @@ fn run(path: &str) {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(bdf.clone()),
+            &Request::session(bdf.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -442,7 +442,12 @@ fn run(path: &str) {
                 match irqfd.read() {
                     Ok(_) => {
                         delivered.fetch_add(1, Ordering::SeqCst);
-                        let r = ask(&mut c, &Request::SimAck { bdf: bdf.clone() });
+                        let r = ask(
+                            &mut c,
+                            &Request::SimAck {
+                                bdf: bdf.parse().unwrap(),
+                            },
+                        );
                         if r["acked"] == true {
                             acked.fetch_add(1, Ordering::SeqCst);
                         } else {
@@ -479,7 +484,7 @@ fn run(path: &str) {
         ask(
             &mut c,
             &Request::SimRaise {
-                bdf: bdf.clone(),
+                bdf: bdf.parse().unwrap(),
                 count: 1,
             },
         );
@@ -518,7 +523,7 @@ fn run(path: &str) {
                     ask(
                         &mut c,
                         &Request::SimRaise {
-                            bdf: bdf.clone(),
+                            bdf: bdf.parse().unwrap(),
                             count: 1,
                         },
                     );
@@ -591,7 +596,7 @@ fn run(path: &str) {
     ask(
         &mut c,
         &Request::SimRaise {
-            bdf: bdf.clone(),
+            bdf: bdf.parse().unwrap(),
             count: 1,
         },
     );
@@ -655,7 +660,7 @@ fn reattach_while_asserting() {
         ask(
             c,
             &Request::SimRaise {
-                bdf: bdf.clone(),
+                bdf: bdf.parse().unwrap(),
                 count: 1,
             },
         );
@@ -668,7 +673,7 @@ fn reattach_while_asserting() {
             let mut session = d.client();
             let r = session
                 .request_with_fds(
-                    &Request::session(bdf.clone()),
+                    &Request::session(bdf.parse().unwrap()),
                     &[irqfd.as_raw_fd(), resample.as_raw_fd()],
                 )
                 .unwrap();
@@ -712,11 +717,21 @@ fn reattach_while_asserting() {
         );
         // Its ISR, then a reset through the daemon.
         assert_eq!(
-            ask(&mut c, &Request::SimAck { bdf: bdf.clone() })["acked"],
+            ask(
+                &mut c,
+                &Request::SimAck {
+                    bdf: bdf.parse().unwrap()
+                }
+            )["acked"],
             true
         );
         resample.write(1).unwrap();
-        ask(&mut c, &Request::Reset { bdf: bdf.clone() });
+        ask(
+            &mut c,
+            &Request::Reset {
+                bdf: bdf.parse().unwrap(),
+            },
+        );
         for i in 0..5 {
             raise(&mut c);
             assert!(
@@ -725,7 +740,12 @@ fn reattach_while_asserting() {
                 ask(&mut c, &Request::Status)
             );
             assert_eq!(
-                ask(&mut c, &Request::SimAck { bdf: bdf.clone() })["acked"],
+                ask(
+                    &mut c,
+                    &Request::SimAck {
+                        bdf: bdf.parse().unwrap()
+                    }
+                )["acked"],
                 true
             );
             resample.write(1).unwrap();
@@ -835,8 +855,9 @@ fn handover(path: &str) {
     ];
     let setting: vfio_intx::daemon::config::PathSetting =
         serde_json::from_value(serde_json::Value::String(path.into())).unwrap();
-    let session_request =
-        |claim: Option<&str>| Request::device_fd_session(claim.map(str::to_owned), Some(setting));
+    let session_request = |claim: Option<&str>| {
+        Request::device_fd_session(claim.map(|c| c.parse().unwrap()), Some(setting))
+    };
 
     // Claims the evidence contradicts are refused, naming both devices.
     for (claim, evidence) in [
@@ -923,7 +944,7 @@ fn handover(path: &str) {
     let [dev] = &status.devices[..] else {
         panic!("{status:?}")
     };
-    assert_eq!(dev.bdf, bdf);
+    assert_eq!(dev.bdf.to_string(), bdf);
     assert!(dev.session);
     assert_eq!(dev.handed_over.as_deref(), Some(identity.as_str()));
     assert!(!dev.bound_by_daemon);
