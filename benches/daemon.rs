@@ -164,7 +164,7 @@ fn attach(socket: &Path, bdf: &str) -> Session {
     let mut client = Client::connect(socket, Duration::from_secs(10)).unwrap();
     let r = client
         .request_with_fds(
-            &Request::session(bdf),
+            &Request::session(bdf.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -181,10 +181,12 @@ fn attach(socket: &Path, bdf: &str) -> Session {
 fn round_trips(socket: &Path, s: &Session, bdf: &str, n: usize, run: Duration) -> Vec<Duration> {
     let mut c = Client::connect(socket, Duration::from_secs(10)).unwrap();
     let raise = Request::SimRaise {
-        bdf: bdf.into(),
+        bdf: bdf.parse().unwrap(),
         count: 1,
     };
-    let ack = Request::SimAck { bdf: bdf.into() };
+    let ack = Request::SimAck {
+        bdf: bdf.parse().unwrap(),
+    };
     let mut out = Vec::with_capacity(n);
     let start = Instant::now();
     while out.len() < n || start.elapsed() < run {
@@ -240,7 +242,7 @@ fn storm() {
     };
     let mut c = Client::connect(&d.socket, Duration::from_secs(10)).unwrap();
     c.request(&Request::SimRaise {
-        bdf: noisy.into(),
+        bdf: noisy.parse().unwrap(),
         count: 1,
     })
     .unwrap();
@@ -251,7 +253,7 @@ fn storm() {
     guest.join().unwrap();
     let Response::Ok { data } = c
         .request(&Request::Stats {
-            bdf: Some(noisy.into()),
+            bdf: Some(noisy.parse().unwrap()),
         })
         .unwrap()
     else {

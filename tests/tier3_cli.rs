@@ -20,6 +20,9 @@ use clap::Parser;
 use vfio_intx::pci::sysfs::PciSysfs;
 use vfio_intx::pci::Bdf;
 
+mod common;
+use common::guest_bdf;
+
 const UIO_TEST: &str = "unbind_and_bind_of_a_uio_device_held_open_are_refused_naming_the_holder";
 const VFIO_TEST: &str =
     "bind_to_uio_of_a_device_a_vfio_user_holds_is_refused_promptly_and_force_waits_bounded";
@@ -62,12 +65,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        eprintln!(
-            "SKIP (not inside the vfio-intx QEMU guest): {} need real uio_pci_generic and \
-             vfio-pci; run scripts/tier3.sh",
-            TESTS.join(", ")
-        );
+    if !common::in_guest(&TESTS.join(", "), "real uio_pci_generic and vfio-pci") {
         for t in TESTS {
             println!("test {t} ... ok (skipped)");
         }
@@ -151,18 +149,11 @@ fn driver(bdf: Bdf) -> Option<String> {
     PciSysfs::default().driver(bdf).unwrap()
 }
 
-fn var(name: &str) -> Bdf {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set inside the guest"))
-        .parse()
-        .unwrap()
-}
-
 /// A process holds the uio edu's /dev/uioN: `unbind` and `bind --driver
 /// vfio-pci` are refused with exit 8 naming it, and change nothing;
 /// `--force` takes the device anyway (uio does not block).
 fn uio_holder() {
-    let bdf = var("VFIO_INTX_EDU_UIO");
+    let bdf = guest_bdf("VFIO_INTX_EDU_UIO");
     let b = bdf.to_string();
     assert_eq!(driver(bdf).as_deref(), Some("uio_pci_generic"));
     let node = PciSysfs::default().uio_device(bdf).unwrap().unwrap();
@@ -199,8 +190,8 @@ fn uio_holder() {
 /// (exit 8); the write cannot be cancelled, so the process ends only when
 /// the holder lets go. Afterwards the device is rebound to vfio-pci.
 fn vfio_holder() {
-    let bdf = var("VFIO_INTX_EDU_NORESET");
-    let group = std::env::var("VFIO_INTX_EDU_NORESET_GROUP").unwrap();
+    let bdf = guest_bdf("VFIO_INTX_EDU_NORESET");
+    let group = common::guest_var("VFIO_INTX_EDU_NORESET_GROUP");
     let b = bdf.to_string();
     assert_eq!(driver(bdf).as_deref(), Some("vfio-pci"));
     let holder = Holder::start("hold-vfio", &b);
@@ -278,7 +269,7 @@ fn vfio_holder() {
 /// The root-bus edu has no reset method: on uio_pci_generic (no daemon) a
 /// reset says so instead of "No such file or directory".
 fn reset_without_method() {
-    let bdf = var("VFIO_INTX_EDU_NORESET");
+    let bdf = guest_bdf("VFIO_INTX_EDU_NORESET");
     let b = bdf.to_string();
     assert!(PciSysfs::default().reset_methods(bdf).unwrap().is_empty());
     let (code, err, _) = cli(&["bind", "--driver", "uio_pci_generic", &b]);

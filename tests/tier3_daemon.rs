@@ -19,7 +19,7 @@
 //! outside the guest it prints a SKIP line and passes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -37,6 +37,7 @@ use vfio_intx::daemon::DaemonStatus;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod common;
+use common::{driver_of, guest_var, phys_asserting};
 
 const TEST: &str = "daemon_services_the_edu_while_two_reset_loops_run";
 const BIND_TEST: &str = "daemon_binds_vfio_pci_and_restores_the_previous_driver_on_sigterm";
@@ -77,12 +78,7 @@ fn main() -> ExitCode {
         println!("{REATTACH_TEST}: test");
         return ExitCode::SUCCESS;
     }
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP (not inside the vfio-intx QEMU guest): {TEST} needs real vfio-pci; run \
-             scripts/tier3.sh"
-        );
+    if !common::in_guest(TEST, "real vfio-pci") {
         println!("test {TEST} ... ok (skipped)");
         println!("test {BIND_TEST} ... ok (skipped)");
         println!("test {UIO_PENDING_TEST} ... ok (skipped)");
@@ -231,31 +227,24 @@ fn reset_loop(bin_dir: &Path, bdf: &str, socket: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
-/// The driver `bdf` is bound to, from sysfs.
-fn driver(bdf: &str) -> Option<String> {
-    std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-}
-
 /// `bind = true`: the daemon takes the edu that the guest's init bound to
 /// uio_pci_generic, binds it to vfio-pci, arms it, and at SIGTERM hands it
 /// back to uio_pci_generic with driver_override as it was.
 fn bind_and_restore() {
-    let bdf = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let bdf = guest_var("VFIO_INTX_EDU_UIO");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon-bind");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let override_path = format!("/sys/bus/pci/devices/{bdf}/driver_override");
     let override_before = std::fs::read_to_string(&override_path).unwrap();
-    assert_eq!(driver(&bdf).as_deref(), Some("uio_pci_generic"));
+    assert_eq!(driver_of(&bdf).as_deref(), Some("uio_pci_generic"));
     let mut d = start_daemon_with(
         &dir,
         &this,
         &format!("[[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\nbind = true\nprobe = true\n"),
     );
-    assert_eq!(driver(&bdf).as_deref(), Some("vfio-pci"));
+    assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
     let mut c = d.client();
     let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
     assert!(status.devices[0].bound_by_daemon, "{status:?}");
@@ -269,7 +258,7 @@ fn bind_and_restore() {
     std::thread::sleep(Duration::from_millis(100));
     let log = d.log.lock().unwrap().clone();
     assert!(log.contains("driver_restored=true"), "{log}");
-    assert_eq!(driver(&bdf).as_deref(), Some("uio_pci_generic"), "{log}");
+    assert_eq!(driver_of(&bdf).as_deref(), Some("uio_pci_generic"), "{log}");
     assert_eq!(
         std::fs::read_to_string(&override_path).unwrap(),
         override_before
@@ -284,18 +273,16 @@ fn bind_and_restore() {
 /// it again at once (found 0x0103, now 0x0503): that is the kernel driver's
 /// state for its next user, and the daemon must say so at INFO and exit 0.
 fn uio_pending_hand_back() {
+    use common::{EDU_ACK, EDU_RAISE, EDU_STATUS};
     use vfio_intx::backend::ConfigSpace;
     use vfio_intx::pci::intx::read_command_status;
     use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
     use vfio_intx::pci::sysfs::{PciSysfs, SysfsConfig};
     use vfio_intx::pci::{Bdf, Width};
-    const EDU_IRQ_STATUS: usize = 0x24;
-    const EDU_IRQ_RAISE: usize = 0x60;
-    const EDU_IRQ_ACK: usize = 0x64;
 
-    let bdf_s = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let bdf_s = guest_var("VFIO_INTX_EDU_UIO");
     let bdf: Bdf = bdf_s.parse().unwrap();
-    assert_eq!(driver(&bdf_s).as_deref(), Some("uio_pci_generic"));
+    assert_eq!(driver_of(&bdf_s).as_deref(), Some("uio_pci_generic"));
     let sysfs = PciSysfs::default();
     // Memory decoding on (BAR0 for the raise), INTx unmasked, nothing
     // pending: the COMMAND the daemon finds.
@@ -306,9 +293,9 @@ fn uio_pending_hand_back() {
         .config_write(PCI_COMMAND, Width::Word, u32::from(found))
         .unwrap();
     let bar = common::Bar0::map(bdf);
-    let pending = bar.read(EDU_IRQ_STATUS);
+    let pending = bar.read(EDU_STATUS);
     if pending != 0 {
-        bar.write(EDU_IRQ_ACK, pending);
+        bar.write(EDU_ACK, pending);
     }
 
     let this = std::env::current_exe().unwrap();
@@ -320,7 +307,7 @@ fn uio_pending_hand_back() {
         &this,
         &format!("[[device]]\nbdf = \"{bdf_s}\"\nbackend = \"uio\"\nreset = false\n"),
     );
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     let mut c = d.client();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -335,7 +322,7 @@ fn uio_pending_hand_back() {
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(c);
-    assert!(phys_asserting(&bdf_s), "the edu no longer asserts");
+    assert!(phys_asserting(bdf), "the edu no longer asserts");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -346,7 +333,7 @@ fn uio_pending_hand_back() {
     let log = d.log.lock().unwrap().clone();
     let after = read_command_status(&mut config).unwrap();
     // Leave the edu as the next test expects it: acknowledged, unmasked.
-    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
     config
         .config_write(PCI_COMMAND, Width::Word, u32::from(found))
         .unwrap();
@@ -370,20 +357,9 @@ fn engine_resets(c: &mut Client) -> u64 {
     status.devices[0].stats.engine.resets
 }
 
-/// Whether the device drives its INTx line (physical STATUS.INTERRUPT,
-/// through sysfs: the kernel's view, not VFIO's).
-fn phys_asserting(bdf: &str) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(format!("/sys/bus/pci/devices/{bdf}/config")).unwrap();
-    f.seek(SeekFrom::Start(6)).unwrap();
-    let mut b = [0u8; 2];
-    f.read_exact(&mut b).unwrap();
-    u16::from_le_bytes(b) & vfio_intx::pci::regs::STATUS_INTERRUPT != 0
-}
-
 fn run(path: &str) {
     eprintln!("{TEST}: path = {path:?}");
-    let bdf = std::env::var("VFIO_INTX_EDU_RESET").expect("VFIO_INTX_EDU_RESET is not set");
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon");
     let _ = std::fs::remove_dir_all(&dir);
@@ -407,7 +383,7 @@ fn run(path: &str) {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(bdf.clone()),
+            &Request::session(bdf.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -442,7 +418,12 @@ fn run(path: &str) {
                 match irqfd.read() {
                     Ok(_) => {
                         delivered.fetch_add(1, Ordering::SeqCst);
-                        let r = ask(&mut c, &Request::SimAck { bdf: bdf.clone() });
+                        let r = ask(
+                            &mut c,
+                            &Request::SimAck {
+                                bdf: bdf.parse().unwrap(),
+                            },
+                        );
                         if r["acked"] == true {
                             acked.fetch_add(1, Ordering::SeqCst);
                         } else {
@@ -479,7 +460,7 @@ fn run(path: &str) {
         ask(
             &mut c,
             &Request::SimRaise {
-                bdf: bdf.clone(),
+                bdf: bdf.parse().unwrap(),
                 count: 1,
             },
         );
@@ -506,7 +487,7 @@ fn run(path: &str) {
                 // line by its acknowledgement was counted before it did.
                 // ISR runs that found nothing to acknowledge (spurious) are
                 // no delivery.
-                let low = !phys_asserting(&bdf);
+                let low = !phys_asserting(bdf.parse().unwrap());
                 let empty_runs = empty.load(Ordering::SeqCst);
                 if low && delivered.load(Ordering::SeqCst) - empty_runs < raises {
                     assert!(
@@ -518,7 +499,7 @@ fn run(path: &str) {
                     ask(
                         &mut c,
                         &Request::SimRaise {
-                            bdf: bdf.clone(),
+                            bdf: bdf.parse().unwrap(),
                             count: 1,
                         },
                     );
@@ -591,7 +572,7 @@ fn run(path: &str) {
     ask(
         &mut c,
         &Request::SimRaise {
-            bdf: bdf.clone(),
+            bdf: bdf.parse().unwrap(),
             count: 1,
         },
     );
@@ -644,7 +625,7 @@ fn signalled_within(fd: &EventFd, timeout: Duration) -> bool {
 /// daemon, and interrupts keep flowing to the new session.
 fn reattach_while_asserting() {
     const ROUNDS: u32 = 20;
-    let bdf = std::env::var("VFIO_INTX_EDU_RESET").expect("VFIO_INTX_EDU_RESET is not set");
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon-reattach");
     let _ = std::fs::remove_dir_all(&dir);
@@ -655,7 +636,7 @@ fn reattach_while_asserting() {
         ask(
             c,
             &Request::SimRaise {
-                bdf: bdf.clone(),
+                bdf: bdf.parse().unwrap(),
                 count: 1,
             },
         );
@@ -668,7 +649,7 @@ fn reattach_while_asserting() {
             let mut session = d.client();
             let r = session
                 .request_with_fds(
-                    &Request::session(bdf.clone()),
+                    &Request::session(bdf.parse().unwrap()),
                     &[irqfd.as_raw_fd(), resample.as_raw_fd()],
                 )
                 .unwrap();
@@ -712,11 +693,21 @@ fn reattach_while_asserting() {
         );
         // Its ISR, then a reset through the daemon.
         assert_eq!(
-            ask(&mut c, &Request::SimAck { bdf: bdf.clone() })["acked"],
+            ask(
+                &mut c,
+                &Request::SimAck {
+                    bdf: bdf.parse().unwrap()
+                }
+            )["acked"],
             true
         );
         resample.write(1).unwrap();
-        ask(&mut c, &Request::Reset { bdf: bdf.clone() });
+        ask(
+            &mut c,
+            &Request::Reset {
+                bdf: bdf.parse().unwrap(),
+            },
+        );
         for i in 0..5 {
             raise(&mut c);
             assert!(
@@ -725,7 +716,12 @@ fn reattach_while_asserting() {
                 ask(&mut c, &Request::Status)
             );
             assert_eq!(
-                ask(&mut c, &Request::SimAck { bdf: bdf.clone() })["acked"],
+                ask(
+                    &mut c,
+                    &Request::SimAck {
+                        bdf: bdf.parse().unwrap()
+                    }
+                )["acked"],
                 true
             );
             resample.write(1).unwrap();
@@ -805,9 +801,9 @@ fn handover(path: &str) {
         Path::new("/dev/kvm").exists(),
         "no /dev/kvm inside the guest: the guest's init loads kvm"
     );
-    let bdf = std::env::var("VFIO_INTX_EDU_RESET").expect("VFIO_INTX_EDU_RESET is not set");
-    let noreset = std::env::var("VFIO_INTX_EDU_NORESET").expect("VFIO_INTX_EDU_NORESET is not set");
-    let uio = std::env::var("VFIO_INTX_EDU_UIO").expect("VFIO_INTX_EDU_UIO is not set");
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
+    let noreset = guest_var("VFIO_INTX_EDU_NORESET");
+    let uio = guest_var("VFIO_INTX_EDU_UIO");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon-handover");
     let _ = std::fs::remove_dir_all(&dir);
@@ -835,8 +831,9 @@ fn handover(path: &str) {
     ];
     let setting: vfio_intx::daemon::config::PathSetting =
         serde_json::from_value(serde_json::Value::String(path.into())).unwrap();
-    let session_request =
-        |claim: Option<&str>| Request::device_fd_session(claim.map(str::to_owned), Some(setting));
+    let session_request = |claim: Option<&str>| {
+        Request::device_fd_session(claim.map(|c| c.parse().unwrap()), Some(setting))
+    };
 
     // Claims the evidence contradicts are refused, naming both devices.
     for (claim, evidence) in [
@@ -923,7 +920,7 @@ fn handover(path: &str) {
     let [dev] = &status.devices[..] else {
         panic!("{status:?}")
     };
-    assert_eq!(dev.bdf, bdf);
+    assert_eq!(dev.bdf.to_string(), bdf);
     assert!(dev.session);
     assert_eq!(dev.handed_over.as_deref(), Some(identity.as_str()));
     assert!(!dev.bound_by_daemon);

@@ -8,36 +8,24 @@
 //! SKIP line and returns.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
-
 use vfio_intx::error_chain;
 use vfio_intx::intx::{CallbackSink, IntxDevice, LineState};
-use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND, PCI_STATUS, STATUS_INTERRUPT};
 use vfio_intx::pci::Bdf;
 use vfio_intx::vfio::edu::Edu;
 use vfio_intx::vfio::VfioBackend;
 use vfio_ioctls::VfioContainer;
 
-fn skip(reason: std::fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr().lock(), "SKIP {reason}");
-}
+mod common;
+use common::{phys_asserting, phys_masked, readable_within, say};
 
 /// The two edus sharing a bus, or a loud SKIP.
 fn bus_pair(test: &str) -> Option<(Bdf, Bdf)> {
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        skip(format_args!(
-            "(not inside the vfio-intx QEMU guest): {test} needs real vfio-pci; \
-             run scripts/tier3.sh"
-        ));
+    if !common::in_guest(test, "real vfio-pci") {
         return None;
     }
     let list = std::env::var("VFIO_INTX_EDU_BUS").unwrap_or_default();
@@ -46,8 +34,8 @@ fn bus_pair(test: &str) -> Option<(Bdf, Bdf)> {
         .map(|b| b.parse().unwrap())
         .collect();
     if edus.len() != 2 {
-        skip(format_args!(
-            "{test} needs two edus behind the pcie-pci-bridge at 00:14.0 (scripts/tier3.sh \
+        say(format_args!(
+            "SKIP {test} needs two edus behind the pcie-pci-bridge at 00:14.0 (scripts/tier3.sh \
              adds them for tier3_hot_reset); found {edus:?}"
         ));
         return None;
@@ -56,51 +44,7 @@ fn bus_pair(test: &str) -> Option<(Bdf, Bdf)> {
 }
 
 fn bind_vfio(bdf: Bdf) {
-    fs::write(
-        format!("/sys/bus/pci/devices/{bdf}/driver_override"),
-        "vfio-pci",
-    )
-    .unwrap();
-    fs::write("/sys/bus/pci/drivers_probe", bdf.to_string()).unwrap();
-    let bound = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).unwrap();
-    assert!(bound.ends_with("vfio-pci"), "{bdf} bound to {bound:?}");
-}
-
-fn sysfs_u16(bdf: Bdf, offset: u16) -> u16 {
-    let mut f = fs::File::open(format!("/sys/bus/pci/devices/{bdf}/config")).unwrap();
-    f.seek(SeekFrom::Start(offset.into())).unwrap();
-    let mut b = [0u8; 2];
-    f.read_exact(&mut b).unwrap();
-    u16::from_le_bytes(b)
-}
-
-/// Physical COMMAND.INTX_DISABLE (the kernel's view, not VFIO's).
-fn phys_masked(bdf: Bdf) -> bool {
-    sysfs_u16(bdf, PCI_COMMAND) & COMMAND_INTX_DISABLE != 0
-}
-
-fn phys_asserting(bdf: Bdf) -> bool {
-    sysfs_u16(bdf, PCI_STATUS) & STATUS_INTERRUPT != 0
-}
-
-fn readable_within(fd: &EventFd, timeout: Duration) -> bool {
-    let epoll = Epoll::new().unwrap();
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )
-        .unwrap();
-    let mut events = [EpollEvent::default(); 1];
-    let ms = i32::try_from(timeout.as_millis()).unwrap();
-    loop {
-        match epoll.wait(ms, &mut events) {
-            Ok(n) => return n > 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("epoll_wait: {e}"),
-        }
-    }
+    common::bind(bdf, "vfio-pci");
 }
 
 /// One edu on vfio-pci with an engine stepped by the test.

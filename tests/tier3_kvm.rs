@@ -21,23 +21,20 @@ use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::vfio::edu::Edu;
 use vfio_intx::vfio::VfioBackend;
 
+mod common;
+
 fn guest_edu(test: &str) -> Option<Bdf> {
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none()
-        || !std::path::Path::new("/dev/kvm").exists()
-    {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP (not inside the vfio-intx QEMU guest with KVM): {test} needs vfio-pci and \
-             /dev/kvm in the guest; run scripts/tier3.sh"
-        );
+    if !common::in_guest(test, "vfio-pci and /dev/kvm in the guest") {
         return None;
     }
-    Some(
-        std::env::var("VFIO_INTX_EDU_RESET")
-            .unwrap()
-            .parse()
-            .unwrap(),
-    )
+    if !std::path::Path::new("/dev/kvm").exists() {
+        common::say(format_args!(
+            "SKIP (no /dev/kvm inside the vfio-intx QEMU guest): {test} needs vfio-pci and \
+             /dev/kvm in the guest; run scripts/tier3.sh"
+        ));
+        return None;
+    }
+    Some(common::guest_bdf("VFIO_INTX_EDU_RESET"))
 }
 
 /// Opens the edu, enables decoding (as the guest's firmware would) and
@@ -270,18 +267,12 @@ impl Write for Tee {
 /// Two `echo 1 > /sys/bus/pci/devices/$BDF/reset` loops (the 2011
 /// reproducer) until `stop`; returns the resets done.
 fn sysfs_reset_loops(bdf: Bdf, stop: &AtomicBool, resets: &AtomicU64) {
-    let path = format!("/sys/bus/pci/devices/{bdf}/reset");
     thread::scope(|scope| {
         for _ in 0..2 {
             scope.spawn(|| {
-                while !stop.load(Ordering::SeqCst) {
-                    match std::fs::write(&path, "1") {
-                        Ok(()) => {
-                            resets.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(1)),
-                    }
-                }
+                common::sysfs_reset_loop(bdf, stop, || {
+                    resets.fetch_add(1, Ordering::SeqCst);
+                })
             });
         }
     });
@@ -334,8 +325,7 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             report.unwrap_or_else(|e| panic!("{policy:?}: {}", vfio_intx::error_chain(&e)));
         let resets = resets.load(Ordering::SeqCst);
         // Past the harness's capture, so that the figures reach the log.
-        let _ = writeln!(
-            std::io::stderr(),
+        common::say(format_args!(
             "tier3 kvm | example VMM under two sysfs reset loops ({policy:?}, {}): raised {}, \
              acked {}, re-raised after a reset dropped them {}, resets {resets} in {loops_ran:?}, \
              ISR reads without STATUS.INTERRUPT {}, empty ISR runs {}, p50 {:?} p99 {:?}, \
@@ -350,7 +340,7 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             report.latency(0.99),
             started.elapsed(),
             report.stats
-        );
+        ));
         assert!(resets > 0, "{policy:?}: the reset loops did not reset");
         assert_eq!(report.acked, report.raised, "{policy:?}: interrupts lost");
         // The example's verdict: PASS, exit 0.

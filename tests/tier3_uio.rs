@@ -14,19 +14,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::intx::{run_worker, CallbackSink, IntxDevice, LineState, Serviced};
-use vfio_intx::pci::intx::{read_command_status, CommandStatus};
+use vfio_intx::pci::intx::read_command_status;
 use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
 use vfio_intx::pci::sysfs::{
     PciSysfs, Source, SysfsConfig, SysfsError, PCIEPORT, UIO_PCI_GENERIC, VFIO_PCI,
@@ -35,17 +33,10 @@ use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::uio::{UioBackend, UioError};
 
 mod common;
-use common::Bar0;
-
-/// edu: pending interrupt bits (read).
-const EDU_IRQ_STATUS: usize = 0x24;
-/// edu: raise the written bits (write).
-const EDU_IRQ_RAISE: usize = 0x60;
-/// edu: acknowledge the written bits (write).
-const EDU_IRQ_ACK: usize = 0x64;
-/// edu: identification register, 0x010000ed.
-const EDU_ID: usize = 0x00;
-const EDU_ID_VALUE: u32 = 0x0100_00ed;
+use common::{
+    guest_bdf, guest_var, physical, readable_within, Bar0, EDU_ACK, EDU_ID, EDU_ID_VALUE,
+    EDU_RAISE, EDU_STATUS,
+};
 
 /// The guest's devices, from the variables guest/init.sh exports.
 struct Guest {
@@ -56,31 +47,18 @@ struct Guest {
     noreset_group: u32,
 }
 
-fn var(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set inside the guest"))
-}
-
 /// The guest, or `None` (with a loud message) outside it.
 fn guest(test: &str) -> Option<Guest> {
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        eprintln!(
-            "SKIP (not inside the vfio-intx QEMU guest): {test} needs real uio_pci_generic and \
-             vfio-pci; run scripts/tier3.sh"
-        );
+    if !common::in_guest(test, "real uio_pci_generic and vfio-pci") {
         return None;
     }
     Some(Guest {
-        reset: var("VFIO_INTX_EDU_RESET").parse().unwrap(),
-        noreset: var("VFIO_INTX_EDU_NORESET").parse().unwrap(),
-        uio: var("VFIO_INTX_EDU_UIO").parse().unwrap(),
-        reset_group: var("VFIO_INTX_EDU_RESET_GROUP").parse().unwrap(),
-        noreset_group: var("VFIO_INTX_EDU_NORESET_GROUP").parse().unwrap(),
+        reset: guest_bdf("VFIO_INTX_EDU_RESET"),
+        noreset: guest_bdf("VFIO_INTX_EDU_NORESET"),
+        uio: guest_bdf("VFIO_INTX_EDU_UIO"),
+        reset_group: guest_var("VFIO_INTX_EDU_RESET_GROUP").parse().unwrap(),
+        noreset_group: guest_var("VFIO_INTX_EDU_NORESET_GROUP").parse().unwrap(),
     })
-}
-
-/// Physical COMMAND/STATUS of a device, through its sysfs config file.
-fn physical(sysfs: &PciSysfs, bdf: Bdf) -> CommandStatus {
-    read_command_status(&mut SysfsConfig::open_read_only(sysfs, bdf).unwrap()).unwrap()
 }
 
 /// Puts the uio edu in a known state: memory decoding on, INTx unmasked,
@@ -98,38 +76,17 @@ fn prepare_uio_edu(sysfs: &PciSysfs, bdf: Bdf) -> Bar0 {
         EDU_ID_VALUE,
         "{bdf}: not an edu, or BAR0 not decoded"
     );
-    let pending = bar.read(EDU_IRQ_STATUS);
+    let pending = bar.read(EDU_STATUS);
     if pending != 0 {
-        bar.write(EDU_IRQ_ACK, pending);
+        bar.write(EDU_ACK, pending);
     }
-    let cs = physical(sysfs, bdf);
+    let cs = physical(bdf);
     assert!(
         !cs.asserting(),
         "{bdf}: still asserting after the ack: {cs:?}"
     );
     assert!(!cs.masked(), "{bdf}: still masked: {cs:?}");
     bar
-}
-
-/// Waits until `fd` is readable; `false` on timeout.
-fn wait_readable(fd: &EventFd, timeout: Duration) -> bool {
-    let epoll = Epoll::new().unwrap();
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )
-        .unwrap();
-    let mut events = [EpollEvent::default(); 1];
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    loop {
-        match epoll.wait(ms, &mut events) {
-            Ok(n) => return n > 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("epoll_wait: {e}"),
-        }
-    }
 }
 
 fn counting_sink() -> (Arc<AtomicU64>, CallbackSink<impl Fn() -> io::Result<()>>) {
@@ -163,18 +120,18 @@ fn stepped_cycle_on_uio_pci_generic_masks_in_service_and_unmasks_when_idle() {
     for round in 1..=3 {
         assert_eq!(dev.line_state(), LineState::Idle);
         assert!(
-            !physical(&sysfs, g.uio).masked(),
+            !physical(g.uio).masked(),
             "round {round}: masked while idle"
         );
 
-        bar.write(EDU_IRQ_RAISE, 1);
+        bar.write(EDU_RAISE, 1);
         assert!(
-            wait_readable(dev.trigger(), Duration::from_secs(5)),
+            readable_within(dev.trigger(), Duration::from_secs(5)),
             "round {round}: no uio event forwarded within 5 s"
         );
         // uio_pci_generic's handler has masked the line (the kernel's
         // check-and-mask), the device still asserts.
-        let cs = physical(&sysfs, g.uio);
+        let cs = physical(g.uio);
         assert!(
             cs.asserting() && cs.masked(),
             "round {round}: after the event: {cs:?}"
@@ -183,24 +140,24 @@ fn stepped_cycle_on_uio_pci_generic_masks_in_service_and_unmasks_when_idle() {
         assert_eq!(dev.on_host_interrupt().unwrap(), Serviced::Done);
         assert_eq!(injected.load(Ordering::SeqCst), round);
         assert_eq!(dev.line_state(), LineState::InService);
-        let cs = physical(&sysfs, g.uio);
+        let cs = physical(g.uio);
         assert!(
             cs.masked(),
             "round {round}: INTX_DISABLE clear while in service: {cs:?}"
         );
 
         // The guest's ISR: read and acknowledge, then EOI.
-        let pending = bar.read(EDU_IRQ_STATUS);
+        let pending = bar.read(EDU_STATUS);
         assert_eq!(pending, 1, "round {round}: edu status");
-        bar.write(EDU_IRQ_ACK, pending);
-        let cs = physical(&sysfs, g.uio);
+        bar.write(EDU_ACK, pending);
+        let cs = physical(g.uio);
         assert!(
             !cs.asserting() && cs.masked(),
             "round {round}: after the ack: {cs:?}"
         );
         dev.on_guest_eoi().unwrap();
         assert_eq!(dev.line_state(), LineState::Idle);
-        let cs = physical(&sysfs, g.uio);
+        let cs = physical(g.uio);
         assert!(
             !cs.masked(),
             "round {round}: INTX_DISABLE set while idle: {cs:?}"
@@ -226,16 +183,16 @@ fn an_interrupt_pending_before_arming_on_uio_is_delivered_when_armed() {
     let bar = prepare_uio_edu(&sysfs, g.uio);
     // The device interrupts before the engine takes it over:
     // uio_pci_generic's handler masks it (check-and-mask) and counts it.
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !physical(&sysfs, g.uio).masked() {
+    while !physical(g.uio).masked() {
         assert!(
             Instant::now() < deadline,
             "the kernel never masked the raise"
         );
         thread::sleep(Duration::from_millis(1));
     }
-    let before = physical(&sysfs, g.uio);
+    let before = physical(g.uio);
     assert!(before.asserting(), "{before:?}");
 
     let (injected, sink) = counting_sink();
@@ -253,10 +210,10 @@ fn an_interrupt_pending_before_arming_on_uio_is_delivered_when_armed() {
     assert_eq!(dev.guest_command() & COMMAND_INTX_DISABLE, 0);
     assert_eq!(injected.load(Ordering::SeqCst), 1);
     assert_eq!(dev.line_state(), LineState::InService);
-    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
     dev.on_guest_eoi().unwrap();
     assert_eq!(dev.line_state(), LineState::Idle);
-    assert!(!physical(&sysfs, g.uio).masked());
+    assert!(!physical(g.uio).masked());
 }
 
 /// What the guest driver thread saw.
@@ -319,18 +276,18 @@ fn run_cycles(
         );
         thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                if !wait_readable(&irq, Duration::from_millis(20)) {
+                if !readable_within(&irq, Duration::from_millis(20)) {
                     continue;
                 }
                 let Ok(count) = irq.read() else { continue };
                 if count > 1 {
                     isr.double_injections.fetch_add(count - 1, Ordering::SeqCst);
                 }
-                let pending = bar.read(EDU_IRQ_STATUS);
+                let pending = bar.read(EDU_STATUS);
                 if pending == 0 {
                     isr.empty.fetch_add(1, Ordering::SeqCst);
                 } else {
-                    bar.write(EDU_IRQ_ACK, pending);
+                    bar.write(EDU_ACK, pending);
                     isr.delivered.fetch_add(1, Ordering::SeqCst);
                     done.write(1).unwrap();
                 }
@@ -343,14 +300,14 @@ fn run_cycles(
     let mut cycles = Vec::with_capacity(usize::try_from(n).unwrap());
     for i in 1..=n {
         let t = Instant::now();
-        bar.write(EDU_IRQ_RAISE, 1);
+        bar.write(EDU_RAISE, 1);
         assert!(
-            wait_readable(&done, Duration::from_secs(5)),
+            readable_within(&done, Duration::from_secs(5)),
             "{pace:?}: interrupt {i} of {n} not delivered within 5 s; stats {:?}, line {:?}, \
              physical {:?}",
             dev.stats(),
             dev.line_state(),
-            physical(&sysfs, g.uio)
+            physical(g.uio)
         );
         done.read().unwrap();
         if pace == Pace::AfterEoi {
@@ -377,9 +334,9 @@ fn run_cycles(
     assert_eq!(isr.empty.load(Ordering::SeqCst), 0, "{pace:?}");
     assert_eq!(stats.injected, n, "{pace:?}: {stats:?}");
     assert_eq!(stats.errors, 0, "{pace:?}: {stats:?}");
-    assert_eq!(bar.read(EDU_IRQ_STATUS), 0, "{pace:?}");
+    assert_eq!(bar.read(EDU_STATUS), 0, "{pace:?}");
     assert_eq!(dev.line_state(), LineState::Idle, "{pace:?}");
-    assert!(!physical(&sysfs, g.uio).masked(), "{pace:?}");
+    assert!(!physical(g.uio).masked(), "{pace:?}");
     cycles.sort();
     (cycles, total, stats)
 }
@@ -427,12 +384,12 @@ fn reset_while_interrupt_pending_on_uio_leaves_the_line_unmasked_and_delivers_th
 
     // Raise, and let uio_pci_generic's handler mask and count it, but do not
     // service it yet.
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     assert!(
-        wait_readable(dev.trigger(), Duration::from_secs(5)),
+        readable_within(dev.trigger(), Duration::from_secs(5)),
         "no uio event"
     );
-    let before = physical(&sysfs, g.uio);
+    let before = physical(g.uio);
     assert!(
         before.asserting() && before.masked(),
         "before the reset: {before:?}"
@@ -443,8 +400,8 @@ fn reset_while_interrupt_pending_on_uio_leaves_the_line_unmasked_and_delivers_th
     let t = Instant::now();
     dev.reset().unwrap();
     let took = t.elapsed();
-    let after = physical(&sysfs, g.uio);
-    let status = bar.read(EDU_IRQ_STATUS);
+    let after = physical(g.uio);
+    let status = bar.read(EDU_STATUS);
     eprintln!(
         "reset with an interrupt pending: sysfs reset took {took:?}; before {before:?}, after \
          {after:?}; edu irq status after {status:#x}; line {:?}, injected {}",
@@ -469,22 +426,22 @@ fn reset_while_interrupt_pending_on_uio_leaves_the_line_unmasked_and_delivers_th
     assert_eq!(dev.on_host_interrupt().unwrap(), Serviced::Done);
     assert_eq!(injected.load(Ordering::SeqCst), 0);
     assert_eq!(dev.stats().not_mine, 1);
-    assert!(!physical(&sysfs, g.uio).masked());
+    assert!(!physical(g.uio).masked());
 
     // The strongest property that holds: the next raise is delivered, once,
     // and the guest's ack covers the old status bit too.
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     assert!(
-        wait_readable(dev.trigger(), Duration::from_secs(5)),
+        readable_within(dev.trigger(), Duration::from_secs(5)),
         "the raise after the reset was not delivered"
     );
     dev.on_host_interrupt().unwrap();
     assert_eq!(injected.load(Ordering::SeqCst), 1);
-    assert!(physical(&sysfs, g.uio).masked());
-    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    assert!(physical(g.uio).masked());
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
     dev.on_guest_eoi().unwrap();
     assert_eq!(dev.line_state(), LineState::Idle);
-    let cs = physical(&sysfs, g.uio);
+    let cs = physical(g.uio);
     assert!(!cs.masked() && !cs.asserting(), "{cs:?}");
     assert_eq!(dev.stats().errors, 0);
 }
@@ -499,9 +456,9 @@ fn reset_while_in_service_on_uio_keeps_the_mask_until_the_guest_eoi() {
     let (injected, sink) = counting_sink();
     let dev = IntxDevice::new(UioBackend::open(g.uio).unwrap(), sink).unwrap();
 
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     assert!(
-        wait_readable(dev.trigger(), Duration::from_secs(5)),
+        readable_within(dev.trigger(), Duration::from_secs(5)),
         "no uio event"
     );
     dev.on_host_interrupt().unwrap();
@@ -510,29 +467,29 @@ fn reset_while_in_service_on_uio_keeps_the_mask_until_the_guest_eoi() {
     dev.reset().unwrap();
     // The guest has not EOIed: the host mask is back after the reset.
     assert_eq!(dev.line_state(), LineState::InService);
-    let cs = physical(&sysfs, g.uio);
+    let cs = physical(g.uio);
     assert!(
         cs.masked(),
         "in service but unmasked after the reset: {cs:?}"
     );
 
-    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
     dev.on_guest_eoi().unwrap();
     assert_eq!(dev.line_state(), LineState::Idle);
-    assert!(!physical(&sysfs, g.uio).masked());
+    assert!(!physical(g.uio).masked());
     assert_eq!(injected.load(Ordering::SeqCst), 1);
 
     // And the line works afterwards.
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     assert!(
-        wait_readable(dev.trigger(), Duration::from_secs(5)),
+        readable_within(dev.trigger(), Duration::from_secs(5)),
         "no event after the reset"
     );
     dev.on_host_interrupt().unwrap();
     assert_eq!(injected.load(Ordering::SeqCst), 2);
-    bar.write(EDU_IRQ_ACK, bar.read(EDU_IRQ_STATUS));
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
     dev.on_guest_eoi().unwrap();
-    assert!(!physical(&sysfs, g.uio).masked());
+    assert!(!physical(g.uio).masked());
 }
 
 // ------------------------------------------------------------------ host helpers
@@ -570,7 +527,7 @@ fn host_facts_for_the_three_edus() {
     assert!(v.to_string().contains("uio_pci_generic"));
 
     let uio_node = s.uio_device(g.uio).unwrap().unwrap();
-    assert_eq!(uio_node, PathBuf::from(var("VFIO_INTX_EDU_UIO_DEV")));
+    assert_eq!(uio_node, PathBuf::from(guest_var("VFIO_INTX_EDU_UIO_DEV")));
     assert_eq!(s.uio_device(g.reset).unwrap(), None);
 }
 
@@ -746,7 +703,7 @@ fn masking_verdict_reports_pci_2_3_masking_for_the_edus() {
     assert!(v.supported, "{v}");
     // uio_pci_generic's binding is the kernel's own verdict: nothing toggled.
     assert_eq!(v.source, Source::UioBound, "{v}");
-    assert!(!physical(&s, g.uio).masked());
+    assert!(!physical(g.uio).masked());
 
     let nointxmask = s.vfio_nointxmask().unwrap().expect("vfio_pci is loaded");
     for bdf in [g.reset, g.noreset] {
@@ -761,13 +718,13 @@ fn masking_verdict_reports_pci_2_3_masking_for_the_edus() {
         }
         // The toggle is refused under vfio-pci (a user may have INTx
         // live), and nothing was written.
-        let before = physical(&s, bdf).command;
+        let before = physical(bdf).command;
         let err = s.probe_masking(bdf).unwrap_err();
         assert!(
             matches!(err, SysfsError::LiveDriver { .. }),
             "{bdf}: {err:?}"
         );
-        assert_eq!(physical(&s, bdf).command, before, "{bdf}: COMMAND changed");
+        assert_eq!(physical(bdf).command, before, "{bdf}: COMMAND changed");
     }
 }
 
@@ -792,9 +749,9 @@ fn masking_verdict_under_uio_pci_generics_live_handler_toggles_nothing() {
     let bar = prepare_uio_edu(&s, g.uio);
     let verdict_at = |what: &str| {
         let events = uio_events(g.uio);
-        let before = physical(&s, g.uio);
+        let before = physical(g.uio);
         let v = s.masking_verdict(g.uio).unwrap();
-        let after = physical(&s, g.uio);
+        let after = physical(g.uio);
         eprintln!(
             "{what}: {v}; COMMAND {:#06x} -> {:#06x}, uio events {events} -> {}",
             before.command,
@@ -814,20 +771,20 @@ fn masking_verdict_under_uio_pci_generics_live_handler_toggles_nothing() {
 
     // The device asserts: uio_pci_generic's handler has checked and masked.
     let events = uio_events(g.uio);
-    bar.write(EDU_IRQ_RAISE, 1);
+    bar.write(EDU_RAISE, 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     while uio_events(g.uio) == events {
         assert!(Instant::now() < deadline, "no uio event within 5 s");
         thread::sleep(Duration::from_millis(1));
     }
-    let cs = physical(&s, g.uio);
+    let cs = physical(g.uio);
     assert!(cs.asserting() && cs.masked(), "after the raise: {cs:?}");
     // A toggle here would unmask an asserting device under the live
     // handler, which masks it again: the bit "does not stick".
     verdict_at("asserting, masked by the handler");
 
     // Acknowledged and unmasked, as found.
-    bar.write(EDU_IRQ_ACK, 1);
+    bar.write(EDU_ACK, 1);
     prepare_uio_edu(&s, g.uio);
     verdict_at("idle");
 }

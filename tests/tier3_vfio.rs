@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,51 +21,18 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vfio_intx::backend::{BackendError, ConfigSpace};
 use vfio_intx::error_chain;
 use vfio_intx::intx::{run_worker, CallbackSink, InterruptSink, IntxDevice, LineState, Serviced};
-use vfio_intx::pci::regs::{
-    COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND, PCI_STATUS, STATUS_INTERRUPT,
-};
+use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
 use vfio_intx::pci::{Bdf, Width};
 use vfio_intx::vfio::{RegionAccess, VfioBackend, VfioError};
 
-// ------------------------------------------------------------------ setup
+mod common;
+use common::{bind, phys_asserting, phys_command, readable_within, say};
 
-/// Prints a SKIP line on stderr even though libtest captures the output of
-/// passing tests (its capture only covers the print macros).
-fn skip(reason: std::fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr().lock(), "SKIP {reason}");
-}
+// ------------------------------------------------------------------ setup
 
 /// The device named by `var` inside the guest; outside it, a loud SKIP.
 fn guest_device(var: &str, test: &str) -> Option<Bdf> {
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        skip(format_args!(
-            "(not inside the vfio-intx QEMU guest): {test} needs real vfio-pci; \
-             run scripts/tier3.sh"
-        ));
-        return None;
-    }
-    let value = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set in the guest"));
-    Some(value.parse().unwrap())
-}
-
-/// Reads `N` bytes of the device's physical config space through sysfs (the
-/// kernel's view, not VFIO's virtualized one).
-fn sysfs_config<const N: usize>(bdf: Bdf, offset: u64) -> [u8; N] {
-    let mut f = fs::File::open(format!("/sys/bus/pci/devices/{bdf}/config")).unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let mut b = [0u8; N];
-    f.read_exact(&mut b).unwrap();
-    b
-}
-
-/// The physical COMMAND register.
-fn phys_command(bdf: Bdf) -> u16 {
-    u16::from_le_bytes(sysfs_config::<2>(bdf, PCI_COMMAND.into()))
-}
-
-/// Whether the device drives its INTx line (physical STATUS.INTERRUPT).
-fn phys_asserting(bdf: Bdf) -> bool {
-    u16::from_le_bytes(sysfs_config::<2>(bdf, PCI_STATUS.into())) & STATUS_INTERRUPT != 0
+    common::guest_device(var, test, "real vfio-pci")
 }
 
 fn masked(command: u16) -> bool {
@@ -78,10 +45,10 @@ struct Edu {
 }
 
 impl Edu {
-    const ID: u64 = 0x00;
-    const STATUS: u64 = 0x24;
-    const RAISE: u64 = 0x60;
-    const ACK: u64 = 0x64;
+    const ID: u64 = common::EDU_ID;
+    const STATUS: u64 = common::EDU_STATUS;
+    const RAISE: u64 = common::EDU_RAISE;
+    const ACK: u64 = common::EDU_ACK;
 
     fn raise(&self, bits: u32) {
         self.bar.write_u32(Self::RAISE, bits).unwrap();
@@ -116,27 +83,6 @@ fn open_edu(bdf: Bdf) -> (VfioBackend, Edu) {
         edu.ack(stale);
     }
     (backend, edu)
-}
-
-/// Whether `fd` becomes readable within `timeout` (without reading it).
-fn readable_within(fd: &EventFd, timeout: Duration) -> bool {
-    let epoll = Epoll::new().unwrap();
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            fd.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, 0),
-        )
-        .unwrap();
-    let mut events = [EpollEvent::default(); 1];
-    let ms = i32::try_from(timeout.as_millis()).unwrap();
-    loop {
-        match epoll.wait(ms, &mut events) {
-            Ok(n) => return n > 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => panic!("epoll_wait: {e}"),
-        }
-    }
 }
 
 /// The sink: counts an injection *before* signalling the guest's irqfd, so
@@ -952,20 +898,6 @@ fn iommu_group_of(bdf: Bdf) -> String {
     link.file_name().unwrap().to_str().unwrap().to_owned()
 }
 
-fn bind(bdf: Bdf, driver: &str) {
-    fs::write(
-        format!("/sys/bus/pci/devices/{bdf}/driver_override"),
-        driver,
-    )
-    .unwrap();
-    fs::write("/sys/bus/pci/drivers_probe", bdf.to_string()).unwrap();
-    let bound = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).unwrap();
-    assert!(
-        bound.ends_with(driver),
-        "{bdf} bound to {bound:?}, not {driver}"
-    );
-}
-
 fn unbind(bdf: Bdf) {
     let driver = fs::read_link(format!("/sys/bus/pci/devices/{bdf}/driver")).unwrap();
     fs::write(
@@ -998,8 +930,8 @@ fn open_in_a_group_with_a_device_bound_to_another_driver_is_not_viable() {
             .map(|&b| (a, b))
     });
     let Some((a, b)) = pair else {
-        skip(format_args!(
-            "{test}: needs two pci-testdev functions in one IOMMU group \
+        say(format_args!(
+            "SKIP {test}: needs two pci-testdev functions in one IOMMU group \
              (scripts/tier3.sh adds them behind a pcie-pci-bridge); found {testdevs:?}"
         ));
         return;

@@ -42,9 +42,7 @@
 
 mod common;
 
-use std::fmt;
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -54,7 +52,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use common::Bar0;
+use common::{physical, say, Bar0, EDU_ACK, EDU_ID, EDU_ID_VALUE, EDU_RAISE, EDU_STATUS};
 use vfio_intx::backend::{ConfigSpace, PciBackend};
 use vfio_intx::error_chain;
 use vfio_intx::intx::{
@@ -62,7 +60,7 @@ use vfio_intx::intx::{
 };
 use vfio_intx::kvm::assign::{Assignment, DeviceSide};
 use vfio_intx::kvm::{Path, PathPolicy};
-use vfio_intx::pci::intx::{read_command_status, CommandStatus};
+use vfio_intx::pci::intx::read_command_status;
 use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MASTER, COMMAND_MEMORY, PCI_COMMAND};
 use vfio_intx::pci::sysfs::{PciSysfs, SysfsConfig};
 use vfio_intx::pci::{Bdf, Width};
@@ -124,33 +122,15 @@ const DECODE_TIMEOUT: Duration = Duration::from_secs(5);
 /// line stuck at the first interrupt in every round measured.
 const ISR_DELAY: Duration = Duration::from_millis(1);
 
-// ------------------------------------------------------------------ output
-
-/// Writes a line to stderr past libtest's capture (which only covers the
-/// print macros), so that the figures and SKIP lines always reach the
-/// guest's log.
-fn say(args: fmt::Arguments<'_>) {
-    let _ = writeln!(io::stderr().lock(), "{args}");
-}
+// ------------------------------------------------------------------ setup
 
 /// The device named by `var` inside the guest; outside it, a loud SKIP.
 fn guest_device(var: &str, test: &str) -> Option<Bdf> {
-    if std::env::var_os("VFIO_INTX_IN_GUEST").is_none() {
-        say(format_args!(
-            "SKIP (not inside the vfio-intx QEMU guest): {test} needs the real kernel's \
-             vfio-pci / uio_pci_generic and sysfs reset; run scripts/tier3.sh"
-        ));
-        return None;
-    }
-    let value = std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set in the guest"));
-    Some(value.parse().unwrap())
-}
-
-/// Physical COMMAND and STATUS, through sysfs config (the kernel's view:
-/// vfio-pci's config region virtualizes INTX_DISABLE).
-fn physical(bdf: Bdf) -> CommandStatus {
-    let mut config = SysfsConfig::open_read_only(&PciSysfs::default(), bdf).unwrap();
-    read_command_status(&mut config).unwrap()
+    common::guest_device(
+        var,
+        test,
+        "the real kernel's vfio-pci / uio_pci_generic and sysfs reset",
+    )
 }
 
 fn options(watchdog: bool) -> IntxOptions {
@@ -164,12 +144,6 @@ fn options(watchdog: bool) -> IntxOptions {
 }
 
 // ------------------------------------------------------------------ the edu
-
-const EDU_ID: u64 = 0x00;
-const EDU_ID_VALUE: u32 = 0x0100_00ed;
-const EDU_STATUS: u64 = 0x24;
-const EDU_RAISE: u64 = 0x60;
-const EDU_ACK: u64 = 0x64;
 
 /// 4-byte access to edu's BAR0, through VFIO or a uio sysfs mapping.
 trait EduBar: Send + Sync {
@@ -190,10 +164,10 @@ impl EduBar for RegionAccess {
 
 impl EduBar for Bar0 {
     fn read(&self, offset: u64) -> Option<u32> {
-        Some(Bar0::read(self, usize::try_from(offset).unwrap()))
+        Some(Bar0::read(self, offset))
     }
     fn write(&self, offset: u64, value: u32) {
-        Bar0::write(self, usize::try_from(offset).unwrap(), value);
+        Bar0::write(self, offset, value);
     }
 }
 
@@ -1022,27 +996,11 @@ impl Drop for StopOnDrop<'_> {
 /// The 2011 reproducer: two threads loop `echo 1 > .../reset` for
 /// `duration` while this thread raises interrupts steadily.
 fn storm(subject: &dyn Subject, duration: Duration) -> Storm {
-    let path = format!("/sys/bus/pci/devices/{}/reset", subject.bdf());
+    let bdf = subject.bdf();
     let stop = AtomicBool::new(false);
     thread::scope(|scope| {
         let loops: Vec<_> = (0..2)
-            .map(|_| {
-                scope.spawn(|| {
-                    let (mut resets, mut errors, mut first) = (0u64, 0u64, None);
-                    while !stop.load(Ordering::SeqCst) {
-                        // What `echo 1 > reset` does: open, write, close.
-                        match fs::write(&path, "1") {
-                            Ok(()) => resets += 1,
-                            Err(e) => {
-                                errors += 1;
-                                first.get_or_insert_with(|| e.to_string());
-                                thread::sleep(Duration::from_millis(1));
-                            }
-                        }
-                    }
-                    (resets, errors, first, Instant::now())
-                })
-            })
+            .map(|_| scope.spawn(|| common::sysfs_reset_loop(bdf, &stop, || {})))
             .collect();
         // Stops the loops however this thread leaves (a failed assertion
         // included), so the scope can join them.
@@ -1068,11 +1026,11 @@ fn storm(subject: &dyn Subject, duration: Duration) -> Storm {
             delivered_during: after.0 .1 - before.0 .1,
         };
         for l in loops {
-            let (resets, errors, first, end) = l.join().unwrap();
-            storm.resets += resets;
-            storm.reset_errors += errors;
-            storm.first_reset_error = storm.first_reset_error.take().or(first);
-            storm.last_reset_end = storm.last_reset_end.max(end);
+            let l = l.join().unwrap();
+            storm.resets += l.resets;
+            storm.reset_errors += l.errors;
+            storm.first_reset_error = storm.first_reset_error.take().or(l.first_error);
+            storm.last_reset_end = storm.last_reset_end.max(l.ended);
         }
         storm
     })

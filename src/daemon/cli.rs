@@ -247,8 +247,12 @@ pub fn run(command: Command) -> ExitCode {
             retries,
             common,
         } => reset(&bdf, retries, &common),
-        Command::Mask { bdf, common } => simple(&common, Request::Mask { bdf }, "held masked"),
-        Command::Unmask { bdf, common } => simple(&common, Request::Unmask { bdf }, "released"),
+        Command::Mask { bdf, common } => {
+            parse_bdf(&bdf).and_then(|bdf| simple(&common, Request::Mask { bdf }, "held masked"))
+        }
+        Command::Unmask { bdf, common } => {
+            parse_bdf(&bdf).and_then(|bdf| simple(&common, Request::Unmask { bdf }, "released"))
+        }
         Command::Metrics { common } => metrics(&common),
         Command::Validate { configs, .. } => validate(&configs),
     };
@@ -362,12 +366,7 @@ fn status(common: &Common) -> Result<Output, Failure> {
 fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     let data = match reach(common)? {
-        Some(mut client) => ask(
-            &mut client,
-            &Request::Probe {
-                bdf: bdf.to_string(),
-            },
-        )?,
+        Some(mut client) => ask(&mut client, &Request::Probe { bdf })?,
         None => {
             let v = PciSysfs::default()
                 .masking_verdict(bdf)
@@ -578,9 +577,7 @@ fn unbind(text: &str, change: &Change, common: &Common) -> Result<Output, Failur
 fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     if let Some(mut client) = reach(common)? {
-        let request = Request::Reset {
-            bdf: bdf.to_string(),
-        };
+        let request = Request::Reset { bdf };
         let mut backoff = Duration::from_millis(5);
         let mut attempt = 0;
         loop {

@@ -20,6 +20,7 @@ use crate::daemon::service::{AttachError, DeviceError, ManagedDevice};
 use crate::daemon::{exit, metrics, server, DaemonError};
 use crate::intx::IntxError;
 use crate::pci::sysfs::SysfsError;
+use crate::pci::Bdf;
 use crate::uio::UioError;
 use crate::vfio::VfioError;
 
@@ -240,7 +241,7 @@ impl Daemon {
             Request::Stats { bdf } => {
                 let devices = match bdf {
                     None => self.all(),
-                    Some(text) => match self.owned(&text) {
+                    Some(bdf) => match self.owned(bdf) {
                         Ok(d) => vec![d],
                         Err(r) => return r,
                     },
@@ -259,14 +260,14 @@ impl Daemon {
                 Response::ok(MetricsReply { text })
             }
             Request::Reset { bdf } => {
-                let dev = match self.owned(&bdf) {
+                let dev = match self.owned(bdf) {
                     Ok(d) => d,
                     Err(r) => return r,
                 };
                 let worker = Arc::clone(&dev);
                 match tokio::task::spawn_blocking(move || worker.reset()).await {
                     Ok(Ok(())) => Response::ok(ResetReply {
-                        bdf: dev.bdf().to_string(),
+                        bdf: dev.bdf(),
                         reset: true,
                     }),
                     Ok(Err(e)) => failure(&e),
@@ -276,9 +277,9 @@ impl Daemon {
                     ),
                 }
             }
-            Request::Mask { bdf } => self.hold(&bdf, true).await,
-            Request::Unmask { bdf } => self.hold(&bdf, false).await,
-            Request::Probe { bdf } => self.probe(&bdf).await,
+            Request::Mask { bdf } => self.hold(bdf, true).await,
+            Request::Unmask { bdf } => self.hold(bdf, false).await,
+            Request::Probe { bdf } => self.probe(bdf).await,
             #[cfg(not(feature = "testkit"))]
             Request::SimRaise { bdf, .. } | Request::SimAck { bdf } => Response::error(
                 ErrorKind::Unsupported,
@@ -288,7 +289,7 @@ impl Daemon {
             Request::SimRaise { bdf, count } => {
                 let count = count.min(1_000_000);
                 match self
-                    .test_hook(&bdf, move |side| {
+                    .test_hook(bdf, move |side| {
                         for _ in 0..count {
                             side.raise();
                         }
@@ -301,7 +302,7 @@ impl Daemon {
                 }
             }
             #[cfg(feature = "testkit")]
-            Request::SimAck { bdf } => match self.test_hook(&bdf, |side| side.ack()).await {
+            Request::SimAck { bdf } => match self.test_hook(bdf, |side| side.ack()).await {
                 Ok(acked) => Response::ok(AckReply { acked }),
                 Err(r) => r,
             },
@@ -313,11 +314,11 @@ impl Daemon {
     }
 
     /// Refuses a VMM acting on a device that is not its session's.
-    fn may_act(&self, text: &str, peer: &Peer) -> Result<(), Response> {
+    fn may_act(&self, bdf: Bdf, peer: &Peer) -> Result<(), Response> {
         if peer.operator {
             return Ok(());
         }
-        let dev = self.owned(text)?;
+        let dev = self.owned(bdf)?;
         let owner = self
             .session_owners
             .lock()
@@ -339,8 +340,7 @@ impl Daemon {
         ))
     }
 
-    fn owned(&self, text: &str) -> Result<Arc<ManagedDevice>, Response> {
-        let bdf = server::bdf_arg(text)?;
+    fn owned(&self, bdf: Bdf) -> Result<Arc<ManagedDevice>, Response> {
         self.device(bdf).ok_or_else(|| server::not_owned(bdf))
     }
 
@@ -350,10 +350,10 @@ impl Daemon {
     #[cfg(feature = "testkit")]
     async fn test_hook(
         &self,
-        text: &str,
+        bdf: Bdf,
         hook: impl FnOnce(&dyn crate::kvm::assign::DeviceSide) -> bool + Send + 'static,
     ) -> Result<bool, Response> {
-        let dev = self.owned(text)?;
+        let dev = self.owned(bdf)?;
         if let Some(sim) = dev.sim.clone() {
             return Ok(hook(&SimSide(sim)));
         }
@@ -369,11 +369,11 @@ impl Daemon {
         let engine = Arc::clone(&dev.engine);
         tokio::task::spawn_blocking(move || engine.with_backend(|_| hook(&*edu)))
             .await
-            .map_err(|e| Response::error(ErrorKind::Failed, format!("{text}: test hook: {e}")))
+            .map_err(|e| Response::error(ErrorKind::Failed, format!("{bdf}: test hook: {e}")))
     }
 
-    async fn hold(&self, text: &str, mask: bool) -> Response {
-        let dev = match self.owned(text) {
+    async fn hold(&self, bdf: Bdf, mask: bool) -> Response {
+        let dev = match self.owned(bdf) {
             Ok(d) => d,
             Err(r) => return r,
         };
@@ -384,21 +384,17 @@ impl Daemon {
         };
         match r {
             Ok(()) => Response::ok(HoldReply {
-                bdf: dev.bdf().to_string(),
+                bdf: dev.bdf(),
                 held: mask,
             }),
             Err(e) => failure(&e),
         }
     }
 
-    async fn probe(&self, text: &str) -> Response {
-        let bdf = match server::bdf_arg(text) {
-            Ok(b) => b,
-            Err(r) => return r,
-        };
+    async fn probe(&self, bdf: Bdf) -> Response {
         if let Some(dev) = self.device(bdf) {
             return Response::ok(ProbeReport {
-                bdf: bdf.to_string(),
+                bdf,
                 // Devices whose masking is broken are refused at start.
                 supported: dev.config.probe.then_some(true),
                 verdict: dev.masking.clone(),
@@ -412,7 +408,7 @@ impl Daemon {
             tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict_read_only(bdf));
         match verdict.await {
             Ok(Ok(v)) => Response::ok(ProbeReport {
-                bdf: bdf.to_string(),
+                bdf,
                 supported: Some(v.supported),
                 verdict: v.to_string(),
                 evidence: Some(v.source.evidence().to_owned()),
@@ -430,7 +426,6 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::Bdf;
 
     #[test]
     fn each_error_says_its_kind_for_the_wire_and_the_exit_code() {

@@ -150,7 +150,7 @@ impl ExampleGuest {
 
     pub(crate) fn status(&self) -> ExampleGuestStatus {
         ExampleGuestStatus {
-            bdf: self.dev.bdf().to_string(),
+            bdf: self.dev.bdf(),
             raised: self.sim.snapshot().raised,
             acked: self.control.acked(),
             isr_runs: self.control.isr_runs(),

@@ -5,11 +5,16 @@
 //!
 //! The decoder is synchronous and pure so that it can be fuzzed without a
 //! socket.
+//!
+//! PCI addresses travel as their sysfs string (`"0000:01:00.0"`) and are
+//! [`Bdf`]s on both sides: a request naming a bad address is refused when
+//! it is decoded, with [`BdfError`](crate::pci::BdfError)'s bounded message.
 
 use serde::{Deserialize, Serialize};
 
 use crate::daemon::config::BackendKind;
 use crate::daemon::metrics::DeviceStats;
+use crate::pci::Bdf;
 
 /// Largest frame body accepted, in bytes (1 MiB).
 pub const MAX_FRAME: usize = 1 << 20;
@@ -93,6 +98,44 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     serde_json::from_slice(body).map_err(FrameError::Json)
 }
 
+/// A [`Bdf`] on the wire: its sysfs string. Decoding accepts what
+/// `Bdf::from_str` accepts and fails with its bounded message otherwise.
+mod bdf_wire {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::pci::Bdf;
+
+    pub(super) fn serialize<S: Serializer>(bdf: &Bdf, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(bdf)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bdf, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// An optional [`Bdf`] on the wire: the string, or `null`.
+mod opt_bdf_wire {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::pci::Bdf;
+
+    pub(super) fn serialize<S: Serializer>(bdf: &Option<Bdf>, s: S) -> Result<S::Ok, S::Error> {
+        match bdf {
+            Some(bdf) => s.collect_str(bdf),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bdf>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| text.parse().map_err(D::Error::custom))
+            .transpose()
+    }
+}
+
 /// A request to the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -104,30 +147,34 @@ pub enum Request {
     /// Per-device statistics (one device or all).
     Stats {
         /// The device; all when absent.
-        #[serde(default)]
-        bdf: Option<String>,
+        #[serde(default, with = "opt_bdf_wire")]
+        bdf: Option<Bdf>,
     },
     /// Every device's metrics in the Prometheus text format.
     Metrics,
     /// Resets a device through its gate.
     Reset {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
     },
     /// Masks a device's INTx and holds it masked (operator hold).
     Mask {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
     },
     /// Lifts an operator hold.
     Unmask {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
     },
     /// Reports whether PCI 2.3 INTx masking works on a device.
     Probe {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
     },
     /// Starts a VMM session. The connection is the session: it ends when
     /// the VMM closes it or dies.
@@ -144,8 +191,8 @@ pub enum Request {
     ///   meanwhile.
     Session {
         /// The device.
-        #[serde(default)]
-        bdf: Option<String>,
+        #[serde(default, with = "opt_bdf_wire")]
+        bdf: Option<Bdf>,
         /// The first descriptor is the VMM's VFIO device fd.
         #[serde(default, rename = "vfio-device-fd")]
         vfio_device_fd: bool,
@@ -159,7 +206,8 @@ pub enum Request {
     #[serde(alias = "test-raise")]
     SimRaise {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
         /// How many.
         #[serde(default = "one")]
         count: u64,
@@ -170,7 +218,8 @@ pub enum Request {
     #[serde(alias = "test-ack")]
     SimAck {
         /// The device.
-        bdf: String,
+        #[serde(with = "bdf_wire")]
+        bdf: Bdf,
     },
 }
 
@@ -181,9 +230,9 @@ fn one() -> u64 {
 impl Request {
     /// A session on a device the daemon owns (send the irqfd and the
     /// resample eventfd with it).
-    pub fn session(bdf: impl Into<String>) -> Self {
+    pub fn session(bdf: Bdf) -> Self {
         Request::Session {
-            bdf: Some(bdf.into()),
+            bdf: Some(bdf),
             vfio_device_fd: false,
             path: None,
         }
@@ -191,13 +240,13 @@ impl Request {
 
     /// The device a request changes (mask, unmask, reset, the test
     /// hooks): an operator may name any, a VMM only its own session's.
-    pub fn acts_on(&self) -> Option<&str> {
+    pub fn acts_on(&self) -> Option<Bdf> {
         match self {
             Request::Reset { bdf }
             | Request::Mask { bdf }
             | Request::Unmask { bdf }
             | Request::SimRaise { bdf, .. }
-            | Request::SimAck { bdf } => Some(bdf),
+            | Request::SimAck { bdf } => Some(*bdf),
             Request::Ping
             | Request::Status
             | Request::Stats { .. }
@@ -211,7 +260,7 @@ impl Request {
     /// irqfd and the resample eventfd with it). `bdf` may be `None` where
     /// the kernel names a device fd's device (Linux 6.18+).
     pub fn device_fd_session(
-        bdf: Option<String>,
+        bdf: Option<Bdf>,
         path: Option<crate::daemon::config::PathSetting>,
     ) -> Self {
         Request::Session {
@@ -310,7 +359,8 @@ impl Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExampleGuestStatus {
     /// The device assigned to it.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// Interrupts the device raised.
     pub raised: u64,
     /// ISR runs that acknowledged a device interrupt.
@@ -342,7 +392,8 @@ pub struct DaemonStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeReport {
     /// The device.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// Whether PCI 2.3 INTx masking can be relied on; `None` for a device
     /// the daemon owns without having probed it (`probe = false`).
     pub supported: Option<bool>,
@@ -361,7 +412,8 @@ pub struct ProbeReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionReport {
     /// The device.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// The EOI path.
     pub path: String,
     /// On a VMM's own device fd: how the daemon established its address.
@@ -373,7 +425,8 @@ pub struct SessionReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStatus {
     /// The device.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// Its backend.
     pub backend: BackendKind,
     /// The EOI path sessions use.
@@ -416,7 +469,8 @@ pub struct MetricsReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResetReply {
     /// The device.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// Always true: the reset went through the device's gate.
     pub reset: bool,
 }
@@ -425,7 +479,8 @@ pub struct ResetReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldReply {
     /// The device.
-    pub bdf: String,
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
     /// Whether the operator now holds the line masked.
     pub held: bool,
 }
@@ -447,6 +502,10 @@ pub struct AckReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bdf(text: &str) -> Bdf {
+        text.parse().unwrap()
+    }
 
     #[test]
     fn frames_split_across_reads_are_reassembled() {
@@ -475,7 +534,7 @@ mod tests {
         assert_eq!(
             r,
             Request::SimRaise {
-                bdf: "0000:00:04.0".into(),
+                bdf: bdf("0000:00:04.0"),
                 count: 1
             }
         );
@@ -483,11 +542,36 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_address_is_refused_at_decode_naming_it_once() {
+        let long = "0".repeat(600_000);
+        for bad in [
+            r#"{"op":"reset","bdf":"0000:01:00.8"}"#.to_owned(),
+            r#"{"op":"stats","bdf":"zz"}"#.to_owned(),
+            r#"{"op":"session","bdf":"01:00"}"#.to_owned(),
+            format!(r#"{{"op":"mask","bdf":"{long}"}}"#),
+        ] {
+            let e = match decode::<Request>(bad.as_bytes()) {
+                Ok(r) => panic!("{bad:.80} decoded as {r:?}"),
+                Err(e) => crate::error_chain(&e),
+            };
+            assert_eq!(e.matches("invalid PCI address").count(), 1, "{e}");
+            assert!(e.len() < 512, "{} bytes: {e:.300}", e.len());
+        }
+        // What `Bdf::from_str` accepts, the wire accepts, and answers in
+        // the sysfs form.
+        let r: Request = decode(br#"{"op":"reset","bdf":"3a:1f.7"}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"reset","bdf":"0000:3a:1f.7"}"#
+        );
+    }
+
+    #[test]
     fn sessions_name_their_descriptors() {
         use crate::daemon::config::PathSetting;
         // A device the daemon owns: irqfd and resample eventfd.
         let owned: Request = decode(br#"{"op":"session","bdf":"0000:01:00.0"}"#).unwrap();
-        assert_eq!(owned, Request::session("0000:01:00.0"));
+        assert_eq!(owned, Request::session(bdf("0000:01:00.0")));
         assert_eq!(owned.fds_expected(), 2);
         // A VMM's own device: its device fd first.
         let handed: Request = decode(
@@ -496,7 +580,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             handed,
-            Request::device_fd_session(Some("0000:01:00.0".into()), Some(PathSetting::Userspace))
+            Request::device_fd_session(Some(bdf("0000:01:00.0")), Some(PathSetting::Userspace))
         );
         assert_eq!(handed.fds_expected(), 3);
         // Without an address the first descriptor can only be a device fd.
@@ -516,14 +600,14 @@ mod tests {
         let enc = |v: &dyn erased::Ser| v.json();
         same(
             enc(&HoldReply {
-                bdf: "0000:00:04.0".into(),
+                bdf: bdf("0000:00:04.0"),
                 held: true,
             }),
             serde_json::json!({ "bdf": "0000:00:04.0", "held": true }),
         );
         same(
             enc(&ResetReply {
-                bdf: "0000:00:04.0".into(),
+                bdf: bdf("0000:00:04.0"),
                 reset: true,
             }),
             serde_json::json!({ "bdf": "0000:00:04.0", "reset": true }),

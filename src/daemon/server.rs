@@ -346,11 +346,6 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
     }
 }
 
-pub(crate) fn bdf_arg(text: &str) -> Result<Bdf, Response> {
-    text.parse::<Bdf>()
-        .map_err(|e| Response::error(ErrorKind::BadRequest, e.to_string()))
-}
-
 /// Answers a session request; on success the connection is the session
 /// until the VMM closes it or dies. A session carries no descriptors; one
 /// that sends any, or does not read the refusal of a further request
@@ -432,7 +427,7 @@ async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
 /// Validates a session request and attaches it.
 async fn attach(
     daemon: &Arc<Daemon>,
-    bdf: Option<String>,
+    claimed: Option<Bdf>,
     vfio_device_fd: bool,
     path: Option<PathSetting>,
     mut fds: Foreign,
@@ -443,7 +438,6 @@ async fn attach(
     };
     let bad =
         |e: crate::kvm::KvmError| Response::error(ErrorKind::BadRequest, crate::error_chain(&e));
-    let claimed = bdf.as_deref().map(bdf_arg).transpose()?;
     let device_fd = if vfio_device_fd || claimed.is_none() {
         let device = next()?;
         if let Err(e) = crate::vfio::handover::check_device_fd(device.as_fd()) {
@@ -496,7 +490,7 @@ async fn attach(
         let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
         dev.attach(irqfd, resample).await.map_err(attach_error)?;
         let report = SessionReport {
-            bdf: bdf.to_string(),
+            bdf,
             path: dev.status().path,
             identity: None,
         };
@@ -517,7 +511,7 @@ async fn attach(
         return Err(attach_error(e));
     }
     let report = SessionReport {
-        bdf: dev.bdf().to_string(),
+        bdf: dev.bdf(),
         path: dev.status().path,
         identity: dev.handed_over.map(|i| i.to_string()),
     };

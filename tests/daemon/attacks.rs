@@ -74,7 +74,7 @@ impl Probe {
             while !flag.load(Ordering::SeqCst) {
                 let t = Instant::now();
                 let raised = control.request(&Request::SimRaise {
-                    bdf: B.into(),
+                    bdf: B.parse().unwrap(),
                     count: 1,
                 });
                 if !matches!(raised, Ok(Response::Ok { .. })) {
@@ -87,7 +87,9 @@ impl Probe {
                     continue;
                 }
                 samples.push(t.elapsed());
-                let _ = control.request(&Request::SimAck { bdf: B.into() });
+                let _ = control.request(&Request::SimAck {
+                    bdf: B.parse().unwrap(),
+                });
                 vmm.eoi();
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -233,7 +235,7 @@ fn a_saturated_blocking_irqfd_freezes_neither_the_daemon_nor_other_devices() {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -241,10 +243,12 @@ fn a_saturated_blocking_irqfd_freezes_neither_the_daemon_nor_other_devices() {
     // Interrupts for A: its irqfd cannot take them.
     for _ in 0..3 {
         d.ask(&Request::SimRaise {
-            bdf: A.into(),
+            bdf: A.parse().unwrap(),
             count: 1,
         });
-        d.ask(&Request::SimAck { bdf: A.into() });
+        d.ask(&Request::SimAck {
+            bdf: A.parse().unwrap(),
+        });
         resample.write(1).unwrap();
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -280,17 +284,19 @@ fn a_saturated_non_blocking_irqfd_is_saturation_not_an_error() {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     for _ in 0..3 {
         d.ask(&Request::SimRaise {
-            bdf: A.into(),
+            bdf: A.parse().unwrap(),
             count: 1,
         });
-        d.ask(&Request::SimAck { bdf: A.into() });
+        d.ask(&Request::SimAck {
+            bdf: A.parse().unwrap(),
+        });
         resample.write(1).unwrap();
     }
     d.wait_log("irqfd is saturated");
@@ -300,7 +306,7 @@ fn a_saturated_non_blocking_irqfd_is_saturation_not_an_error() {
     // Consumed again: the next interrupt arrives.
     assert_eq!(irqfd.read().unwrap(), u64::MAX - 1);
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     wait_for("the next injection", Duration::from_secs(5), || {
@@ -318,7 +324,7 @@ fn a_blocking_resample_eventfd_the_vmm_drains_itself_freezes_nothing() {
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -474,7 +480,7 @@ fn clients_that_never_read_their_replies_do_not_hold_the_client_slots() {
         let resample = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut c = d.client();
         let r = c.request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         );
         if matches!(r, Ok(Response::Ok { .. })) {
@@ -525,7 +531,7 @@ fn running_out_of_descriptors_is_reported_as_such() {
     let resample = EventFd::new(EFD_NONBLOCK).unwrap();
     let r = vmm
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.as_raw_fd(), resample.as_raw_fd()],
         )
         .unwrap();
@@ -623,7 +629,7 @@ fn descriptors_of_the_wrong_type_or_inside_a_session_are_refused() {
     for (what, fds) in cases {
         let r = d
             .client()
-            .request_with_fds(&Request::session(A), &fds)
+            .request_with_fds(&Request::session(A.parse().unwrap()), &fds)
             .unwrap();
         assert!(
             matches!(
@@ -641,7 +647,7 @@ fn descriptors_of_the_wrong_type_or_inside_a_session_are_refused() {
     let many = [ev.as_raw_fd(); 6];
     let r = d
         .client()
-        .request_with_fds(&Request::session(A), &many)
+        .request_with_fds(&Request::session(A.parse().unwrap()), &many)
         .unwrap();
     assert!(
         matches!(

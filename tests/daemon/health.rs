@@ -14,7 +14,7 @@ fn a_line_nobody_handles_is_masked_as_a_storm_reported_and_retried() {
     // The device asserts and nobody acknowledges it; the "guest" EOIs
     // every injection, so the line re-asserts after each EOI.
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -46,7 +46,9 @@ fn a_line_nobody_handles_is_masked_as_a_storm_reported_and_retried() {
     assert_eq!(other.held, None);
     assert_eq!(other.stats.daemon.storms, 0);
     // Someone handles it at last: the next retry finds a quiet line.
-    let r = d.ask(&Request::SimAck { bdf: A.into() });
+    let r = d.ask(&Request::SimAck {
+        bdf: A.parse().unwrap(),
+    });
     assert_eq!(r["acked"], true);
     wait_for("the line released", Duration::from_secs(5), || {
         device_status(&d, A).held.is_none()
@@ -66,21 +68,26 @@ fn an_interrupt_left_without_eoi_is_reported_and_recovered() {
     let d = Daemon::start(&device(A, "eoi-timeout-ms = 150"));
     let vmm = FakeVmm::attach(&d, A);
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     wait_for("the injection", Duration::from_secs(5), || {
         vmm.injected() == 1
     });
     // The guest's driver acknowledges the device but its EOI never comes.
-    assert_eq!(d.ask(&Request::SimAck { bdf: A.into() })["acked"], true);
+    assert_eq!(
+        d.ask(&Request::SimAck {
+            bdf: A.parse().unwrap()
+        })["acked"],
+        true
+    );
     wait_for("the EOI timeout", Duration::from_secs(5), || {
         device_status(&d, A).stats.daemon.eoi_timeouts == 1
     });
     d.wait_log("no EOI from the guest");
     // Recovered: the line is unmasked and the next interrupt arrives.
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     wait_for("the next injection", Duration::from_secs(5), || {
@@ -103,14 +110,19 @@ fn a_busy_device_whose_guest_handles_it_is_not_a_storm() {
     // guest handles each one.
     for _ in 0..300 {
         ask(Request::SimRaise {
-            bdf: A.into(),
+            bdf: A.parse().unwrap(),
             count: 2,
         });
         for _ in 0..2 {
             wait_for("an injection", Duration::from_secs(5), || {
                 vmm.injected() > 0
             });
-            assert_eq!(ask(Request::SimAck { bdf: A.into() })["acked"], true);
+            assert_eq!(
+                ask(Request::SimAck {
+                    bdf: A.parse().unwrap()
+                })["acked"],
+                true
+            );
             vmm.eoi();
         }
     }

@@ -14,7 +14,7 @@ fn the_daemon_notifies_ready_after_arming_and_answers_status() {
     );
     let status = d.status();
     assert_eq!(status.pid, d.child.id());
-    let bdfs: Vec<&str> = status.devices.iter().map(|d| d.bdf.as_str()).collect();
+    let bdfs: Vec<String> = status.devices.iter().map(|d| d.bdf.to_string()).collect();
     assert_eq!(bdfs, [A, B]);
     assert_eq!(status.devices[1].stats.engine.resets, 1, "reset = true");
     assert!(status.devices[0].masking.contains("masking works"));
@@ -94,7 +94,7 @@ fn sigterm_restores_every_device_within_a_second() {
     ));
     // Leave an interrupt in service (masked, parked for a session) on A.
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 2,
     });
     d.signal(nix::sys::signal::Signal::SIGTERM);
@@ -118,7 +118,7 @@ fn sigterm_restores_every_device_within_a_second() {
 fn sighup_reload_adds_and_removes_devices_and_leaves_unchanged_ones_alone() {
     let d = Daemon::start(&format!("{}{}", device(A, ""), device(B, "")));
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -149,7 +149,7 @@ fn sighup_reload_adds_and_removes_devices_and_leaves_unchanged_ones_alone() {
     assert!(msg.contains("MONOTONIC_USEC="), "{msg}");
     d.wait_notify("READY=1", Duration::from_secs(5));
     let status = d.status();
-    let bdfs: Vec<&str> = status.devices.iter().map(|d| d.bdf.as_str()).collect();
+    let bdfs: Vec<String> = status.devices.iter().map(|d| d.bdf.to_string()).collect();
     assert_eq!(bdfs, [A, C]);
     assert_eq!(d.interrupts(A), 1, "A keeps its statistics");
     vmm.session.wait_closed().unwrap();
@@ -306,7 +306,7 @@ fn sigterm_hands_back_a_device_still_asserting_without_a_false_error() {
         ));
         if pending > 0 {
             d.ask(&Request::SimRaise {
-                bdf: A.into(),
+                bdf: A.parse().unwrap(),
                 count: pending,
             });
         }

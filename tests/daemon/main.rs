@@ -184,7 +184,11 @@ impl Daemon {
 
     fn interrupts(&self, bdf: &str) -> u64 {
         let status = self.status();
-        let d = status.devices.iter().find(|d| d.bdf == bdf).unwrap();
+        let d = status
+            .devices
+            .iter()
+            .find(|d| d.bdf.to_string() == bdf)
+            .unwrap();
         d.stats.engine.interrupts
     }
 
@@ -247,11 +251,9 @@ impl vfio_intx::kvm::testvm::GuestDevice for VmmDevice {
     }
     fn config_write(&self, _: u16, _: vfio_intx::pci::Width, _: u32) {}
     fn ack(&self) -> bool {
-        let r = self
-            .control
-            .lock()
-            .unwrap()
-            .request(&Request::SimAck { bdf: A.into() });
+        let r = self.control.lock().unwrap().request(&Request::SimAck {
+            bdf: A.parse().unwrap(),
+        });
         matches!(r, Ok(Response::Ok { data }) if data["acked"] == true)
     }
 }
@@ -271,7 +273,7 @@ impl FakeVmm {
         let mut session = d.client();
         let r = session
             .request_with_fds(
-                &Request::session(bdf),
+                &Request::session(bdf.parse().unwrap()),
                 &[irqfd.as_raw_fd(), resample.as_raw_fd()],
             )
             .unwrap();
@@ -297,7 +299,7 @@ fn device_status(d: &Daemon, bdf: &str) -> vfio_intx::daemon::protocol::DeviceSt
     d.status()
         .devices
         .into_iter()
-        .find(|s| s.bdf == bdf)
+        .find(|s| s.bdf.to_string() == bdf)
         .unwrap()
 }
 

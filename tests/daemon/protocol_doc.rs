@@ -222,7 +222,7 @@ fn the_documented_versioning_rules_hold() {
     assert_eq!(
         r,
         Request::Reset {
-            bdf: "0000:00:04.0".into()
+            bdf: "0000:00:04.0".parse().unwrap()
         }
     );
     assert!(protocol::decode::<Request>(br#"{"op":"reset-all"}"#).is_err());

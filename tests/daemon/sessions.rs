@@ -24,7 +24,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let r = d
         .client()
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[pipe.0.as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -37,8 +37,8 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     // the address.
     for request in [
         Request::device_fd_session(None, None),
-        Request::device_fd_session(Some(A.into()), None),
-        Request::device_fd_session(Some("0000:00:1f.7".into()), None),
+        Request::device_fd_session(Some(A.parse().unwrap()), None),
+        Request::device_fd_session(Some("0000:00:1f.7".parse().unwrap()), None),
     ] {
         let r = d
             .client()
@@ -63,7 +63,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
         .client()
         .request_with_fds(
             &Request::Session {
-                bdf: Some(A.into()),
+                bdf: Some(A.parse().unwrap()),
                 vfio_device_fd: false,
                 path: Some(vfio_intx::daemon::config::PathSetting::Userspace),
             },
@@ -78,7 +78,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -87,7 +87,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let r = d
         .client()
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -119,7 +119,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     for i in 1..=N {
         let r = raiser
             .request(&Request::SimRaise {
-                bdf: A.into(),
+                bdf: A.parse().unwrap(),
                 count: 1,
             })
             .unwrap();
@@ -162,7 +162,7 @@ fn a_vmm_session_delivers_interrupts_to_a_real_kvm_guest_and_is_released_when_it
     let mut again = d.client();
     let r = again
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -188,13 +188,13 @@ fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
     // An interrupt raised before any session: parked, then delivered by
     // the kernel when the session's bypass is wired.
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     let mut session = d.client();
     let r = session
         .request_with_fds(
-            &Request::session(A),
+            &Request::session(A.parse().unwrap()),
             &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
         )
         .unwrap();
@@ -227,7 +227,7 @@ fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
     for i in 2..=N + 1 {
         raiser
             .request(&Request::SimRaise {
-                bdf: A.into(),
+                bdf: A.parse().unwrap(),
                 count: 1,
             })
             .unwrap();
@@ -262,7 +262,7 @@ fn a_vmm_session_takes_the_kernel_bypass_where_the_backend_has_one() {
     assert!(s.path.starts_with("user-space"), "{}", s.path);
     let parked = s.stats.daemon.parked;
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     wait_for("the next interrupt parked", Duration::from_secs(5), || {

@@ -8,7 +8,7 @@ fn control_requests_reach_the_device() {
     let d = Daemon::start(&device(A, "sim-command = 0x0006"));
     // No session: the interrupt is delivered, parked for the next session.
     d.ask(&Request::SimRaise {
-        bdf: A.into(),
+        bdf: A.parse().unwrap(),
         count: 1,
     });
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -17,7 +17,7 @@ fn control_requests_reach_the_device() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let stats = d.ask(&Request::Stats {
-        bdf: Some(A.into()),
+        bdf: Some(A.parse().unwrap()),
     });
     assert_eq!(stats[0]["engine"]["injected"], 1);
     assert_eq!(stats[0]["daemon"]["parked"], 1);
@@ -33,7 +33,9 @@ fn control_requests_reach_the_device() {
     assert!(d.cli(&["unmask", A]).status.success());
     assert_eq!(d.status().devices[0].held, None);
     // Probe answers from the start-time verdict.
-    let p = d.ask(&Request::Probe { bdf: A.into() });
+    let p = d.ask(&Request::Probe {
+        bdf: A.parse().unwrap(),
+    });
     assert_eq!(p["owned"], true);
     assert_eq!(p["supported"], true);
     // The simulated device has no driver: the toggle test, and it says so.
@@ -49,10 +51,10 @@ fn control_requests_reach_the_device() {
     // A device the daemon does not own.
     let out = d.cli(&["mask", "0000:00:1f.0"]);
     assert_eq!(out.status.code(), Some(i32::from(exit::NOT_FOUND)));
+    // A bad address is refused when the request is decoded.
     let r = d
         .client()
-        .request(&Request::SimAck { bdf: "zz".into() })
-        .unwrap();
+        .request_raw_json(br#"{"op":"sim-ack","bdf":"zz"}"#);
     assert!(
         matches!(
             r,
@@ -237,7 +239,7 @@ proptest! {
         let mut d = FrameDecoder::new();
         let mut stream = Vec::new();
         for i in 0..n {
-            stream.extend(protocol::encode(&Request::Stats { bdf: Some(format!("{i}")) }).unwrap());
+            stream.extend(protocol::encode(&Request::Stats { bdf: Some(vfio_intx::pci::Bdf::new(0, i as u8, 0, 0).unwrap()) }).unwrap());
         }
         let mut got = Vec::new();
         let mut pos = 0;
@@ -320,8 +322,7 @@ fn a_long_pci_address_is_echoed_bounded_and_named_once() {
     let long = "0".repeat(600_000);
     let r = d
         .client()
-        .request(&Request::Reset { bdf: long.clone() })
-        .unwrap();
+        .request_raw_json(format!(r#"{{"op":"reset","bdf":"{long}"}}"#).as_bytes());
     let Response::Error { kind, message } = r else {
         panic!("{r:?}");
     };

@@ -269,7 +269,7 @@ impl ManagedDevice {
     pub fn status(&self) -> DeviceStatus {
         let held = self.engine.hold_reason().map(str::to_owned);
         DeviceStatus {
-            bdf: self.bdf().to_string(),
+            bdf: self.bdf(),
             backend: self.config.backend,
             path: self.path_description().to_owned(),
             masking: self.masking.clone(),
