@@ -342,7 +342,21 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             report.stats
         ));
         assert!(resets > 0, "{policy:?}: the reset loops did not reset");
-        assert_eq!(report.acked, report.raised, "{policy:?}: interrupts lost");
+        assert!(
+            report.acked >= report.raised,
+            "{policy:?}: interrupts lost: {} of {} acknowledged",
+            report.acked,
+            report.raised
+        );
+        // An interrupt re-raised while its ISR was merely slow is acked
+        // twice: at most one extra per re-raise.
+        assert!(
+            report.acked <= report.raised + report.reraised,
+            "{policy:?}: {} acknowledged for {} raised and {} re-raised",
+            report.acked,
+            report.raised,
+            report.reraised
+        );
         // The example's verdict: PASS, exit 0.
         assert_eq!(report.problems(), Vec::<String>::new(), "{policy:?}");
     }

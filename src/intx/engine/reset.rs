@@ -31,7 +31,7 @@ use crate::intx::stats::Counters;
 use crate::pci::intx::read_command_status;
 use crate::pci::regs::{
     PCI_BASE_ADDRESS_0, PCI_CACHE_LINE_SIZE, PCI_INTERRUPT_LINE, PCI_LATENCY_TIMER, PCI_NUM_BARS,
-    PCI_ROM_ADDRESS,
+    PCI_ROM_ADDRESS, PCI_STATUS,
 };
 use crate::pci::{covers, Width};
 
@@ -107,8 +107,19 @@ impl<B: PciBackend> IntxDevice<B> {
         if failures.is_empty() {
             // `self` is among the held engines by construction.
             if let Some(me) = held.iter_mut().find(|h| ptr::eq(h.engine, self)) {
-                let reset =
-                    self.retry_with(self.options.reset_retry, || method(&mut me.dev.backend));
+                let mut retrying = false;
+                let reset = self.retry_with(self.options.reset_retry, || {
+                    if std::mem::replace(&mut retrying, true) {
+                        // Another reset held the device (EAGAIN). A user
+                        // config read of STATUS sleeps until that reset
+                        // ends (the kernel blocks user config access during
+                        // a reset), so the next try lands right after it
+                        // instead of at a random moment of the next one: a
+                        // loop of outside resets leaves only short gaps.
+                        let _ = me.dev.backend.config_read(PCI_STATUS, Width::Word);
+                    }
+                    method(&mut me.dev.backend)
+                });
                 match reset {
                     Ok(()) => reset_done = true,
                     Err(e) => failures.push(self.fail(Fail::Backend(Operation::Reset, e))),
