@@ -35,7 +35,6 @@ fn run(policy: PathPolicy) -> (Vec<Duration>, u64) {
     let sim = SimDevice::builder().kernel(SimKernel::VfioPci).build();
     let report = run_assignment(
         sim.backend(),
-        true,
         Arc::new(Side(sim.clone())),
         AssignmentConfig {
             interrupts: INTERRUPTS,

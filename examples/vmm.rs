@@ -94,8 +94,7 @@ fn main() -> ExitCode {
                 SimKernelArg::VfioPci => SimKernel::VfioPci,
             };
             let sim = SimDevice::builder().kernel(kernel).build();
-            let bypass_capable = kernel == SimKernel::VfioPci;
-            run_assignment(sim.backend(), bypass_capable, Arc::new(Sim(sim)), config)
+            run_assignment(sim.backend(), Arc::new(Sim(sim)), config)
                 .map_err(|e| vfio_intx::error_chain(&e))
         }
     };
@@ -117,14 +116,8 @@ fn run_vfio(bdf: Bdf, config: AssignmentConfig) -> Result<AssignmentReport, Stri
         .container()
         .cloned()
         .ok_or_else(|| format!("{bdf}: opened without a container of its own"))?;
-    vfio_intx::kvm::assign::run_assignment_with_dma(
-        backend,
-        true,
-        Arc::new(edu),
-        config,
-        Some(container),
-    )
-    .map_err(|e| chain(&e))
+    vfio_intx::kvm::assign::run_assignment_with_dma(backend, Arc::new(edu), config, Some(container))
+        .map_err(|e| chain(&e))
 }
 
 fn print_report(report: &AssignmentReport, interrupts: u64) -> ExitCode {

@@ -79,6 +79,53 @@ pub enum IntxDisableBit {
     Virtualized,
 }
 
+/// What a backend can do: the one place every "can this backend ...?"
+/// question asks (the engine for the INTX_DISABLE owner and trigger claims,
+/// the KVM wiring and the daemon for the kernel bypass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Who owns COMMAND.INTX_DISABLE, i.e. how the bit behaves when written.
+    pub intx_disable: IntxDisableBit,
+    /// Whether the kernel takes an unmask eventfd
+    /// ([`PciBackend::intx_set_unmask_eventfd`]): the target of KVM's
+    /// resample eventfd, without which there is no kernel bypass.
+    pub unmask_eventfd: bool,
+    /// Whether a signal of the trigger eventfd by the backend's own kernel
+    /// driver is proof that the device asserted INTx and that its line is
+    /// masked for us, so that
+    /// [`intx_check_and_mask`](PciBackend::intx_check_and_mask) would only
+    /// confirm it. vfio-pci: yes (AUTOMASKED: in PCI 2.3 mode its handler
+    /// signals only after its own check-and-mask claimed the interrupt, its
+    /// UNMASK only while the device still asserts; with `nointxmask=1` it
+    /// disables its exclusive, level-triggered IRQ first). The engine relies
+    /// on it only for a signal nothing can have overtaken (no reset,
+    /// re-wiring or re-derivation since: the gate's generation), and
+    /// re-checks everything else.
+    pub trigger_claims: bool,
+}
+
+impl Capabilities {
+    /// Capabilities from their parts.
+    pub const fn new(
+        intx_disable: IntxDisableBit,
+        unmask_eventfd: bool,
+        trigger_claims: bool,
+    ) -> Self {
+        Self {
+            intx_disable,
+            unmask_eventfd,
+            trigger_claims,
+        }
+    }
+
+    /// Whether the backend can take the kernel bypass (KVM's resample
+    /// eventfd wired straight to the kernel's check-and-unmask).
+    pub const fn bypass_capable(&self) -> bool {
+        self.unmask_eventfd
+    }
+}
+
 /// Result of a check-and-unmask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmask {
@@ -112,8 +159,10 @@ pub trait ConfigSpace {
 /// One PCI function, as the INTx engine needs it: config space plus INTx
 /// control and reset.
 pub trait PciBackend: ConfigSpace + Send {
-    /// How COMMAND.INTX_DISABLE behaves on this backend.
-    fn intx_disable_bit(&self) -> IntxDisableBit;
+    /// What this backend can do ([`Capabilities`]): the one answer to every
+    /// question about the INTX_DISABLE owner, the kernel unmask eventfd and
+    /// trigger claims.
+    fn capabilities(&self) -> Capabilities;
 
     /// Starts INTx delivery: the backend signals `trigger` each time the
     /// device raises its line while unmasked.
@@ -127,18 +176,6 @@ pub trait PciBackend: ConfigSpace + Send {
     /// nothing is left masked on its behalf (PCI 2.3 check-and-mask; "not
     /// mine" on a shared line).
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError>;
-
-    /// Whether a signal of the trigger eventfd by the backend's own kernel
-    /// driver is proof that the device asserted INTx and that its line is
-    /// masked for us, so that [`intx_check_and_mask`](Self::intx_check_and_mask)
-    /// would only confirm it. vfio-pci: yes (AUTOMASKED: in PCI 2.3 mode its
-    /// handler signals only after its own check-and-mask claimed the
-    /// interrupt, its UNMASK only while the device still asserts; with
-    /// `nointxmask=1` it disables its exclusive, level-triggered IRQ first).
-    /// The engine relies on it only for a signal nothing can have overtaken
-    /// (no reset, re-wiring or re-derivation since: the gate's generation),
-    /// and re-checks everything else.
-    fn intx_trigger_claims(&self) -> bool;
 
     /// The guest has finished with the interrupt: unmask unless the device
     /// still asserts (PCI 2.3 check-and-unmask).
@@ -167,7 +204,8 @@ pub trait PciBackend: ConfigSpace + Send {
 
     /// Registers (or with `None` removes) an eventfd whose signal performs a
     /// kernel-side check-and-unmask: the target of KVM's resample eventfd on
-    /// the kernel-bypass path. Backends without kernel support return
+    /// the kernel-bypass path ([`Capabilities::unmask_eventfd`]). Backends
+    /// without kernel support return
     /// [`std::io::ErrorKind::Unsupported`] as an [`BackendError::Os`].
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError>;
 

@@ -55,7 +55,6 @@ fn run(bdf: Bdf, policy: PathPolicy, interrupts: u64) -> AssignmentReport {
     let container = Arc::clone(backend.container().expect("opened through its group"));
     run_assignment_with_dma(
         backend,
-        true,
         edu,
         AssignmentConfig {
             interrupts,
@@ -118,8 +117,7 @@ fn guest_intx_disable_holds_the_interrupt_until_cleared_on_both_paths() {
         let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
-            Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))
-                .unwrap();
+            Assignment::start_with_dma(backend, side, 5, 3 << 3, policy, Some(container)).unwrap();
         let command = run
             .device
             .guest_config_read(PCI_COMMAND, Width::Word)
@@ -160,8 +158,7 @@ fn engine_resets_and_bus_resets_mid_stream_leave_delivery_working_on_both_paths(
         let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
-            Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))
-                .unwrap();
+            Assignment::start_with_dma(backend, side, 5, 3 << 3, policy, Some(container)).unwrap();
         let mut acked = 0;
         for round in 0..20 {
             // A reset between interrupts (alternately the function reset and
@@ -317,7 +314,6 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             });
             let report = run_assignment_with_dma(
                 backend,
-                true,
                 edu,
                 AssignmentConfig {
                     interrupts: 3500,

@@ -954,7 +954,6 @@ fn vfio_bypass_with_isr(bdf: Bdf, watchdog: bool, isr_delay: Duration) -> Bypass
     let side: Arc<dyn DeviceSide> = Arc::new(EduSide(Arc::clone(&edu), isr_delay));
     let assignment = Assignment::start_with_options(
         backend,
-        true,
         side,
         5,
         3 << 3,

@@ -41,6 +41,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::daemon::backend::kind_bypass_capable;
 use crate::kvm::PathPolicy;
 use crate::pci::Bdf;
 
@@ -543,12 +544,12 @@ impl Checker<'_> {
             .path
             .as_ref()
             .map_or(PathSetting::Auto, |p| *p.get_ref());
-        let sim_vfio = raw
+        let sim_kernel = raw
             .sim_kernel
             .as_ref()
-            .is_some_and(|k| *k.get_ref() == SimKernelSetting::VfioPci);
+            .map_or(SimKernelSetting::Bare, |k| *k.get_ref());
         if let Some(p) = &raw.path {
-            let capable = backend == BackendKind::Vfio || (backend == BackendKind::Sim && sim_vfio);
+            let capable = kind_bypass_capable(backend, sim_kernel);
             if *p.get_ref() == PathSetting::Fast && !capable {
                 return Err(self.invalid(
                     p.span(),
@@ -623,10 +624,7 @@ impl Checker<'_> {
                 "idle-interval-ms",
             )?,
             sim_command: raw.sim_command.as_ref().map_or(0, |c| *c.get_ref()),
-            sim_kernel: raw
-                .sim_kernel
-                .as_ref()
-                .map_or(SimKernelSetting::Bare, |k| *k.get_ref()),
+            sim_kernel,
             edu_test_hooks,
         })
     }
@@ -634,10 +632,10 @@ impl Checker<'_> {
 
 impl DeviceConfig {
     /// Whether the backend can take the kernel bypass (a kernel unmask
-    /// eventfd: vfio-pci, or its simulated model).
+    /// eventfd: vfio-pci, or its simulated model), as the backends answer
+    /// for their kind before any device is open.
     pub fn bypass_capable(&self) -> bool {
-        self.backend == BackendKind::Vfio
-            || (self.backend == BackendKind::Sim && self.sim_kernel == SimKernelSetting::VfioPci)
+        kind_bypass_capable(self.backend, self.sim_kernel)
     }
 
     /// A device with every setting at its default.

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, Capabilities, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::intx;
 use crate::pci::regs::*;
 use crate::pci::{check_access, check_write, intx_disable_mask, with_intx_disable, Bdf, Width};
@@ -83,6 +83,22 @@ pub enum SimKernel {
     /// the line stays masked while the driver believes it unmasked, exactly
     /// as the kernel does.
     VfioPci,
+}
+
+impl SimKernel {
+    /// How the modelled kernel's COMMAND.INTX_DISABLE behaves.
+    pub const fn intx_disable_bit(self) -> IntxDisableBit {
+        match self {
+            SimKernel::Bare => IntxDisableBit::Physical,
+            SimKernel::VfioPci => IntxDisableBit::Virtualized,
+        }
+    }
+
+    /// Whether the modelled kernel takes an unmask eventfd (the vfio-pci
+    /// model does), i.e. whether the device can take the kernel bypass.
+    pub const fn unmask_eventfd(self) -> bool {
+        matches!(self, SimKernel::VfioPci)
+    }
 }
 
 /// A backend operation that faults can be attached to.
@@ -294,7 +310,7 @@ impl SimDeviceBuilder {
         self
     }
     /// vfio-pci model: let the engine take the model's trigger signals as
-    /// claims ([`PciBackend::intx_trigger_claims`]), as it does on real
+    /// claims ([`Capabilities::trigger_claims`]), as it does on real
     /// vfio-pci (default no, so that tests may signal the trigger
     /// themselves to stand for an event of another device).
     pub fn trigger_claims(mut self, claims: bool) -> Self {
@@ -978,11 +994,17 @@ impl ConfigSpace for SimBackend {
 }
 
 impl PciBackend for SimBackend {
-    fn intx_disable_bit(&self) -> IntxDisableBit {
-        match self.inner.kernel {
-            SimKernel::Bare => IntxDisableBit::Physical,
-            SimKernel::VfioPci => IntxDisableBit::Virtualized,
-        }
+    /// As the modelled kernel's ([`SimKernel::intx_disable_bit`],
+    /// [`SimKernel::unmask_eventfd`]); trigger claims as built
+    /// ([`SimDeviceBuilder::trigger_claims`]), where only the vfio-pci model
+    /// signals the way that makes them true.
+    fn capabilities(&self) -> Capabilities {
+        let kernel = self.inner.kernel;
+        Capabilities::new(
+            kernel.intx_disable_bit(),
+            kernel.unmask_eventfd(),
+            self.inner.trigger_claims && kernel == SimKernel::VfioPci,
+        )
     }
 
     fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError> {
@@ -1037,12 +1059,6 @@ impl PciBackend for SimBackend {
         }
     }
 
-    /// As built ([`SimDeviceBuilder::trigger_claims`]); only the vfio-pci
-    /// model signals the way that makes it true.
-    fn intx_trigger_claims(&self) -> bool {
-        self.inner.trigger_claims && self.inner.kernel == SimKernel::VfioPci
-    }
-
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {
         self.op(SimOp::CheckAndUnmask, "INTx check-and-unmask")?;
         match self.inner.kernel {
@@ -1088,7 +1104,7 @@ impl PciBackend for SimBackend {
     }
 
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
-        if self.inner.kernel == SimKernel::Bare {
+        if !self.inner.kernel.unmask_eventfd() {
             return Err(BackendError::os(
                 "registering an unmask eventfd",
                 std::io::Error::from(std::io::ErrorKind::Unsupported),

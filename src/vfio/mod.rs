@@ -67,7 +67,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, Capabilities, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::intx::read_command_status;
 use crate::pci::regs::PCI_CFG_SPACE_EXP_SIZE;
 use crate::pci::{check_access, check_write, Bdf, Width};
@@ -405,6 +405,12 @@ impl fmt::Debug for VfioBackend {
 }
 
 impl VfioBackend {
+    /// vfio-pci always takes an INTx unmask eventfd
+    /// (`SET_IRQS(INTX, DATA_EVENTFD | ACTION_UNMASK)`), so a vfio device
+    /// can take the kernel bypass: what a configuration may assume before
+    /// any device is open.
+    pub const UNMASK_EVENTFD: bool = true;
+
     /// Opens `bdf`, which must be bound to vfio-pci, in a new TYPE1v2
     /// container of its own.
     ///
@@ -878,8 +884,16 @@ impl ConfigSpace for VfioBackend {
 }
 
 impl PciBackend for VfioBackend {
-    fn intx_disable_bit(&self) -> IntxDisableBit {
-        IntxDisableBit::Virtualized
+    /// The kernel virtualizes INTX_DISABLE and always takes an unmask
+    /// eventfd ([`VfioBackend::UNMASK_EVENTFD`]); it signals the trigger
+    /// only after it masked an asserting device (AUTOMASKED), in PCI 2.3
+    /// and in `nointxmask` mode alike.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(
+            IntxDisableBit::Virtualized,
+            Self::UNMASK_EVENTFD,
+            self.intx.automasked(),
+        )
     }
 
     /// `SET_IRQS(INTX, DATA_EVENTFD | ACTION_TRIGGER, trigger)`.
@@ -935,12 +949,6 @@ impl PciBackend for VfioBackend {
         }
         self.intx_check_and_unmask()?;
         Ok(false)
-    }
-
-    /// vfio-pci signals the trigger only after it masked an asserting
-    /// device (AUTOMASKED), in PCI 2.3 and in `nointxmask` mode alike.
-    fn intx_trigger_claims(&self) -> bool {
-        self.intx.automasked()
     }
 
     /// `SET_IRQS(INTX, DATA_NONE | ACTION_UNMASK)`: the kernel's

@@ -293,7 +293,7 @@ impl<B: PciBackend> IntxDevice<B> {
     ) -> Result<Self, IntxError> {
         let bdf = backend.bdf();
         let config_size = backend.config_size();
-        let disable_bit = backend.intx_disable_bit();
+        let disable_bit = backend.capabilities().intx_disable;
         let trigger =
             EventFd::new(EFD_NONBLOCK).map_err(|source| IntxError::EventFd { bdf, source })?;
         let wake = Arc::new(Wake {
@@ -425,7 +425,7 @@ impl<B: PciBackend> IntxDevice<B> {
                     // Only the kernel's signals, all sent after the previous
                     // read, with nothing moving the generation since: the
                     // kernel's check-and-mask claimed them (see
-                    // `PciBackend::intx_trigger_claims`).
+                    // `Capabilities::trigger_claims`).
                     let claimed = count / KICK == 0 && previous == generation;
                     if claimed {
                         self.wake
@@ -855,7 +855,7 @@ impl<B: PciBackend> Device<B> {
             let claimed = *work & WORK_CLAIMED != 0
                 && *work & WORK_RECHECK == 0
                 && ctx.claimed_generation == ctx.generation.current()
-                && self.backend.intx_trigger_claims();
+                && self.backend.capabilities().trigger_claims;
             self.host_interrupt(ctx, claimed)?;
             *work &= !(WORK_HOST | WORK_CLAIMED);
         }
