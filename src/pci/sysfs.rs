@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, instrument, warn};
 
-use crate::backend::{BackendError, ConfigSpace};
+use crate::pci::config::{BackendError, ConfigSpace};
 use crate::pci::intx::{self, MaskingQuirk, MaskingReason, MaskingSupport};
 use crate::pci::regs::{PCI_CFG_SPACE_EXP_SIZE, PCI_INTERRUPT_PIN};
 use crate::pci::{check_access, check_write, Bdf, Width};
