@@ -36,11 +36,9 @@ fn run(policy: PathPolicy) -> (Vec<Duration>, u64) {
     let report = run_assignment(
         sim.backend(),
         Arc::new(Side(sim.clone())),
-        AssignmentConfig {
-            interrupts: INTERRUPTS,
-            policy,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(INTERRUPTS)
+            .with_policy(policy),
     )
     .unwrap();
     assert_eq!(report.acked, INTERRUPTS);

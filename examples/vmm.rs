@@ -75,17 +75,15 @@ fn main() -> ExitCode {
         .with_env_filter(vfio_intx::log_filter("warn"))
         .init();
     let args = Args::parse();
-    let config = AssignmentConfig {
-        interrupts: args.interrupts,
-        burst: args.burst,
-        policy: match args.path {
+    let config = AssignmentConfig::default()
+        .with_interrupts(args.interrupts)
+        .with_burst(args.burst)
+        .with_policy(match args.path {
             PathArg::Auto => PathPolicy::Auto,
             PathArg::Fast => PathPolicy::Fast,
             PathArg::UserSpace => PathPolicy::UserSpace,
-        },
-        timeout: Duration::from_secs(10),
-        ..AssignmentConfig::default()
-    };
+        })
+        .with_timeout(Duration::from_secs(10));
     let result = match args.bdf {
         Some(bdf) => run_vfio(bdf, config),
         None => {

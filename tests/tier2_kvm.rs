@@ -52,12 +52,10 @@ fn user_space_path_delivers_each_of_1000_interrupts_once_with_resample_after_eoi
     let report = run_assignment(
         sim.backend(),
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 7,
-            policy: PathPolicy::Auto,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(7)
+            .with_policy(PathPolicy::Auto),
     )
     .unwrap();
     println!(
@@ -96,12 +94,10 @@ fn kernel_bypass_delivers_each_of_1000_interrupts_once_with_no_user_space_wakeup
     let report = run_assignment(
         sim.backend(),
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 7,
-            policy: PathPolicy::Fast,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(7)
+            .with_policy(PathPolicy::Fast),
     )
     .unwrap();
     println!(
@@ -130,12 +126,10 @@ fn user_space_path_on_the_vfio_model_delivers_each_interrupt_once() {
     let report = run_assignment(
         sim.backend(),
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 5,
-            policy: PathPolicy::UserSpace,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(5)
+            .with_policy(PathPolicy::UserSpace),
     )
     .unwrap();
     assert_eq!(report.path.fallback, Some(FallbackReason::Configured));
@@ -561,11 +555,9 @@ fn kernel_bypass_with_a_100ms_guest_isr_and_no_reset_sees_no_stuck_line() {
     let report = run_assignment(
         sim.backend(),
         Arc::new(SlowIsr(sim.clone())),
-        AssignmentConfig {
-            interrupts: 20,
-            policy: PathPolicy::Fast,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(20)
+            .with_policy(PathPolicy::Fast),
     )
     .unwrap();
     println!(

@@ -56,13 +56,11 @@ fn run(bdf: Bdf, policy: PathPolicy, interrupts: u64) -> AssignmentReport {
     run_assignment_with_dma(
         backend,
         edu,
-        AssignmentConfig {
-            interrupts,
-            burst: 7,
-            policy,
-            timeout: Duration::from_secs(20),
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(interrupts)
+            .with_burst(7)
+            .with_policy(policy)
+            .with_timeout(Duration::from_secs(20)),
         Some(container),
     )
     .unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)))
@@ -315,12 +313,10 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             let report = run_assignment_with_dma(
                 backend,
                 edu,
-                AssignmentConfig {
-                    interrupts: 3500,
-                    burst: 7,
-                    policy,
-                    ..AssignmentConfig::default()
-                },
+                AssignmentConfig::default()
+                    .with_interrupts(3500)
+                    .with_burst(7)
+                    .with_policy(policy),
                 Some(container),
             );
             stop.store(true, Ordering::SeqCst);

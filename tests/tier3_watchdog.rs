@@ -154,13 +154,7 @@ fn physical(bdf: Bdf) -> CommandStatus {
 }
 
 fn options(watchdog: bool) -> IntxOptions {
-    IntxOptions {
-        watchdog: WatchdogOptions {
-            enabled: watchdog,
-            ..WatchdogOptions::default()
-        },
-        ..IntxOptions::default()
-    }
+    IntxOptions::default().with_watchdog(WatchdogOptions::default().with_enabled(watchdog))
 }
 
 // ------------------------------------------------------------------ the edu

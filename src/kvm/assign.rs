@@ -38,6 +38,7 @@ pub trait DeviceSide: Send + Sync {
 
 /// What to run.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct AssignmentConfig {
     /// PIC line / GSI of the device's INTx in the guest.
     pub gsi: u8,
@@ -58,6 +59,16 @@ pub struct AssignmentConfig {
     /// raised again after two such checks in a row found it lost.
     pub lost_check: Duration,
 }
+
+with_setters!(AssignmentConfig {
+    gsi: u8 => with_gsi,
+    devfn: u8 => with_devfn,
+    interrupts: u64 => with_interrupts,
+    burst: u64 => with_burst,
+    policy: PathPolicy => with_policy,
+    timeout: Duration => with_timeout,
+    lost_check: Duration => with_lost_check,
+});
 
 impl Default for AssignmentConfig {
     fn default() -> Self {

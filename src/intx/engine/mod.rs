@@ -54,6 +54,7 @@ pub enum LineState {
 
 /// How retries of transient backend errors (EAGAIN, EBUSY) are bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub attempts: u32,
@@ -79,6 +80,7 @@ impl Default for RetryPolicy {
 
 /// Tunables of one engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IntxOptions {
     /// Retries of transient errors of config accesses.
     pub retry: RetryPolicy,
@@ -102,6 +104,20 @@ impl Default for IntxOptions {
         }
     }
 }
+
+with_setters!(RetryPolicy {
+    attempts: u32 => with_attempts,
+    first_backoff: Duration => with_first_backoff,
+    max_backoff: Duration => with_max_backoff,
+    total: Option<Duration> => with_total,
+});
+
+with_setters!(IntxOptions {
+    retry: RetryPolicy => with_retry,
+    reset_retry: RetryPolicy => with_reset_retry,
+    interrupt_path_retries: u32 => with_interrupt_path_retries,
+    watchdog: WatchdogOptions => with_watchdog,
+});
 
 /// What one run of the interrupt path did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
