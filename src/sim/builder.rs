@@ -30,7 +30,7 @@ pub struct SimDeviceBuilder {
 /// clone; clones are the same bus.
 #[derive(Clone, Default)]
 pub struct SimBus {
-    pub(super) devices: Arc<Mutex<Vec<std::sync::Weak<Inner>>>>,
+    devices: Arc<Mutex<Vec<std::sync::Weak<Inner>>>>,
 }
 
 impl std::fmt::Debug for SimBus {
