@@ -91,7 +91,8 @@ pub enum Unmask {
 pub trait PciBackend: ConfigSpace + Send {
     /// What this backend can do ([`Capabilities`]): the one answer to every
     /// question about the INTX_DISABLE owner, the kernel unmask eventfd and
-    /// trigger claims.
+    /// trigger claims. Fixed for the backend's lifetime (the engine reads it
+    /// once, [`IntxDevice::capabilities`](crate::intx::IntxDevice::capabilities)).
     fn capabilities(&self) -> Capabilities;
 
     /// Starts INTx delivery: the backend signals `trigger` each time the

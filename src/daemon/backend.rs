@@ -160,6 +160,11 @@ mod tests {
                 "{setting:?}"
             );
             backend.intx_set_unmask_eventfd(None).ok();
+            // The engine answers without the gate, as the backend did.
+            let engine =
+                crate::intx::IntxDevice::new(backend, crate::intx::CallbackSink(|| Ok(())))
+                    .unwrap();
+            assert_eq!(engine.capabilities(), caps, "{setting:?}");
         }
         assert!(kind_bypass_capable(
             BackendKind::Vfio,

@@ -14,7 +14,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::task::Task;
 use super::{lock, rate_limit, AttachError};
-use crate::backend::PciBackend;
 use crate::daemon::config::PathSetting;
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::InterruptSink;
@@ -209,11 +208,9 @@ impl Task {
         let config = &self.dev.config;
         let bypass = match config.path {
             PathSetting::Userspace => false,
-            PathSetting::Auto | PathSetting::Fast => self
-                .dev
-                .engine
-                .with_backend(|b| b.capabilities())
-                .bypass_capable(),
+            PathSetting::Auto | PathSetting::Fast => {
+                self.dev.engine.capabilities().bypass_capable()
+            }
         };
         if bypass && self.holding() {
             return Err(AttachError::Held { bdf });

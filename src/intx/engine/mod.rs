@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BackendError, IntxDisableBit, PciBackend};
+use crate::backend::{BackendError, Capabilities, IntxDisableBit, PciBackend};
 use crate::gate::{ConfigGate, Generation};
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
@@ -168,7 +168,8 @@ struct Bypass {
 pub struct IntxDevice<B: PciBackend> {
     bdf: Bdf,
     config_size: u16,
-    disable_bit: IntxDisableBit,
+    /// The backend's capabilities, read once when the engine is built.
+    capabilities: Capabilities,
     gate: ConfigGate<Device<B>>,
     wake: Arc<Wake>,
     sink: Box<dyn InterruptSink>,
@@ -246,7 +247,8 @@ impl<B: PciBackend> IntxDevice<B> {
     ) -> Result<Self, IntxError> {
         let bdf = backend.bdf();
         let config_size = backend.config_size();
-        let disable_bit = backend.capabilities().intx_disable;
+        let capabilities = backend.capabilities();
+        let disable_bit = capabilities.intx_disable;
         let trigger =
             EventFd::new(EFD_NONBLOCK).map_err(|source| IntxError::EventFd { bdf, source })?;
         let wake = Arc::new(Wake {
@@ -271,7 +273,7 @@ impl<B: PciBackend> IntxDevice<B> {
         let this = Self {
             bdf,
             config_size,
-            disable_bit,
+            capabilities,
             gate: ConfigGate::new(device, Box::new(move || kick_target.kick())),
             wake,
             sink,
@@ -291,7 +293,7 @@ impl<B: PciBackend> IntxDevice<B> {
         Ctx {
             sink: &*self.sink,
             counters: &self.counters,
-            disable_bit: self.disable_bit,
+            disable_bit: self.capabilities.intx_disable,
             wake: &self.wake,
             generation: self.gate.generation(),
             claimed_generation: self.wake.claimed_generation.load(Ordering::SeqCst),
@@ -312,7 +314,7 @@ impl<B: PciBackend> IntxDevice<B> {
             // bit clear, as after a reset and as vfio-pci's enable leaves
             // its virtual bit; `settle` then delivers what the device
             // asserts instead of holding it for an EOI-less guest.
-            let guest_view = match self.disable_bit {
+            let guest_view = match self.capabilities.intx_disable {
                 IntxDisableBit::Physical => cs.command & !COMMAND_INTX_DISABLE,
                 IntxDisableBit::Virtualized => cs.command,
             };
@@ -354,6 +356,12 @@ impl<B: PciBackend> IntxDevice<B> {
     /// The device's address.
     pub fn bdf(&self) -> Bdf {
         self.bdf
+    }
+
+    /// What the backend can do ([`PciBackend::capabilities`], read when the
+    /// engine was built). Never waits (not even behind a reset).
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
     }
 
     /// The eventfd the backend signals on a host interrupt. Poll it for
