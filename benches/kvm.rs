@@ -35,13 +35,10 @@ fn run(policy: PathPolicy) -> (Vec<Duration>, u64) {
     let sim = SimDevice::builder().kernel(SimKernel::VfioPci).build();
     let report = run_assignment(
         sim.backend(),
-        true,
         Arc::new(Side(sim.clone())),
-        AssignmentConfig {
-            interrupts: INTERRUPTS,
-            policy,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(INTERRUPTS)
+            .with_policy(policy),
     )
     .unwrap();
     assert_eq!(report.acked, INTERRUPTS);

@@ -78,13 +78,10 @@ fn main() {
     );
     let mut recoveries = Vec::new();
     for _ in 0..5 {
-        let r = run_external_resets(ExternalResetConfig {
-            options: IntxOptions {
-                watchdog: WatchdogOptions::default(),
-                ..IntxOptions::default()
-            },
-            ..ExternalResetConfig::default()
-        })
+        let r = run_external_resets(
+            ExternalResetConfig::default()
+                .with_options(IntxOptions::default().with_watchdog(WatchdogOptions::default())),
+        )
         .unwrap();
         assert_eq!(r.delivered, r.raised);
         recoveries.push(r.recovered_after.unwrap());

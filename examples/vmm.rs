@@ -75,17 +75,15 @@ fn main() -> ExitCode {
         .with_env_filter(vfio_intx::log_filter("warn"))
         .init();
     let args = Args::parse();
-    let config = AssignmentConfig {
-        interrupts: args.interrupts,
-        burst: args.burst,
-        policy: match args.path {
+    let config = AssignmentConfig::default()
+        .with_interrupts(args.interrupts)
+        .with_burst(args.burst)
+        .with_policy(match args.path {
             PathArg::Auto => PathPolicy::Auto,
             PathArg::Fast => PathPolicy::Fast,
             PathArg::UserSpace => PathPolicy::UserSpace,
-        },
-        timeout: Duration::from_secs(10),
-        ..AssignmentConfig::default()
-    };
+        })
+        .with_timeout(Duration::from_secs(10));
     let result = match args.bdf {
         Some(bdf) => run_vfio(bdf, config),
         None => {
@@ -94,8 +92,7 @@ fn main() -> ExitCode {
                 SimKernelArg::VfioPci => SimKernel::VfioPci,
             };
             let sim = SimDevice::builder().kernel(kernel).build();
-            let bypass_capable = kernel == SimKernel::VfioPci;
-            run_assignment(sim.backend(), bypass_capable, Arc::new(Sim(sim)), config)
+            run_assignment(sim.backend(), Arc::new(Sim(sim)), config)
                 .map_err(|e| vfio_intx::error_chain(&e))
         }
     };
@@ -117,14 +114,8 @@ fn run_vfio(bdf: Bdf, config: AssignmentConfig) -> Result<AssignmentReport, Stri
         .container()
         .cloned()
         .ok_or_else(|| format!("{bdf}: opened without a container of its own"))?;
-    vfio_intx::kvm::assign::run_assignment_with_dma(
-        backend,
-        true,
-        Arc::new(edu),
-        config,
-        Some(container),
-    )
-    .map_err(|e| chain(&e))
+    vfio_intx::kvm::assign::run_assignment_with_dma(backend, Arc::new(edu), config, Some(container))
+        .map_err(|e| chain(&e))
 }
 
 fn print_report(report: &AssignmentReport, interrupts: u64) -> ExitCode {

@@ -9,62 +9,9 @@
 //! which is why the methods take `&mut self`: holding a gate guard is what
 //! makes the access exclusive.
 
-use std::io;
-
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::pci::{AccessError, Bdf, Width};
-
-/// Why a backend operation failed. The device and operation are named by the
-/// caller's error, which wraps this one.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BackendError {
-    /// The access was refused before reaching the device.
-    #[error(transparent)]
-    Access(#[from] AccessError),
-    /// The device no longer exists (hot-unplugged, driver unbound, fd revoked).
-    #[error("the device is gone")]
-    Gone,
-    /// A config read returned all-ones: the device is in reset, powered down
-    /// or gone.
-    #[error("the device does not respond (config read returned all-ones)")]
-    NotResponding,
-    /// The device offers no reset method.
-    #[error("the device has no reset method")]
-    NoResetMethod,
-    /// The device has no usable INTx (no interrupt pin, or the driver refuses it).
-    #[error("the device has no usable INTx interrupt")]
-    NoIntx,
-    /// A system call failed; the errno is kept.
-    #[error("{op} failed")]
-    Os {
-        /// What was being done, e.g. "VFIO_DEVICE_RESET" or "config pread".
-        op: &'static str,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl BackendError {
-    /// Wraps an OS error with the operation that produced it.
-    pub fn os(op: &'static str, source: io::Error) -> Self {
-        BackendError::Os { op, source }
-    }
-
-    /// Whether retrying the same operation later may succeed (EAGAIN, EBUSY,
-    /// EINTR), as the kernel answers while another reset holds the device.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            BackendError::Os { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::EINTR)
-            ),
-            _ => false,
-        }
-    }
-}
+pub use crate::pci::config::{BackendError, ConfigSpace};
 
 /// How a backend's COMMAND.INTX_DISABLE bit behaves when written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +24,53 @@ pub enum IntxDisableBit {
     /// virtual disable while the kernel keeps the host mask itself, so the
     /// engine writes the guest's bit unchanged.
     Virtualized,
+}
+
+/// What a backend can do: the one place every "can this backend ...?"
+/// question asks (the engine for the INTX_DISABLE owner and trigger claims,
+/// the KVM wiring and the daemon for the kernel bypass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Who owns COMMAND.INTX_DISABLE, i.e. how the bit behaves when written.
+    pub intx_disable: IntxDisableBit,
+    /// Whether the kernel takes an unmask eventfd
+    /// ([`PciBackend::intx_set_unmask_eventfd`]): the target of KVM's
+    /// resample eventfd, without which there is no kernel bypass.
+    pub unmask_eventfd: bool,
+    /// Whether a signal of the trigger eventfd by the backend's own kernel
+    /// driver is proof that the device asserted INTx and that its line is
+    /// masked for us, so that
+    /// [`intx_check_and_mask`](PciBackend::intx_check_and_mask) would only
+    /// confirm it. vfio-pci: yes (AUTOMASKED: in PCI 2.3 mode its handler
+    /// signals only after its own check-and-mask claimed the interrupt, its
+    /// UNMASK only while the device still asserts; with `nointxmask=1` it
+    /// disables its exclusive, level-triggered IRQ first). The engine relies
+    /// on it only for a signal nothing can have overtaken (no reset,
+    /// re-wiring or re-derivation since: the gate's generation), and
+    /// re-checks everything else.
+    pub trigger_claims: bool,
+}
+
+impl Capabilities {
+    /// Capabilities from their parts.
+    pub const fn new(
+        intx_disable: IntxDisableBit,
+        unmask_eventfd: bool,
+        trigger_claims: bool,
+    ) -> Self {
+        Self {
+            intx_disable,
+            unmask_eventfd,
+            trigger_claims,
+        }
+    }
+
+    /// Whether the backend can take the kernel bypass (KVM's resample
+    /// eventfd wired straight to the kernel's check-and-unmask).
+    pub const fn bypass_capable(&self) -> bool {
+        self.unmask_eventfd
+    }
 }
 
 /// Result of a check-and-unmask.
@@ -92,28 +86,14 @@ pub enum Unmask {
     Delegated,
 }
 
-/// Fallible access to one function's configuration space.
-pub trait ConfigSpace {
-    /// The device's address, for errors and logs.
-    fn bdf(&self) -> Bdf;
-
-    /// Size of the config space this backend exposes.
-    fn config_size(&self) -> u16;
-
-    /// Reads `width` bytes at `offset`. Misaligned or out-of-range accesses
-    /// are errors. A read of all-ones from a register that cannot be all-ones
-    /// is reported by the caller, which knows the register.
-    fn config_read(&mut self, offset: u16, width: Width) -> Result<u32, BackendError>;
-
-    /// Writes `width` bytes of `value` at `offset`.
-    fn config_write(&mut self, offset: u16, width: Width, value: u32) -> Result<(), BackendError>;
-}
-
 /// One PCI function, as the INTx engine needs it: config space plus INTx
 /// control and reset.
 pub trait PciBackend: ConfigSpace + Send {
-    /// How COMMAND.INTX_DISABLE behaves on this backend.
-    fn intx_disable_bit(&self) -> IntxDisableBit;
+    /// What this backend can do ([`Capabilities`]): the one answer to every
+    /// question about the INTX_DISABLE owner, the kernel unmask eventfd and
+    /// trigger claims. Fixed for the backend's lifetime (the engine reads it
+    /// once, [`IntxDevice::capabilities`](crate::intx::IntxDevice::capabilities)).
+    fn capabilities(&self) -> Capabilities;
 
     /// Starts INTx delivery: the backend signals `trigger` each time the
     /// device raises its line while unmasked.
@@ -127,18 +107,6 @@ pub trait PciBackend: ConfigSpace + Send {
     /// nothing is left masked on its behalf (PCI 2.3 check-and-mask; "not
     /// mine" on a shared line).
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError>;
-
-    /// Whether a signal of the trigger eventfd by the backend's own kernel
-    /// driver is proof that the device asserted INTx and that its line is
-    /// masked for us, so that [`intx_check_and_mask`](Self::intx_check_and_mask)
-    /// would only confirm it. vfio-pci: yes (AUTOMASKED: in PCI 2.3 mode its
-    /// handler signals only after its own check-and-mask claimed the
-    /// interrupt, its UNMASK only while the device still asserts; with
-    /// `nointxmask=1` it disables its exclusive, level-triggered IRQ first).
-    /// The engine relies on it only for a signal nothing can have overtaken
-    /// (no reset, re-wiring or re-derivation since: the gate's generation),
-    /// and re-checks everything else.
-    fn intx_trigger_claims(&self) -> bool;
 
     /// The guest has finished with the interrupt: unmask unless the device
     /// still asserts (PCI 2.3 check-and-unmask).
@@ -167,7 +135,8 @@ pub trait PciBackend: ConfigSpace + Send {
 
     /// Registers (or with `None` removes) an eventfd whose signal performs a
     /// kernel-side check-and-unmask: the target of KVM's resample eventfd on
-    /// the kernel-bypass path. Backends without kernel support return
+    /// the kernel-bypass path ([`Capabilities::unmask_eventfd`]). Backends
+    /// without kernel support return
     /// [`std::io::ErrorKind::Unsupported`] as an [`BackendError::Os`].
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError>;
 

@@ -40,6 +40,24 @@
 //! # }
 //! ```
 
+/// Builder-style setters (`with_<field>`) for a `#[non_exhaustive]` public
+/// options struct, which other crates can no longer build with a struct
+/// literal: `IntxOptions::default().with_watchdog(w)`.
+macro_rules! with_setters {
+    ($ty:ty { $($field:ident: $fty:ty => $with:ident),+ $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("Sets [`", stringify!($field), "`](Self::", stringify!($field), ").")]
+                #[must_use]
+                pub fn $with(mut self, $field: $fty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )+
+        }
+    };
+}
+
 pub mod backend;
 // Not under loom: tokio's loom mode has no sockets or signals.
 #[cfg(all(feature = "daemon", not(loom)))]

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use std::time::Duration;
 
+use vfio_intx::backend::PciBackend;
 use vfio_intx::intx::IntxDevice;
 use vfio_intx::kvm::assign::{run_assignment, Assignment, AssignmentConfig, DeviceSide};
 use vfio_intx::kvm::testvm::TinyVm;
@@ -50,14 +51,11 @@ fn user_space_path_delivers_each_of_1000_interrupts_once_with_resample_after_eoi
     let sim = SimDevice::builder().build();
     let report = run_assignment(
         sim.backend(),
-        false,
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 7,
-            policy: PathPolicy::Auto,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(7)
+            .with_policy(PathPolicy::Auto),
     )
     .unwrap();
     println!(
@@ -95,14 +93,11 @@ fn kernel_bypass_delivers_each_of_1000_interrupts_once_with_no_user_space_wakeup
     let sim = vfio_model();
     let report = run_assignment(
         sim.backend(),
-        true,
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 7,
-            policy: PathPolicy::Fast,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(7)
+            .with_policy(PathPolicy::Fast),
     )
     .unwrap();
     println!(
@@ -130,14 +125,11 @@ fn user_space_path_on_the_vfio_model_delivers_each_interrupt_once() {
     let sim = vfio_model();
     let report = run_assignment(
         sim.backend(),
-        true,
         Arc::new(SimSide(sim.clone())),
-        AssignmentConfig {
-            interrupts: 1000,
-            burst: 5,
-            policy: PathPolicy::UserSpace,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(1000)
+            .with_burst(5)
+            .with_policy(PathPolicy::UserSpace),
     )
     .unwrap();
     assert_eq!(report.path.fallback, Some(FallbackReason::Configured));
@@ -149,7 +141,6 @@ fn user_space_path_on_the_vfio_model_delivers_each_interrupt_once() {
 fn start(sim: &SimDevice, bypass: bool) -> Assignment<SimBackend> {
     Assignment::start(
         sim.backend(),
-        bypass,
         Arc::new(SimSide(sim.clone())),
         5,
         3 << 3,
@@ -271,11 +262,16 @@ fn split_irqchip_falls_back_to_the_user_space_path_and_says_why() {
     let caps = KvmCaps::probe(&kvm);
     assert!(caps.irqfd_resample && caps.split_irqchip, "{caps:?}");
     let vm = TinyVm::new(5, 3 << 3, Irqchip::Split).unwrap();
-    let choice = choose_path(PathPolicy::Auto, caps, vm.irqchip(), true).unwrap();
+    // What the backends themselves answer: the vfio-pci model has a kernel
+    // unmask eventfd, the bare device none.
+    let vfio = vfio_model().backend().capabilities();
+    let bare = SimDevice::builder().build().backend().capabilities();
+    assert!(vfio.bypass_capable() && !bare.bypass_capable());
+    let choice = choose_path(PathPolicy::Auto, caps, vm.irqchip(), vfio).unwrap();
     assert_eq!(choice.path, Path::UserSpace);
     assert_eq!(choice.fallback, Some(FallbackReason::SplitIrqchip));
     assert!(choice.to_string().contains("split irqchip"), "{choice}");
-    let err = choose_path(PathPolicy::Fast, caps, vm.irqchip(), true).unwrap_err();
+    let err = choose_path(PathPolicy::Fast, caps, vm.irqchip(), vfio).unwrap_err();
     assert!(err.to_string().contains("split irqchip"), "{err}");
     // KVM itself refuses a resample irqfd there, and nothing stays registered.
     let err = ResampleIrqfd::register(Arc::clone(vm.vm()), 5).unwrap_err();
@@ -286,13 +282,13 @@ fn split_irqchip_falls_back_to_the_user_space_path_and_says_why() {
     // The fully in-kernel irqchip takes the bypass when the backend can.
     let full = TinyVm::new(5, 3 << 3, Irqchip::Full).unwrap();
     assert_eq!(
-        choose_path(PathPolicy::Auto, caps, full.irqchip(), true)
+        choose_path(PathPolicy::Auto, caps, full.irqchip(), vfio)
             .unwrap()
             .path,
         Path::KernelBypass
     );
     assert_eq!(
-        choose_path(PathPolicy::Auto, caps, full.irqchip(), false)
+        choose_path(PathPolicy::Auto, caps, full.irqchip(), bare)
             .unwrap()
             .fallback,
         Some(FallbackReason::BackendHasNoUnmaskEventfd)
@@ -455,7 +451,6 @@ fn watchdog_recovers_a_stuck_line_while_another_source_on_the_gsi_eois_every_10m
     });
     let run = Assignment::start(
         sim.backend(),
-        true,
         Arc::clone(&side) as Arc<dyn DeviceSide>,
         5,
         3 << 3,
@@ -562,13 +557,10 @@ fn kernel_bypass_with_a_100ms_guest_isr_and_no_reset_sees_no_stuck_line() {
     let sim = vfio_model();
     let report = run_assignment(
         sim.backend(),
-        true,
         Arc::new(SlowIsr(sim.clone())),
-        AssignmentConfig {
-            interrupts: 20,
-            policy: PathPolicy::Fast,
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(20)
+            .with_policy(PathPolicy::Fast),
     )
     .unwrap();
     println!(

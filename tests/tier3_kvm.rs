@@ -52,15 +52,12 @@ fn run(bdf: Bdf, policy: PathPolicy, interrupts: u64) -> AssignmentReport {
     let container = Arc::clone(backend.container().expect("opened through its group"));
     run_assignment_with_dma(
         backend,
-        true,
         edu,
-        AssignmentConfig {
-            interrupts,
-            burst: 7,
-            policy,
-            timeout: Duration::from_secs(20),
-            ..AssignmentConfig::default()
-        },
+        AssignmentConfig::default()
+            .with_interrupts(interrupts)
+            .with_burst(7)
+            .with_policy(policy)
+            .with_timeout(Duration::from_secs(20)),
         Some(container),
     )
     .unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)))
@@ -115,8 +112,7 @@ fn guest_intx_disable_holds_the_interrupt_until_cleared_on_both_paths() {
         let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
-            Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))
-                .unwrap();
+            Assignment::start_with_dma(backend, side, 5, 3 << 3, policy, Some(container)).unwrap();
         let command = run
             .device
             .guest_config_read(PCI_COMMAND, Width::Word)
@@ -157,8 +153,7 @@ fn engine_resets_and_bus_resets_mid_stream_leave_delivery_working_on_both_paths(
         let container = Arc::clone(backend.container().expect("opened through its group"));
         let side: Arc<dyn DeviceSide> = edu.clone();
         let run =
-            Assignment::start_with_dma(backend, true, side, 5, 3 << 3, policy, Some(container))
-                .unwrap();
+            Assignment::start_with_dma(backend, side, 5, 3 << 3, policy, Some(container)).unwrap();
         let mut acked = 0;
         for round in 0..20 {
             // A reset between interrupts (alternately the function reset and
@@ -308,14 +303,11 @@ fn example_vmm_keeps_running_through_sysfs_reset_loops_and_reports_reraised_loss
             });
             let report = run_assignment_with_dma(
                 backend,
-                true,
                 edu,
-                AssignmentConfig {
-                    interrupts: 3500,
-                    burst: 7,
-                    policy,
-                    ..AssignmentConfig::default()
-                },
+                AssignmentConfig::default()
+                    .with_interrupts(3500)
+                    .with_burst(7)
+                    .with_policy(policy),
                 Some(container),
             );
             stop.store(true, Ordering::SeqCst);

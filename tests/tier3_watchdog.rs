@@ -134,13 +134,7 @@ fn guest_device(var: &str, test: &str) -> Option<Bdf> {
 }
 
 fn options(watchdog: bool) -> IntxOptions {
-    IntxOptions {
-        watchdog: WatchdogOptions {
-            enabled: watchdog,
-            ..WatchdogOptions::default()
-        },
-        ..IntxOptions::default()
-    }
+    IntxOptions::default().with_watchdog(WatchdogOptions::default().with_enabled(watchdog))
 }
 
 // ------------------------------------------------------------------ the edu
@@ -928,7 +922,6 @@ fn vfio_bypass_with_isr(bdf: Bdf, watchdog: bool, isr_delay: Duration) -> Bypass
     let side: Arc<dyn DeviceSide> = Arc::new(EduSide(Arc::clone(&edu), isr_delay));
     let assignment = Assignment::start_with_options(
         backend,
-        true,
         side,
         5,
         3 << 3,

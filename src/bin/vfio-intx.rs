@@ -70,18 +70,18 @@ fn main() -> ExitCode {
             external_resets_ms,
         } => {
             init_logging();
-            let gate = demo(StressConfig {
-                interrupts,
-                reset_threads,
-                resets_per_thread: resets,
-                config_writes,
-                reset_window: Duration::from_micros(reset_window_us),
-                ..StressConfig::default()
-            });
-            let around = demo_external(ExternalResetConfig {
-                duration: Duration::from_millis(external_resets_ms),
-                ..ExternalResetConfig::default()
-            });
+            let gate = demo(
+                StressConfig::default()
+                    .with_interrupts(interrupts)
+                    .with_reset_threads(reset_threads)
+                    .with_resets_per_thread(resets)
+                    .with_config_writes(config_writes)
+                    .with_reset_window(Duration::from_micros(reset_window_us)),
+            );
+            let around = demo_external(
+                ExternalResetConfig::default()
+                    .with_duration(Duration::from_millis(external_resets_ms)),
+            );
             if gate == ExitCode::SUCCESS {
                 around
             } else {

@@ -3,10 +3,11 @@
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, Capabilities, ConfigSpace, PciBackend, Unmask};
+use crate::daemon::config::{BackendKind, SimKernelSetting};
 use crate::pci::{Bdf, Width};
 #[cfg(feature = "testkit")]
-use crate::sim::SimBackend;
+use crate::sim::{SimBackend, SimKernel};
 use crate::uio::UioBackend;
 use crate::vfio::VfioBackend;
 
@@ -54,6 +55,36 @@ impl AnyBackend {
     }
 }
 
+/// Whether a device of `kind` (for a simulated one, modelling `sim_kernel`)
+/// can take the kernel bypass: the backends' own answer
+/// ([`Capabilities::unmask_eventfd`]), for a configuration that must decide
+/// before any device is open. An open device answers through
+/// [`PciBackend::capabilities`].
+pub(crate) fn kind_bypass_capable(kind: BackendKind, sim_kernel: SimKernelSetting) -> bool {
+    match kind {
+        BackendKind::Vfio => VfioBackend::UNMASK_EVENTFD,
+        BackendKind::Uio => UioBackend::UNMASK_EVENTFD,
+        #[cfg(feature = "testkit")]
+        BackendKind::Sim => SimKernel::from(sim_kernel).unmask_eventfd(),
+        // Without the test kit no simulated device can be opened at all.
+        #[cfg(not(feature = "testkit"))]
+        BackendKind::Sim => {
+            let _ = sim_kernel;
+            false
+        }
+    }
+}
+
+#[cfg(feature = "testkit")]
+impl From<SimKernelSetting> for SimKernel {
+    fn from(setting: SimKernelSetting) -> Self {
+        match setting {
+            SimKernelSetting::Bare => SimKernel::Bare,
+            SimKernelSetting::VfioPci => SimKernel::VfioPci,
+        }
+    }
+}
+
 impl ConfigSpace for AnyBackend {
     fn bdf(&self) -> Bdf {
         each!(self, b => b.bdf())
@@ -70,17 +101,14 @@ impl ConfigSpace for AnyBackend {
 }
 
 impl PciBackend for AnyBackend {
-    fn intx_disable_bit(&self) -> IntxDisableBit {
-        each!(self, b => b.intx_disable_bit())
+    fn capabilities(&self) -> Capabilities {
+        each!(self, b => b.capabilities())
     }
     fn intx_enable(&mut self, trigger: &EventFd) -> Result<(), BackendError> {
         each!(self, b => b.intx_enable(trigger))
     }
     fn intx_disable(&mut self) -> Result<(), BackendError> {
         each!(self, b => b.intx_disable())
-    }
-    fn intx_trigger_claims(&self) -> bool {
-        each!(self, b => b.intx_trigger_claims())
     }
     fn intx_check_and_mask(&mut self) -> Result<bool, BackendError> {
         each!(self, b => b.intx_check_and_mask())
@@ -102,5 +130,49 @@ impl PciBackend for AnyBackend {
     }
     fn reset(&mut self) -> Result<(), BackendError> {
         each!(self, b => b.reset())
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::sim::SimDevice;
+
+    /// The answer a configuration gets for a kind is the one the opened
+    /// backend gives, and the one its unmask eventfd registration keeps.
+    #[test]
+    fn a_kinds_bypass_answer_is_the_opened_backends() {
+        for setting in [SimKernelSetting::Bare, SimKernelSetting::VfioPci] {
+            let sim = SimDevice::builder()
+                .kernel(SimKernel::from(setting))
+                .build();
+            let mut backend = AnyBackend::Sim(sim.backend());
+            let caps = backend.capabilities();
+            assert_eq!(
+                kind_bypass_capable(BackendKind::Sim, setting),
+                caps.bypass_capable(),
+                "{setting:?}"
+            );
+            let fd = EventFd::new(0).unwrap();
+            assert_eq!(
+                backend.intx_set_unmask_eventfd(Some(&fd)).is_ok(),
+                caps.unmask_eventfd,
+                "{setting:?}"
+            );
+            backend.intx_set_unmask_eventfd(None).ok();
+            // The engine answers without the gate, as the backend did.
+            let engine =
+                crate::intx::IntxDevice::new(backend, crate::intx::CallbackSink(|| Ok(())))
+                    .unwrap();
+            assert_eq!(engine.capabilities(), caps, "{setting:?}");
+        }
+        assert!(kind_bypass_capable(
+            BackendKind::Vfio,
+            SimKernelSetting::Bare
+        ));
+        assert!(!kind_bypass_capable(
+            BackendKind::Uio,
+            SimKernelSetting::Bare
+        ));
     }
 }

@@ -38,6 +38,7 @@ pub trait DeviceSide: Send + Sync {
 
 /// What to run.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct AssignmentConfig {
     /// PIC line / GSI of the device's INTx in the guest.
     pub gsi: u8,
@@ -58,6 +59,16 @@ pub struct AssignmentConfig {
     /// raised again after two such checks in a row found it lost.
     pub lost_check: Duration,
 }
+
+with_setters!(AssignmentConfig {
+    gsi: u8 => with_gsi,
+    devfn: u8 => with_devfn,
+    interrupts: u64 => with_interrupts,
+    burst: u64 => with_burst,
+    policy: PathPolicy => with_policy,
+    timeout: Duration => with_timeout,
+    lost_check: Duration => with_lost_check,
+});
 
 impl Default for AssignmentConfig {
     fn default() -> Self {
@@ -249,7 +260,6 @@ impl<B: PciBackend + 'static> Assignment<B> {
     /// The engine runs with default options.
     pub fn start(
         backend: B,
-        backend_has_unmask_eventfd: bool,
         side: Arc<dyn DeviceSide>,
         gsi: u8,
         devfn: u8,
@@ -257,7 +267,6 @@ impl<B: PciBackend + 'static> Assignment<B> {
     ) -> Result<Self, AssignError> {
         Self::start_full(
             backend,
-            backend_has_unmask_eventfd,
             side,
             (gsi, devfn, policy),
             IntxOptions::default(),
@@ -268,28 +277,19 @@ impl<B: PciBackend + 'static> Assignment<B> {
     /// [`start`](Self::start) with the engine's options (e.g. its watchdog).
     pub fn start_with_options(
         backend: B,
-        backend_has_unmask_eventfd: bool,
         side: Arc<dyn DeviceSide>,
         gsi: u8,
         devfn: u8,
         policy: PathPolicy,
         options: IntxOptions,
     ) -> Result<Self, AssignError> {
-        Self::start_full(
-            backend,
-            backend_has_unmask_eventfd,
-            side,
-            (gsi, devfn, policy),
-            options,
-            None,
-        )
+        Self::start_full(backend, side, (gsi, devfn, policy), options, None)
     }
 
     /// [`start`](Self::start), with guest RAM DMA-mapped into a VFIO
     /// container first, as a real VMM does for an assigned device.
     pub fn start_with_dma(
         backend: B,
-        backend_has_unmask_eventfd: bool,
         side: Arc<dyn DeviceSide>,
         gsi: u8,
         devfn: u8,
@@ -298,7 +298,6 @@ impl<B: PciBackend + 'static> Assignment<B> {
     ) -> Result<Self, AssignError> {
         Self::start_full(
             backend,
-            backend_has_unmask_eventfd,
             side,
             (gsi, devfn, policy),
             IntxOptions::default(),
@@ -308,7 +307,6 @@ impl<B: PciBackend + 'static> Assignment<B> {
 
     fn start_full(
         backend: B,
-        backend_has_unmask_eventfd: bool,
         side: Arc<dyn DeviceSide>,
         (gsi, devfn, policy): (u8, u8, PathPolicy),
         options: IntxOptions,
@@ -326,7 +324,7 @@ impl<B: PciBackend + 'static> Assignment<B> {
         if let Some(container) = dma {
             vm.dma_map(container)?;
         }
-        let path = choose_path(policy, caps, vm.irqchip(), backend_has_unmask_eventfd)?;
+        let path = choose_path(policy, caps, vm.irqchip(), backend.capabilities())?;
         let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(gsi))?;
         let vm_fd = Arc::clone(vm.vm());
         let dup = |fd: &EventFd| {
@@ -494,24 +492,21 @@ impl<B: PciBackend + 'static> Drop for Assignment<B> {
 /// the guest's ISR.
 pub fn run_assignment<B: PciBackend + 'static>(
     backend: B,
-    backend_has_unmask_eventfd: bool,
     side: Arc<dyn DeviceSide>,
     config: AssignmentConfig,
 ) -> Result<AssignmentReport, AssignError> {
-    run_assignment_with_dma(backend, backend_has_unmask_eventfd, side, config, None)
+    run_assignment_with_dma(backend, side, config, None)
 }
 
 /// [`run_assignment`] with guest RAM DMA-mapped into a VFIO container.
 pub fn run_assignment_with_dma<B: PciBackend + 'static>(
     backend: B,
-    backend_has_unmask_eventfd: bool,
     side: Arc<dyn DeviceSide>,
     config: AssignmentConfig,
     dma: Option<Arc<vfio_ioctls::VfioContainer>>,
 ) -> Result<AssignmentReport, AssignError> {
     let run = Assignment::start_with_dma(
         backend,
-        backend_has_unmask_eventfd,
         Arc::clone(&side),
         config.gsi,
         config.devfn,

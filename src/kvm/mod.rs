@@ -28,6 +28,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::backend::Capabilities;
+
 /// Errors of the KVM wiring.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -179,12 +181,13 @@ impl fmt::Display for PathChoice {
 }
 
 /// Chooses the EOI path from the policy, KVM's capabilities, the VM's
-/// irqchip and whether the backend takes an unmask eventfd.
+/// irqchip and what the backend can do (its kernel unmask eventfd:
+/// [`Capabilities::bypass_capable`]).
 pub fn choose_path(
     policy: PathPolicy,
     caps: KvmCaps,
     irqchip: Irqchip,
-    backend_has_unmask_eventfd: bool,
+    backend: Capabilities,
 ) -> Result<PathChoice, KvmError> {
     let obstacle = if policy == PathPolicy::UserSpace {
         Some(FallbackReason::Configured)
@@ -194,7 +197,7 @@ pub fn choose_path(
         Some(FallbackReason::NoIrqchip)
     } else if !caps.irqfd || !caps.irqfd_resample {
         Some(FallbackReason::NoResampleIrqfd)
-    } else if !backend_has_unmask_eventfd {
+    } else if !backend.bypass_capable() {
         Some(FallbackReason::BackendHasNoUnmaskEventfd)
     } else {
         None

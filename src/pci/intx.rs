@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use crate::backend::{BackendError, ConfigSpace};
+use crate::pci::config::{BackendError, ConfigSpace};
 use crate::pci::regs::{
     COMMAND_INTX_DISABLE, PCI_COMMAND, PCI_DEVICE_ID, PCI_INTERRUPT_PIN, PCI_VENDOR_ID,
     STATUS_CAP_LIST, STATUS_INTERRUPT,

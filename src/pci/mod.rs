@@ -3,6 +3,7 @@
 
 mod access;
 mod bdf;
+pub(crate) mod config;
 pub mod holders;
 pub mod intx;
 pub mod regs;

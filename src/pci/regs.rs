@@ -72,6 +72,14 @@ pub const PCI_CAP_ID_EXP: u8 = 0x10;
 pub const PCI_CAP_ID_AF: u8 = 0x13;
 /// Offset of the "next capability" pointer within a capability.
 pub const PCI_CAP_LIST_NEXT: u16 = 1;
+/// The bits of a capability pointer that address a capability: capabilities
+/// are dword-aligned, the low two bits are reserved.
+pub const PCI_CAP_POINTER_MASK: u32 = 0xfc;
+/// Size of the standard type 0 header: capabilities live at or above it.
+pub const PCI_STD_HEADER_SIZEOF: u16 = 0x40;
+/// The most capabilities a well-formed list in 256 bytes can hold; a walk
+/// that goes on longer follows a loop (Linux's `PCI_FIND_CAP_TTL`).
+pub const PCI_FIND_CAP_TTL: usize = 48;
 
 /// PCIe capability: Device Capabilities (32 bits).
 pub const PCI_EXP_DEVCAP: u16 = 0x04;

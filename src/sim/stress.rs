@@ -14,6 +14,7 @@ use crate::sim::{SimDevice, SimKernel};
 
 /// What to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StressConfig {
     /// Interrupts the device raises.
     pub interrupts: u64,
@@ -31,6 +32,16 @@ pub struct StressConfig {
     /// The host driver the simulated device sits behind.
     pub kernel: SimKernel,
 }
+
+with_setters!(StressConfig {
+    interrupts: u64 => with_interrupts,
+    reset_threads: usize => with_reset_threads,
+    resets_per_thread: u64 => with_resets_per_thread,
+    config_writes: u64 => with_config_writes,
+    reset_window: Duration => with_reset_window,
+    timeout: Duration => with_timeout,
+    kernel: SimKernel => with_kernel,
+});
 
 impl Default for StressConfig {
     fn default() -> Self {
@@ -182,6 +193,7 @@ pub fn run(config: StressConfig) -> Result<StressReport, RigError> {
 
 /// The 2011 reproducer around the engine: resets it does not know about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExternalResetConfig {
     /// The host driver the simulated device sits behind.
     pub kernel: SimKernel,
@@ -198,6 +210,16 @@ pub struct ExternalResetConfig {
     /// How long to wait for delivery after the last reset.
     pub recovery_timeout: Duration,
 }
+
+with_setters!(ExternalResetConfig {
+    kernel: SimKernel => with_kernel,
+    reset_threads: usize => with_reset_threads,
+    duration: Duration => with_duration,
+    reset_window: Duration => with_reset_window,
+    raise_every: Duration => with_raise_every,
+    options: IntxOptions => with_options,
+    recovery_timeout: Duration => with_recovery_timeout,
+});
 
 impl Default for ExternalResetConfig {
     fn default() -> Self {

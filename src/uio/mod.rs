@@ -29,7 +29,7 @@ use tracing::{debug, error, trace, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BackendError, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, Capabilities, ConfigSpace, IntxDisableBit, PciBackend, Unmask};
 use crate::pci::intx;
 use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND, PCI_INTERRUPT_PIN};
 use crate::pci::sysfs::{PciSysfs, SysfsConfig, SysfsError, UIO_PCI_GENERIC};
@@ -138,6 +138,11 @@ impl std::fmt::Debug for UioBackend {
 }
 
 impl UioBackend {
+    /// uio_pci_generic has no kernel-side unmask eventfd, so a uio device
+    /// never takes the kernel bypass: what a configuration may assume
+    /// before any device is open.
+    pub const UNMASK_EVENTFD: bool = false;
+
     /// Opens a device bound to uio_pci_generic on the real host.
     pub fn open(bdf: Bdf) -> Result<Self, UioError> {
         Self::open_with(&PciSysfs::default(), bdf)
@@ -332,8 +337,12 @@ fn forward(bdf: Bdf, mut uio: File, trigger: EventFd, stop: EventFd, failure: Fa
 }
 
 impl PciBackend for UioBackend {
-    fn intx_disable_bit(&self) -> IntxDisableBit {
-        IntxDisableBit::Physical
+    /// The bit is the hardware mask; uio has no kernel-side unmask
+    /// ([`UioBackend::UNMASK_EVENTFD`]); no trigger claims: the forwarder's
+    /// events are uio's event count, and the check-and-mask also lifts an
+    /// automask nobody needs, so it always runs.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(IntxDisableBit::Physical, Self::UNMASK_EVENTFD, false)
     }
 
     /// Starts the forwarder thread (replacing a running one). Events counted
@@ -421,12 +430,6 @@ impl PciBackend for UioBackend {
     /// every interrupt itself.
     fn host_interrupt_count(&mut self) -> Result<Option<u64>, BackendError> {
         Ok(None)
-    }
-
-    /// No: the forwarder's events are uio's event count, and the check
-    /// above also lifts an automask nobody needs; it always runs.
-    fn intx_trigger_claims(&self) -> bool {
-        false
     }
 
     fn intx_check_and_unmask(&mut self) -> Result<Unmask, BackendError> {

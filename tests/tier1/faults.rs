@@ -18,13 +18,8 @@ const FAULTS: [Fault; 5] = [
 const GUEST_COMMAND: u16 = COMMAND_MEMORY | COMMAND_MASTER;
 
 fn fast_retry() -> IntxOptions {
-    IntxOptions {
-        retry: RetryPolicy {
-            first_backoff: std::time::Duration::from_micros(10),
-            ..RetryPolicy::default()
-        },
-        ..IntxOptions::default()
-    }
+    IntxOptions::default()
+        .with_retry(RetryPolicy::default().with_first_backoff(std::time::Duration::from_micros(10)))
 }
 
 /// Drives a stream of interrupts, guest EOIs, resets and guest config

@@ -10,13 +10,7 @@ use vfio_intx::sim::{Fault, SimDevice, SimOp};
 use crate::Stepper;
 
 fn watchdog_off() -> IntxOptions {
-    IntxOptions {
-        watchdog: WatchdogOptions {
-            enabled: false,
-            ..WatchdogOptions::default()
-        },
-        ..IntxOptions::default()
-    }
+    IntxOptions::default().with_watchdog(WatchdogOptions::default().with_enabled(false))
 }
 
 /// What a worker does between events: everything the trigger wakes it for.

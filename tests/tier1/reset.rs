@@ -214,13 +214,8 @@ fn a_guest_flr_answered_eagain_for_250ms_completes_behind_vfio_pci() {
 
 #[test]
 fn a_guest_flr_that_still_fails_is_reported_and_leaves_the_device_working() {
-    let options = IntxOptions {
-        reset_retry: RetryPolicy {
-            total: Some(Duration::from_millis(30)),
-            ..RetryPolicy::reset_default()
-        },
-        ..IntxOptions::default()
-    };
+    let options = IntxOptions::default()
+        .with_reset_retry(RetryPolicy::reset_default().with_total(Some(Duration::from_millis(30))));
     let t = Stepper::with_options(
         programmed(SimDevice::builder().kernel(SimKernel::VfioPci).build()),
         options,

@@ -13,15 +13,14 @@ fn reproducer(reset_threads: usize) {
 }
 
 fn reproducer_on(reset_threads: usize, kernel: SimKernel) {
-    let report = run(StressConfig {
-        kernel,
-        interrupts: 3000,
-        reset_threads,
-        resets_per_thread: 150,
-        config_writes: 400,
-        reset_window: Duration::from_micros(50),
-        timeout: Duration::from_secs(60),
-    })
+    let report = run(StressConfig::default()
+        .with_kernel(kernel)
+        .with_interrupts(3000)
+        .with_reset_threads(reset_threads)
+        .with_resets_per_thread(150)
+        .with_config_writes(400)
+        .with_reset_window(Duration::from_micros(50))
+        .with_timeout(Duration::from_secs(60)))
     .unwrap();
     println!("{reset_threads} reset threads, {kernel:?}: {report:?}");
     assert_eq!(report.delivered, report.raised, "interrupts lost");

@@ -894,9 +894,10 @@ fn uio_has_no_unmask_eventfd_and_no_intx_without_an_irq() {
     let (h, a) = uio_host();
     let mut u = UioBackend::open_with(&h.sysfs(), a).unwrap();
     assert_eq!(
-        u.intx_disable_bit(),
+        u.capabilities().intx_disable,
         vfio_intx::backend::IntxDisableBit::Physical
     );
+    assert!(!u.capabilities().bypass_capable());
     let err = u.intx_set_unmask_eventfd(None).unwrap_err();
     assert!(
         matches!(&err, BackendError::Os { source, .. } if source.kind() == std::io::ErrorKind::Unsupported)

@@ -12,13 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::Stepper;
 
 fn options(enabled: bool) -> IntxOptions {
-    IntxOptions {
-        watchdog: WatchdogOptions {
-            enabled,
-            ..WatchdogOptions::default()
-        },
-        ..IntxOptions::default()
-    }
+    IntxOptions::default().with_watchdog(WatchdogOptions::default().with_enabled(enabled))
 }
 
 #[test]
@@ -27,11 +21,11 @@ fn without_the_watchdog_external_resets_leave_the_vfio_line_stuck() {
     // by the simulated vfio-pci, strands the line.
     let mut stuck_runs = 0;
     for _ in 0..3 {
-        let report = run_external_resets(ExternalResetConfig {
-            options: options(false),
-            recovery_timeout: Duration::from_millis(500),
-            ..ExternalResetConfig::default()
-        })
+        let report = run_external_resets(
+            ExternalResetConfig::default()
+                .with_options(options(false))
+                .with_recovery_timeout(Duration::from_millis(500)),
+        )
         .unwrap();
         println!("watchdog off: {report:?}");
         if report.recovered_after.is_none() {
@@ -50,11 +44,11 @@ fn without_the_watchdog_external_resets_leave_the_vfio_line_stuck() {
 fn the_watchdog_recovers_delivery_after_external_resets_on_both_kernels() {
     for kernel in [SimKernel::VfioPci, SimKernel::Bare] {
         for _ in 0..3 {
-            let report = run_external_resets(ExternalResetConfig {
-                kernel,
-                options: options(true),
-                ..ExternalResetConfig::default()
-            })
+            let report = run_external_resets(
+                ExternalResetConfig::default()
+                    .with_kernel(kernel)
+                    .with_options(options(true)),
+            )
             .unwrap();
             println!("watchdog on, {kernel:?}: {report:?}");
             let recovered = report

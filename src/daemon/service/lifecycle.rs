@@ -12,8 +12,6 @@ use tracing::{info, instrument, warn};
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
 use crate::backend::ConfigSpace;
 use crate::daemon::backend::AnyBackend;
-#[cfg(feature = "testkit")]
-use crate::daemon::config::SimKernelSetting;
 use crate::daemon::config::{BackendKind, DeviceConfig};
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::{IntxDevice, IntxOptions, WatchdogOptions};
@@ -108,10 +106,7 @@ impl ManagedDevice {
             BackendKind::Sim => {
                 let sim = SimDevice::builder()
                     .bdf(bdf)
-                    .kernel(match config.sim_kernel {
-                        SimKernelSetting::Bare => SimKernel::Bare,
-                        SimKernelSetting::VfioPci => SimKernel::VfioPci,
-                    })
+                    .kernel(SimKernel::from(config.sim_kernel))
                     .build();
                 let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
                 let mut backend = sim.backend();

@@ -208,7 +208,9 @@ impl Task {
         let config = &self.dev.config;
         let bypass = match config.path {
             PathSetting::Userspace => false,
-            PathSetting::Auto | PathSetting::Fast => config.bypass_capable(),
+            PathSetting::Auto | PathSetting::Fast => {
+                self.dev.engine.capabilities().bypass_capable()
+            }
         };
         if bypass && self.holding() {
             return Err(AttachError::Held { bdf });

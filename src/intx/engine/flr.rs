@@ -14,15 +14,11 @@ use crate::backend::{BackendError, ConfigSpace};
 use crate::pci::intx::CommandStatus;
 use crate::pci::regs::{
     PCI_AF_CAP, PCI_AF_CAP_FLR, PCI_AF_CAP_TP, PCI_AF_CTRL, PCI_AF_CTRL_FLR, PCI_CAPABILITY_LIST,
-    PCI_CAP_ID_AF, PCI_CAP_ID_EXP, PCI_CAP_LIST_NEXT, PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_FLR,
-    PCI_EXP_DEVCTL, PCI_EXP_DEVCTL_BCR_FLR, STATUS_CAP_LIST,
+    PCI_CAP_ID_AF, PCI_CAP_ID_EXP, PCI_CAP_LIST_NEXT, PCI_CAP_POINTER_MASK, PCI_EXP_DEVCAP,
+    PCI_EXP_DEVCAP_FLR, PCI_EXP_DEVCTL, PCI_EXP_DEVCTL_BCR_FLR, PCI_FIND_CAP_TTL,
+    PCI_STD_HEADER_SIZEOF, STATUS_CAP_LIST,
 };
 use crate::pci::{covers, Width};
-
-/// A well-formed list in 256 bytes has at most 48 entries; more is a loop.
-const MAX_CAPS: usize = 48;
-/// Capabilities live above the type 0 header.
-const FIRST_CAP: u32 = 0x40;
 
 /// The registers through which a guest can initiate an FLR of the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,9 +40,9 @@ impl FlrRegisters {
         if cs.status & STATUS_CAP_LIST == 0 {
             return Ok(found);
         }
-        let mut next = dev.config_read(PCI_CAPABILITY_LIST, Width::Byte)? & 0xfc;
-        for _ in 0..MAX_CAPS {
-            if next < FIRST_CAP {
+        let mut next = dev.config_read(PCI_CAPABILITY_LIST, Width::Byte)? & PCI_CAP_POINTER_MASK;
+        for _ in 0..PCI_FIND_CAP_TTL {
+            if next < u32::from(PCI_STD_HEADER_SIZEOF) {
                 break;
             }
             // `next` is a byte value, so the offset fits config space.
@@ -64,7 +60,7 @@ impl FlrRegisters {
                     found.af_ctrl = Some(cap + PCI_AF_CTRL);
                 }
             }
-            next = dev.config_read(cap + PCI_CAP_LIST_NEXT, Width::Byte)? & 0xfc;
+            next = dev.config_read(cap + PCI_CAP_LIST_NEXT, Width::Byte)? & PCI_CAP_POINTER_MASK;
         }
         Ok(found)
     }

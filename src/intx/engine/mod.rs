@@ -13,10 +13,14 @@
 //! sysfs `reset`) cannot go through the gate; the watchdog (see
 //! [`IntxDevice::watchdog_tick`]) notices their effects and recovers.
 
+mod bypass;
 mod flr;
+mod machine;
+mod options;
 mod reset;
 mod watchdog;
 
+pub use options::{IntxOptions, RetryPolicy};
 pub use watchdog::{Tick, WatchdogOptions};
 
 use std::io;
@@ -28,7 +32,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, instrument, trace, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{BackendError, IntxDisableBit, PciBackend, Unmask};
+use crate::backend::{BackendError, Capabilities, IntxDisableBit, PciBackend};
 use crate::gate::{ConfigGate, Generation};
 use crate::intx::error::{Fail, IntxError, Operation};
 use crate::intx::guest::GuestCommand;
@@ -36,7 +40,7 @@ use crate::intx::sink::InterruptSink;
 use crate::intx::stats::{Counters, IntxStats};
 use crate::pci::intx::{read_command_status, CommandStatus};
 use crate::pci::regs::{COMMAND_INTX_DISABLE, PCI_COMMAND};
-use crate::pci::{check_access, check_write, with_intx_disable, Bdf, Width};
+use crate::pci::{check_access, check_write, Bdf, Width};
 use crate::ratelimit::LogLimiter;
 
 /// Where the device's INTx stands in the state machine.
@@ -50,57 +54,6 @@ pub enum LineState {
     /// Masked by the host while the guest has its own INTX_DISABLE set; the
     /// interrupt is delivered once the guest clears it.
     GuestMasked,
-}
-
-/// How retries of transient backend errors (EAGAIN, EBUSY) are bounded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included.
-    pub attempts: u32,
-    /// Sleep before the second attempt; doubled each time.
-    pub first_backoff: Duration,
-    /// Upper bound of one sleep.
-    pub max_backoff: Duration,
-    /// Upper bound of the time spent retrying, if any: no attempt starts
-    /// after it has passed.
-    pub total: Option<Duration>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 6,
-            first_backoff: Duration::from_micros(200),
-            max_backoff: Duration::from_millis(20),
-            total: None,
-        }
-    }
-}
-
-/// Tunables of one engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IntxOptions {
-    /// Retries of transient errors of config accesses.
-    pub retry: RetryPolicy,
-    /// Retries of a reset the kernel answers EAGAIN/EBUSY while another
-    /// reset holds the device ([`RetryPolicy::reset_default`]).
-    pub reset_retry: RetryPolicy,
-    /// How many times in a row the interrupt path re-kicks itself after a
-    /// failure before it gives up until the next event.
-    pub interrupt_path_retries: u32,
-    /// The stuck-INTx watchdog.
-    pub watchdog: WatchdogOptions,
-}
-
-impl Default for IntxOptions {
-    fn default() -> Self {
-        Self {
-            retry: RetryPolicy::default(),
-            reset_retry: RetryPolicy::reset_default(),
-            interrupt_path_retries: 8,
-            watchdog: WatchdogOptions::default(),
-        }
-    }
 }
 
 /// What one run of the interrupt path did.
@@ -215,7 +168,8 @@ struct Bypass {
 pub struct IntxDevice<B: PciBackend> {
     bdf: Bdf,
     config_size: u16,
-    disable_bit: IntxDisableBit,
+    /// The backend's capabilities, read once when the engine is built.
+    capabilities: Capabilities,
     gate: ConfigGate<Device<B>>,
     wake: Arc<Wake>,
     sink: Box<dyn InterruptSink>,
@@ -293,7 +247,8 @@ impl<B: PciBackend> IntxDevice<B> {
     ) -> Result<Self, IntxError> {
         let bdf = backend.bdf();
         let config_size = backend.config_size();
-        let disable_bit = backend.intx_disable_bit();
+        let capabilities = backend.capabilities();
+        let disable_bit = capabilities.intx_disable;
         let trigger =
             EventFd::new(EFD_NONBLOCK).map_err(|source| IntxError::EventFd { bdf, source })?;
         let wake = Arc::new(Wake {
@@ -318,7 +273,7 @@ impl<B: PciBackend> IntxDevice<B> {
         let this = Self {
             bdf,
             config_size,
-            disable_bit,
+            capabilities,
             gate: ConfigGate::new(device, Box::new(move || kick_target.kick())),
             wake,
             sink,
@@ -338,7 +293,7 @@ impl<B: PciBackend> IntxDevice<B> {
         Ctx {
             sink: &*self.sink,
             counters: &self.counters,
-            disable_bit: self.disable_bit,
+            disable_bit: self.capabilities.intx_disable,
             wake: &self.wake,
             generation: self.gate.generation(),
             claimed_generation: self.wake.claimed_generation.load(Ordering::SeqCst),
@@ -359,7 +314,7 @@ impl<B: PciBackend> IntxDevice<B> {
             // bit clear, as after a reset and as vfio-pci's enable leaves
             // its virtual bit; `settle` then delivers what the device
             // asserts instead of holding it for an EOI-less guest.
-            let guest_view = match self.disable_bit {
+            let guest_view = match self.capabilities.intx_disable {
                 IntxDisableBit::Physical => cs.command & !COMMAND_INTX_DISABLE,
                 IntxDisableBit::Virtualized => cs.command,
             };
@@ -403,6 +358,12 @@ impl<B: PciBackend> IntxDevice<B> {
         self.bdf
     }
 
+    /// What the backend can do ([`PciBackend::capabilities`], read when the
+    /// engine was built). Never waits (not even behind a reset).
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
     /// The eventfd the backend signals on a host interrupt. Poll it for
     /// readability and call [`on_host_interrupt`](Self::on_host_interrupt).
     /// The engine also signals it itself to re-run deferred work.
@@ -425,7 +386,7 @@ impl<B: PciBackend> IntxDevice<B> {
                     // Only the kernel's signals, all sent after the previous
                     // read, with nothing moving the generation since: the
                     // kernel's check-and-mask claimed them (see
-                    // `PciBackend::intx_trigger_claims`).
+                    // `Capabilities::trigger_claims`).
                     let claimed = count / KICK == 0 && previous == generation;
                     if claimed {
                         self.wake
@@ -676,96 +637,6 @@ impl<B: PciBackend> IntxDevice<B> {
         self.gate.access().guest.value()
     }
 
-    /// Whether the kernel bypass carries this device's EOIs.
-    pub fn is_kernel_bypass(&self) -> bool {
-        self.bypass_active.load(Ordering::SeqCst)
-    }
-
-    /// Switches an armed engine onto the kernel-bypass path (`Some`:
-    /// KVM's irqfd and resample eventfd, e.g. of a VMM that attached
-    /// later) or back to the user-space path (`None`), under the gate.
-    ///
-    /// Onto the bypass: the backend signals `irqfd`, `resample` becomes its
-    /// unmask eventfd (enable order trigger -> mask -> unmask eventfd), and
-    /// the line is re-derived with the kernel's check-and-unmask, so an
-    /// interrupt the device asserts is signalled to the new irqfd; on
-    /// failure the whole user-space wiring is put back (and
-    /// [`is_kernel_bypass`](Self::is_kernel_bypass) says so). Back: the
-    /// unmask eventfd is removed, the backend signals the engine's trigger
-    /// again, and the line is re-derived the same way (an interrupt the
-    /// departed guest never EOIed is delivered again on the user-space
-    /// path).
-    ///
-    /// `Some` while the line is held ([`hold`](Self::hold)) is refused with
-    /// nothing changed.
-    ///
-    /// `Some` while already on the bypass swaps the wiring: the kernel
-    /// takes one unmask eventfd per device (`vfio_virqfd_enable` answers
-    /// EBUSY for a second), so the old one is removed first (fd -1), then
-    /// the new pair is wired as above.
-    ///
-    /// If re-deriving the line fails, the worker re-checks it (a kick), as
-    /// after any failure of the interrupt path.
-    pub fn set_kernel_bypass(&self, wiring: Option<(EventFd, EventFd)>) -> Result<(), IntxError> {
-        let mut dev = self.gate.access();
-        if wiring.is_some() && dev.hold.is_some() {
-            // The kernel would unmask the held line at the guest's EOI.
-            return Err(IntxError::HoldOnBypass { bdf: self.bdf });
-        }
-        let ctx = self.ctx();
-        let d = &mut *dev;
-        let settle = |d: &mut Device<B>| {
-            d.line = LineState::Idle;
-            d.settle(&ctx).inspect_err(|_| ctx.wake.kick())
-        };
-        let unwired = if d.bypass.take().is_some() {
-            self.bypass_active.store(false, Ordering::SeqCst);
-            d.backend
-                .intx_set_unmask_eventfd(None)
-                .during(Operation::SetUnmaskEventfd)
-        } else {
-            Ok(())
-        };
-        let result = match wiring {
-            Some((irqfd, resample)) => {
-                let wired = unwired
-                    .and_then(|()| d.backend.intx_enable(&irqfd).during(Operation::Enable))
-                    .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
-                    .and_then(|()| {
-                        d.backend
-                            .intx_set_unmask_eventfd(Some(&resample))
-                            .during(Operation::SetUnmaskEventfd)
-                    });
-                match wired {
-                    Ok(()) => {
-                        d.bypass = Some(Bypass { irqfd, resample });
-                        self.bypass_active.store(true, Ordering::SeqCst);
-                        settle(d)
-                    }
-                    Err(f) => {
-                        let _ = d.backend.intx_set_unmask_eventfd(None);
-                        let _ = d.backend.intx_enable(&self.wake.trigger);
-                        let _ = d.backend.intx_mask();
-                        // An interrupt in service on the user-space path
-                        // stays so; the bypass never leaves one.
-                        let _ = d.settle(&ctx).inspect_err(|_| ctx.wake.kick());
-                        Err(f)
-                    }
-                }
-            }
-            None => unwired
-                .and_then(|()| {
-                    d.backend
-                        .intx_enable(&self.wake.trigger)
-                        .during(Operation::Enable)
-                })
-                .and_then(|()| d.backend.intx_mask().during(Operation::Mask))
-                .and_then(|()| settle(d)),
-        };
-        drop(dev);
-        result.map_err(|f| self.fail(f))
-    }
-
     /// Whether a reset holds the device right now.
     pub fn is_blocked(&self) -> bool {
         self.gate.is_blocked()
@@ -827,224 +698,5 @@ impl<B: PciBackend> Drop for IntxDevice<B> {
         if let Err(e) = self.disarm() {
             warn!(bdf = %self.bdf, error = %crate::error_chain(&e), "disarming INTx failed");
         }
-    }
-}
-
-impl<B: PciBackend> Device<B> {
-    /// Runs the recorded interrupt-path work: EOI first, so that a host
-    /// interrupt seen in the same pass finds the line as the EOI left it;
-    /// a re-check (after a deferral or a failure) last. Each step done is
-    /// cleared from `work`, so that on failure only what is left is queued
-    /// again: an EOI that already re-injected must not run (and inject)
-    /// twice before the guest's next EOI.
-    ///
-    /// On the kernel bypass a host interrupt is a re-check: the kernel
-    /// signals KVM's irqfd itself and takes the guest's EOI, so the engine
-    /// never injects there nor waits in service for an EOI.
-    fn run(&mut self, work: &mut u8, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        if self.bypass.is_some() && *work & WORK_HOST != 0 {
-            *work = (*work & !(WORK_HOST | WORK_CLAIMED)) | WORK_RECHECK;
-        }
-        if *work & WORK_EOI != 0 {
-            self.guest_eoi(ctx)?;
-            *work &= !WORK_EOI;
-        }
-        if *work & WORK_HOST != 0 {
-            // A claim holds only if nothing that could outdate it runs in
-            // this pass or ran since (a re-check, a reset, a re-wiring).
-            let claimed = *work & WORK_CLAIMED != 0
-                && *work & WORK_RECHECK == 0
-                && ctx.claimed_generation == ctx.generation.current()
-                && self.backend.intx_trigger_claims();
-            self.host_interrupt(ctx, claimed)?;
-            *work &= !(WORK_HOST | WORK_CLAIMED);
-        }
-        if *work & WORK_RECHECK != 0 {
-            self.settle(ctx)?;
-            *work &= !WORK_RECHECK;
-        }
-        Ok(())
-    }
-
-    /// Flow 1 behind the gate. `claimed`: the kernel's own check-and-mask
-    /// found the device asserting and masked it, and nothing can have
-    /// changed that since, so STATUS need not be read again.
-    fn host_interrupt(&mut self, ctx: &Ctx<'_>, claimed: bool) -> Result<(), Fail> {
-        Counters::bump(&ctx.counters.host_interrupts);
-        let asserting = if claimed {
-            Counters::bump(&ctx.counters.claimed);
-            true
-        } else {
-            self.backend
-                .intx_check_and_mask()
-                .during(Operation::CheckAndMask)?
-        };
-        if !asserting {
-            if self.line == LineState::Idle {
-                Counters::bump(&ctx.counters.not_mine);
-            }
-            return Ok(());
-        }
-        if self.hold.is_some() {
-            // Held: check-and-mask masked it; `release` delivers it.
-            return Ok(());
-        }
-        match self.line {
-            // The guest's line is already asserted; its EOI re-checks.
-            LineState::InService | LineState::GuestMasked => Ok(()),
-            LineState::Idle if self.guest.intx_disabled() => {
-                Counters::bump(&ctx.counters.held);
-                self.line = LineState::GuestMasked;
-                Ok(())
-            }
-            LineState::Idle => self.inject(ctx),
-        }
-    }
-
-    /// Flow 2 behind the gate.
-    fn guest_eoi(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        Counters::bump(&ctx.counters.eois);
-        if self.line != LineState::InService {
-            Counters::bump(&ctx.counters.spurious_eois);
-            return Ok(());
-        }
-        Counters::bump(&ctx.counters.serviced_eois);
-        if self.hold.is_some() {
-            // The guest is done with it, but the host holds the line
-            // masked: `release` re-checks and delivers what still asserts.
-            self.line = LineState::Idle;
-            return Ok(());
-        }
-        if self.guest.intx_disabled() {
-            // The guest masked its INTx meanwhile: stay masked until it
-            // clears the bit; `settle` then delivers what is still pending.
-            self.line = LineState::GuestMasked;
-            return Ok(());
-        }
-        self.unmask_or_redeliver(ctx)
-    }
-
-    /// Check-and-unmask; if the device still asserts, it stays masked and
-    /// the interrupt is delivered again.
-    fn unmask_or_redeliver(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        match self
-            .backend
-            .intx_check_and_unmask()
-            .during(Operation::CheckAndUnmask)?
-        {
-            Unmask::Unmasked | Unmask::Delegated => {
-                self.line = LineState::Idle;
-                Ok(())
-            }
-            Unmask::StillAsserting if self.line == LineState::InService => {
-                Counters::bump(&ctx.counters.reinjected);
-                self.inject(ctx)
-            }
-            Unmask::StillAsserting => {
-                // Not in service, so the line may not be masked yet.
-                self.backend.intx_mask().during(Operation::Mask)?;
-                self.inject(ctx)
-            }
-        }
-    }
-
-    fn inject(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        ctx.sink.inject().map_err(Fail::Inject)?;
-        Counters::bump(&ctx.counters.injected);
-        // On the kernel bypass the guest's EOI goes to the kernel (KVM's
-        // resample eventfd is its unmask eventfd), which unmasks then: no
-        // EOI reaches the engine, so it must not wait in service for one.
-        self.line = if self.bypass.is_some() {
-            LineState::Idle
-        } else {
-            LineState::InService
-        };
-        Ok(())
-    }
-
-    /// Re-derives the mask from the state machine and the device's STATUS:
-    /// after arming, after a reset, and when the guest clears its
-    /// INTX_DISABLE. An interrupt the device asserts is delivered (or held),
-    /// and a line nobody needs masked is unmasked.
-    fn settle(&mut self, ctx: &Ctx<'_>) -> Result<(), Fail> {
-        // The line is re-derived: a trigger signal sent before this no longer
-        // proves anything about the device.
-        ctx.generation.advance();
-        if self.hold.is_some() {
-            return self.backend.intx_mask().during(Operation::Mask);
-        }
-        match self.line {
-            LineState::InService => self.backend.intx_mask().during(Operation::Mask),
-            LineState::Idle | LineState::GuestMasked if self.guest.intx_disabled() => {
-                let cs =
-                    read_command_status(&mut self.backend).during(Operation::ReadCommandStatus)?;
-                if cs.asserting() {
-                    self.backend.intx_mask().during(Operation::Mask)?;
-                    if self.line == LineState::Idle {
-                        Counters::bump(&ctx.counters.held);
-                    }
-                    self.line = LineState::GuestMasked;
-                } else {
-                    self.line = LineState::Idle;
-                    self.write_command(ctx).during(Operation::RestoreState)?;
-                }
-                Ok(())
-            }
-            LineState::Idle | LineState::GuestMasked => self.unmask_or_redeliver(ctx),
-        }
-    }
-
-    /// Whether the host currently wants the line masked.
-    fn host_masked(&self) -> bool {
-        self.line != LineState::Idle || self.hold.is_some()
-    }
-
-    /// The INTX_DISABLE value to put in COMMAND writes.
-    fn physical_intx_disable(&self, ctx: &Ctx<'_>) -> bool {
-        match ctx.disable_bit {
-            IntxDisableBit::Physical => self.guest.intx_disabled() || self.host_masked(),
-            IntxDisableBit::Virtualized => self.guest.intx_disabled(),
-        }
-    }
-
-    /// Writes the guest's COMMAND merged with the host mask.
-    fn write_command(&mut self, ctx: &Ctx<'_>) -> Result<(), BackendError> {
-        let command = self.guest.merged(self.physical_intx_disable(ctx));
-        self.backend
-            .config_write(PCI_COMMAND, Width::Word, u32::from(command))
-    }
-
-    /// Flow 3 (write) behind the gate.
-    fn guest_write(
-        &mut self,
-        offset: u16,
-        width: Width,
-        value: u32,
-        ctx: &Ctx<'_>,
-        write: impl FnOnce(&mut Self, u32) -> Result<(), BackendError>,
-    ) -> Result<(), Fail> {
-        let op = Operation::GuestConfigWrite { offset, width };
-        let before = self.guest;
-        self.guest.record(offset, width, value);
-        let enabling = before.intx_disabled() && !self.guest.intx_disabled();
-        // When the guest unmasks, keep a physical mask in place and let
-        // `settle` lift it with a check-and-unmask, so that a device that
-        // asserted meanwhile is delivered rather than left to fire unmasked.
-        let intx_disable = match ctx.disable_bit {
-            IntxDisableBit::Physical if enabling => true,
-            _ => self.physical_intx_disable(ctx),
-        };
-        let physical = with_intx_disable(offset, width, value, intx_disable);
-        if let Err(e) = write(self, physical) {
-            self.guest = before;
-            return Err(Fail::Backend(op, e));
-        }
-        if enabling {
-            // The guest unmasked its INTx: deliver what it held back. If
-            // that fails the worker re-checks (bounded, as after any
-            // interrupt-path failure): the line may be masked meanwhile.
-            self.settle(ctx).inspect_err(|_| ctx.wake.kick())?;
-        }
-        Ok(())
     }
 }

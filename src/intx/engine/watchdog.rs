@@ -74,6 +74,7 @@ use crate::pci::intx::read_command_status;
 
 /// Tunables of the stuck-INTx watchdog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WatchdogOptions {
     /// Detect and recover stuck lines (pending work after a reset is re-run
     /// by the ticks either way).
@@ -94,6 +95,14 @@ pub struct WatchdogOptions {
     /// may take this long to service an interrupt).
     pub guest_service_limit: Duration,
 }
+
+with_setters!(WatchdogOptions {
+    enabled: bool => with_enabled,
+    detect_after: Duration => with_detect_after,
+    active_for: Duration => with_active_for,
+    idle_interval: Duration => with_idle_interval,
+    guest_service_limit: Duration => with_guest_service_limit,
+});
 
 impl Default for WatchdogOptions {
     fn default() -> Self {
