@@ -45,6 +45,7 @@
 //! in a test can run a real KVM guest against a daemon-owned simulated
 //! device.
 
+mod asfound;
 pub(crate) mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -220,6 +221,8 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
     let admin_group = gid("admin-group", &config.daemon.admin_group)?;
     // Before any device is touched: a second instance stops here.
     let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
+    // The lock's holder alone keeps the record of how devices were found.
+    asfound::init(&config.daemon.socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)

@@ -11,6 +11,7 @@ use tracing::{info, instrument, warn};
 
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
 use crate::backend::ConfigSpace;
+use crate::daemon::asfound::{self, BindingRecord, Found};
 use crate::daemon::backend::AnyBackend;
 use crate::daemon::config::{BackendKind, DeviceConfig};
 use crate::daemon::metrics::DeviceMetrics;
@@ -71,15 +72,41 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let sysfs = PciSysfs::default();
+        // An entry means the previous instance did not hand the device back
+        // (it crashed): the device is as that instance left it, and the
+        // record says how it was found.
+        let recorded = asfound::get(bdf);
+        if let Some(found) = &recorded {
+            info!(command = format_args!("{:#06x}", found.command), binding = ?found.binding,
+                "the previous instance did not hand this device back; taking the state it found from its record");
+        }
         let binding = match (config.bind, config.backend.driver()) {
-            (true, Some(driver)) => Some(sysfs.bind(bdf, driver)?),
+            (true, Some(driver)) => {
+                let bound = sysfs.bind(bdf, driver)?;
+                let previous = recorded
+                    .as_ref()
+                    .and_then(|f| f.binding.as_ref())
+                    .filter(|_| !bound.changed())
+                    .and_then(|r| r.binding(bdf, driver));
+                Some(previous.unwrap_or(bound))
+            }
             _ => None,
         };
-        let result = Self::open_bound(&sysfs, config, binding.clone());
-        if result.is_err() {
-            if let Some(b) = &binding {
-                if let Err(e) = sysfs.unbind(b) {
-                    warn!(error = %crate::error_chain(&e), "restoring the previous driver failed");
+        let found_command = recorded.as_ref().map(|f| f.command);
+        let result = Self::open_bound(&sysfs, config, binding.clone(), found_command);
+        match &result {
+            Ok((dev, _)) => asfound::put(
+                bdf,
+                Found {
+                    command: dev.found_command,
+                    binding: binding.as_ref().and_then(BindingRecord::of),
+                },
+            ),
+            Err(_) => {
+                if let Some(b) = &binding {
+                    if let Err(e) = sysfs.unbind(b) {
+                        warn!(error = %crate::error_chain(&e), "restoring the previous driver failed");
+                    }
                 }
             }
         }
@@ -90,6 +117,7 @@ impl ManagedDevice {
         sysfs: &PciSysfs,
         config: DeviceConfig,
         binding: Option<Binding>,
+        found_command: Option<u16>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let (backend, sim) = match config.backend {
@@ -117,7 +145,7 @@ impl ManagedDevice {
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
-        Self::arm(sysfs, config, backend, sim, binding, None)
+        Self::arm(sysfs, config, backend, sim, binding, None, found_command)
     }
 
     /// Takes over a VMM's own VFIO device fd for one session
@@ -147,6 +175,7 @@ impl ManagedDevice {
             None,
             None,
             Some(identity),
+            None,
         )
     }
 
@@ -158,12 +187,14 @@ impl ManagedDevice {
         sim: Option<SimHandle>,
         binding: Option<Binding>,
         handed_over: Option<DeviceIdentity>,
+        recorded_command: Option<u16>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
-        let found_command = read_command_status(&mut backend)
+        let now = read_command_status(&mut backend)
             .map_err(backend_error("reading COMMAND"))?
             .command;
+        let found_command = recorded_command.unwrap_or(now);
         let edu = if config.edu_test_hooks {
             Some(Self::edu_hooks(&mut backend)?)
         } else {
@@ -317,9 +348,14 @@ pub(crate) fn hand_back(
     // is restored, and a VMM's own device fds (the VMM may set INTx up
     // itself as soon as the daemon says it let go).
     let mut close = Vec::new();
+    // Configured devices, whose as-found entries go once they are back.
+    let mut recorded = Vec::new();
     for dev in devs {
         let bdf = dev.bdf();
         let r = dev.restore();
+        if dev.handed_over.is_none() {
+            recorded.push(bdf);
+        }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();
         let engine = Arc::downgrade(&dev.engine);
@@ -357,6 +393,11 @@ pub(crate) fn hand_back(
                 (Err(e), result) => *result = Err(e),
             }
         }
+    }
+    // Handed back (or tried, and reported): the next start finds them
+    // afresh. A crash before this leaves the entries for the next start.
+    for bdf in recorded {
+        asfound::remove(bdf);
     }
     out
 }

@@ -36,6 +36,29 @@ impl Binding {
     pub fn changed(&self) -> bool {
         self.changed
     }
+    /// The `driver_override` the device had before, restored by
+    /// [`PciSysfs::unbind`].
+    pub fn previous_override(&self) -> Option<&str> {
+        self.previous_override.as_deref()
+    }
+
+    /// A binding a previous process made and recorded (the daemon's
+    /// as-found record after a crash): [`PciSysfs::unbind`] undoes it.
+    #[cfg(feature = "daemon")]
+    pub(crate) fn recorded(
+        bdf: Bdf,
+        driver: &str,
+        previous: Option<String>,
+        previous_override: Option<String>,
+    ) -> Self {
+        Self {
+            bdf,
+            driver: driver.to_owned(),
+            previous,
+            previous_override,
+            changed: true,
+        }
+    }
 }
 
 impl PciSysfs {

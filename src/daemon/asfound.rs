@@ -1,0 +1,197 @@
+//! The "as found" record: what each configured device was like before the
+//! daemon touched it — its COMMAND and the driver it had — kept in the
+//! runtime directory beside the instance lock (`<socket>.as-found`).
+//!
+//! In memory alone, that state dies with the process: a daemon killed with
+//! SIGKILL (or aborted by a panic) and started again would find each device
+//! as the crash left it (bound to the daemon's driver, COMMAND with its
+//! own bits) and hand that back at its next stop as if it were the original.
+//! So an entry is written when a device is brought up and removed when it
+//! is handed back; a graceful stop leaves the record empty. At start, an
+//! entry for a configured device means the previous instance did not hand
+//! it back: its COMMAND and previous driver are taken from the record.
+//!
+//! Only the process holding the instance lock uses the record ([`init`]
+//! after the lock is taken); without it every call does nothing. Each write
+//! replaces the file atomically (a temporary file in the same directory,
+//! synced, then renamed over it). A record that cannot be read or parsed is
+//! reported and ignored: the daemon starts clean, as without one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::pci::sysfs::Binding;
+use crate::pci::Bdf;
+
+/// What one device was like when the first instance found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Found {
+    /// COMMAND before the daemon armed the device.
+    pub(crate) command: u16,
+    /// The driver change the daemon made (`bind = true`), to be undone.
+    pub(crate) binding: Option<BindingRecord>,
+}
+
+/// A [`Binding`] as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BindingRecord {
+    driver: String,
+    previous: Option<String>,
+    previous_override: Option<String>,
+}
+
+impl BindingRecord {
+    /// The record of a binding that changed the driver; `None` for one that
+    /// found the device already bound (nothing to undo).
+    pub(crate) fn of(binding: &Binding) -> Option<Self> {
+        binding.changed().then(|| Self {
+            driver: binding.driver().to_owned(),
+            previous: binding.previous().map(str::to_owned),
+            previous_override: binding.previous_override().map(str::to_owned),
+        })
+    }
+
+    /// The binding as the first instance made it, for `bdf`, if it was to
+    /// `driver`.
+    pub(crate) fn binding(&self, bdf: Bdf, driver: &str) -> Option<Binding> {
+        (self.driver == driver).then(|| {
+            Binding::recorded(
+                bdf,
+                driver,
+                self.previous.clone(),
+                self.previous_override.clone(),
+            )
+        })
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    /// By PCI address (`0000:01:00.0`).
+    devices: BTreeMap<String, Found>,
+}
+
+struct Store {
+    path: PathBuf,
+    /// Serializes read-modify-write of the file within the process.
+    lock: Mutex<()>,
+}
+
+static STORE: OnceLock<Store> = OnceLock::new();
+
+/// The record's file for the daemon whose socket is `socket`.
+pub(crate) fn path_for(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".as-found");
+    PathBuf::from(name)
+}
+
+/// Enables the record, for the process that holds the instance lock.
+pub(crate) fn init(socket: &Path) {
+    let _ = STORE.set(Store {
+        path: path_for(socket),
+        lock: Mutex::new(()),
+    });
+}
+
+/// The recorded state of `bdf`, if the previous instance did not hand it
+/// back.
+pub(crate) fn get(bdf: Bdf) -> Option<Found> {
+    let store = STORE.get()?;
+    let _guard = store.lock.lock().unwrap_or_else(PoisonError::into_inner);
+    read(&store.path).devices.remove(&bdf.to_string())
+}
+
+/// Records how `bdf` was found (when it was brought up).
+pub(crate) fn put(bdf: Bdf, found: Found) {
+    update(|r| {
+        r.devices.insert(bdf.to_string(), found);
+    });
+}
+
+/// Forgets `bdf` (it was handed back as found).
+pub(crate) fn remove(bdf: Bdf) {
+    update(|r| {
+        r.devices.remove(&bdf.to_string());
+    });
+}
+
+fn update(change: impl FnOnce(&mut Record)) {
+    let Some(store) = STORE.get() else {
+        return;
+    };
+    let _guard = store.lock.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut record = read(&store.path);
+    change(&mut record);
+    if let Err(e) = write(&store.path, &record) {
+        warn!(path = %store.path.display(), error = %e,
+            "writing the as-found record failed; a restart after a crash would take the devices' current state as found");
+    }
+}
+
+fn read(path: &Path) -> Record {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "the as-found record is not readable; ignored");
+            Record::default()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Record::default(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "reading the as-found record failed; ignored");
+            Record::default()
+        }
+    }
+}
+
+/// Replaces the file atomically: a crash leaves the old record or the new
+/// one, never half of one.
+fn write(path: &Path, record: &Record) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_survives_a_round_trip_and_a_torn_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let path = dir.path().join("control.sock.as-found");
+        let mut r = Record::default();
+        r.devices.insert(
+            "0000:01:00.0".into(),
+            Found {
+                command: 0x0103,
+                binding: Some(BindingRecord {
+                    driver: "vfio-pci".into(),
+                    previous: Some("uio_pci_generic".into()),
+                    previous_override: None,
+                }),
+            },
+        );
+        write(&path, &r).unwrap_or_else(|e| unreachable!("{e}"));
+        let back = read(&path);
+        assert_eq!(back.devices, r.devices);
+        std::fs::write(&path, b"{\"devices\": {\"0000:01:00.0\": {\"comm")
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(read(&path).devices.is_empty());
+    }
+}
