@@ -437,3 +437,51 @@ fn a_reload_stuck_reading_its_config_holds_up_neither_the_watchdog_nor_sigterm()
     assert_eq!(code, Some(0), "{}", d.log());
     assert!(d.log().contains("device restored"), "{}", d.log());
 }
+
+/// Issue 13 item 11: the state a device was found in lives in the runtime
+/// directory, not only in memory. A daemon killed with SIGKILL leaves the
+/// device as it had it (here: the simulated device comes back with another
+/// COMMAND, as a crash would leave a real one); the restarted daemon takes
+/// the found COMMAND from the record, not from the device. A graceful stop
+/// empties the record, so the next start finds the device afresh.
+#[test]
+fn a_restart_after_a_crash_hands_devices_back_as_the_first_instance_found_them() {
+    let first = device(A, "sim-command = 0x0103");
+    let mut d = Daemon::start(&first);
+    assert_eq!(device_status(&d, A).found_command, 0x0103);
+    let record = d.dir.path().join("control.sock.as-found");
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        text.contains(A) && text.contains(&0x0103u16.to_string()),
+        "{text}"
+    );
+    // A crash: nothing is handed back.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // The device as the crash left it: another COMMAND.
+    d.restart("", &device(A, "sim-command = 0x0507"));
+    assert_eq!(
+        device_status(&d, A).found_command,
+        0x0103,
+        "the restart took the crashed state as found:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log()
+            .contains("the previous instance did not hand this device back"),
+        "{}",
+        d.log()
+    );
+    // A graceful stop hands it back as first found and empties the record.
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, _) = d.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, Some(0), "{}", d.log());
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(
+        !text.contains(A),
+        "the record kept a device handed back: {text}"
+    );
+    // The next start finds the device afresh.
+    d.restart("", &device(A, "sim-command = 0x0507"));
+    assert_eq!(device_status(&d, A).found_command, 0x0507);
+}

@@ -121,6 +121,50 @@ impl Daemon {
         }
     }
 
+    /// Starts the daemon again in the same directory (its socket, notify
+    /// socket and runtime files) on `devices`, once the previous process
+    /// has ended; waits for READY=1.
+    fn restart(&mut self, daemon_extra: &str, devices: &str) {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the previous daemon still runs"
+        );
+        std::fs::write(
+            &self.config,
+            Self::config_text(&self.socket, daemon_extra, devices),
+        )
+        .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .env_remove("JOURNAL_STREAM")
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&self.log);
+        sink.lock().unwrap().push_str("---- restarted ----\n");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.reader = Some(std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }));
+        self.child = child;
+        self.started = Instant::now();
+        let ready = self.wait_notify("READY=1", Duration::from_secs(10));
+        assert!(ready.contains("STATUS="), "{ready}");
+    }
+
     fn config_text(socket: &Path, daemon_extra: &str, devices: &str) -> String {
         format!(
             "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 500\n{daemon_extra}\n{devices}",
