@@ -14,7 +14,7 @@
 //! Only the process holding the instance lock uses the record ([`init`]
 //! after the lock is taken); without it every call does nothing. Each write
 //! replaces the file atomically (a temporary file in the same directory,
-//! synced, then renamed over it). A record that cannot be read or parsed is
+//! then renamed over it). A record that cannot be read or parsed is
 //! reported and ignored: the daemon starts clean, as without one.
 
 use std::collections::BTreeMap;
@@ -149,8 +149,11 @@ fn read(path: &Path) -> Record {
     }
 }
 
-/// Replaces the file atomically: a crash leaves the old record or the new
-/// one, never half of one.
+/// Replaces the file atomically: a crash of the process leaves the old
+/// record or the new one, never half of one. No fsync: the record only
+/// means something within one boot (the runtime directory is a tmpfs, and
+/// after a reboot every device is found afresh anyway), and 256 devices
+/// brought up one after another would pay one each.
 fn write(path: &Path, record: &Record) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -163,7 +166,7 @@ fn write(path: &Path, record: &Record) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(&bytes)?;
-    file.sync_all()?;
+    drop(file);
     std::fs::rename(&tmp, path)
 }
 

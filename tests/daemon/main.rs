@@ -99,16 +99,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&log);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let reader = Self::read_log(&mut child, Arc::clone(&log));
         Self {
             child,
             dir,
@@ -145,24 +136,28 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&self.log);
-        sink.lock().unwrap().push_str("---- restarted ----\n");
+        self.log.lock().unwrap().push_str("---- restarted ----\n");
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        self.reader = Some(std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        }));
+        self.reader = Some(Self::read_log(&mut child, Arc::clone(&self.log)));
         self.child = child;
         self.started = Instant::now();
         let ready = self.wait_notify("READY=1", Duration::from_secs(10));
         assert!(ready.contains("STATUS="), "{ready}");
+    }
+
+    /// Appends the child's stderr to `log`, line by line, until it closes.
+    fn read_log(child: &mut Child, log: Arc<Mutex<String>>) -> std::thread::JoinHandle<()> {
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        })
     }
 
     fn config_text(socket: &Path, daemon_extra: &str, devices: &str) -> String {
