@@ -50,8 +50,9 @@ pub enum IrqSource {
     /// The device is enabled: sysfs `irq` is the line its handlers use.
     Routed,
     /// The device is not enabled (or its `enable` attribute is missing):
-    /// sysfs `irq` is the firmware's INTERRUPT_LINE, which enabling may
-    /// change.
+    /// sysfs `irq` is the firmware's INTERRUPT_LINE (or, after a vfio-pci
+    /// user closed the device, the line it was last routed to), which
+    /// enabling may change.
     Firmware,
 }
 
@@ -143,8 +144,8 @@ impl LineSharing {
                 )
             }
             ShareVerdict::Unknown => format!(
-                "{} is not enabled: the IRQ is the firmware's and the real line is known once \
-                 a driver enables it (vfio-pci: when a user opens it); probe again then",
+                "{} is not enabled: the real line is known once a driver enables it \
+                 (vfio-pci: while a user has it open); probe again then",
                 self.bdf
             ),
             _ => String::new(),
@@ -157,11 +158,16 @@ impl fmt::Display for LineSharing {
         let Some(irq) = self.irq else {
             return write!(f, "no host IRQ (no INTx line)");
         };
-        let which = match self.source {
-            IrqSource::Routed => "host IRQ",
-            IrqSource::Firmware => "firmware IRQ (not yet routed)",
-        };
-        write!(f, "{which} {irq}: {}", self.verdict.name())?;
+        match self.source {
+            IrqSource::Routed => write!(f, "host IRQ {irq}: {}", self.verdict.name())?,
+            // After a vfio-pci user closes the device, sysfs keeps the line
+            // it was routed to; before the first enable it is the firmware's.
+            IrqSource::Firmware => write!(
+                f,
+                "IRQ {irq} (device not enabled: the firmware's or its last routing): {}",
+                self.verdict.name()
+            )?,
+        }
         if !self.sharers.is_empty() {
             let list: Vec<String> = self
                 .sharers

@@ -1229,7 +1229,9 @@ fn line_sharing_is_unknown_until_the_device_is_enabled() {
     assert_eq!(line.sharers[0].bdf, uio);
     let text = line.to_string();
     assert!(
-        text.starts_with("firmware IRQ (not yet routed) 20: unknown"),
+        text.starts_with(
+            "IRQ 20 (device not enabled: the firmware's or its last routing): unknown"
+        ),
         "{text}"
     );
     assert!(text.contains("known once a driver enables it"), "{text}");

@@ -403,7 +403,7 @@ fn line_text(line: &serde_json::Value) -> Option<String> {
     let which = if line.irq_source == "routed" {
         "host IRQ"
     } else {
-        "firmware IRQ, not yet routed"
+        "device not enabled: the firmware's IRQ or its last routing"
     };
     let mut text = match line.irq {
         Some(irq) => format!("{} ({which} {irq})", line.verdict),
