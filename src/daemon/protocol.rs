@@ -414,7 +414,7 @@ pub struct ProbeReport {
 }
 
 /// A device's host INTx line and who shares it
-/// ([`LineSharing`](crate::pci::sharing::LineSharing)).
+/// ([`LineSharing`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineReport {
     /// The sysfs `irq`; `None` without one (or when it could not be read).
