@@ -123,6 +123,14 @@ while read -r name path; do
             --qemu-arg -device --qemu-arg edu,bus=tier3bus,addr=0x2 -- --test-threads=1
         continue
     fi
+    if [ "$name" = tier3_cli ]; then
+        # An e1000 on the root bus at slot 0x15: four slots after the root-bus
+        # edu (0x11), so q35 routes both to GSI 21 (issue 15's shared line).
+        # shellcheck disable=SC2054 # the commas are QEMU option syntax
+        boot "$name" "$LOGDIR/tier3-$name-$STAMP.log" "$path" --run-opts \
+            --qemu-arg -device --qemu-arg e1000,bus=pcie.0,addr=0x15 -- --test-threads=1
+        continue
+    fi
     boot "$name" "$LOGDIR/tier3-$name-$STAMP.log" "$path" --test-threads=1
     if [ "$name" = tier3_uio ]; then
         # vfio-pci reads nointxmask once, at load: a second boot exercises its

@@ -27,7 +27,8 @@ const UIO_TEST: &str = "unbind_and_bind_of_a_uio_device_held_open_are_refused_na
 const VFIO_TEST: &str =
     "bind_to_uio_of_a_device_a_vfio_user_holds_is_refused_promptly_and_force_waits_bounded";
 const RESET_TEST: &str = "reset_of_the_root_bus_edu_on_uio_says_no_reset_method";
-const TESTS: [&str; 3] = [UIO_TEST, VFIO_TEST, RESET_TEST];
+const LINE_TEST: &str = "probe_names_the_uio_device_sharing_the_vfio_edus_line_and_its_driver";
+const TESTS: [&str; 4] = [UIO_TEST, VFIO_TEST, RESET_TEST, LINE_TEST];
 
 #[derive(Parser)]
 #[command(name = "vfio-intx")]
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
         match t {
             UIO_TEST => uio_holder(),
             VFIO_TEST => vfio_holder(),
+            LINE_TEST => shared_line(),
             _ => reset_without_method(),
         }
         println!("test {t} ... ok");
@@ -279,4 +281,99 @@ fn reset_without_method() {
     assert!(err.contains("no reset method"), "{err}");
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(back.0, Some(0), "{}", back.1);
+}
+
+/// The extra device scripts/tier3.sh adds for this boot: an e1000 on the
+/// root bus at slot 0x15, four slots after the root-bus edu (0x11): q35
+/// routes both to GSI 20 + (slot mod 4) = 21.
+const SHARER: &str = "0000:00:15.0";
+
+/// Runs `vfio-intx ARGS`, which must succeed; its stdout.
+fn cli_ok(args: &[&str]) -> String {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("cli")
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "$ vfio-intx {}: {:?}\n{stdout}{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "vfio-intx {}", args.join(" "));
+    stdout
+}
+
+/// Issue 15 item 1: the root-bus edu on vfio-pci (held open by a VFIO user,
+/// so vfio-pci has enabled it and its IRQ is the routed one) and the e1000
+/// on uio_pci_generic share IRQ 21: `probe` of each names the other, its
+/// driver and the IRQ, plain and `--json`, and calls the line shared-safe.
+fn shared_line() {
+    let sharer: Bdf = SHARER.parse().unwrap();
+    if !PciSysfs::default().exists(sharer) {
+        eprintln!(
+            "SKIPPED {LINE_TEST}: no {SHARER} in this guest (scripts/tier3.sh adds an e1000 there \
+             for tier3_cli)"
+        );
+        return;
+    }
+    let edu = guest_bdf("VFIO_INTX_EDU_NORESET");
+    let e = edu.to_string();
+    let (code, err, _) = cli(&["bind", "--driver", "uio_pci_generic", SHARER]);
+    assert_eq!(code, Some(0), "{err}");
+    let holder = Holder::start("hold-vfio", &e);
+
+    let json: serde_json::Value = serde_json::from_str(&cli_ok(&["probe", "--json", &e])).unwrap();
+    let line = &json["line"];
+    assert_eq!(line["irq_source"], "routed", "{json:#}");
+    let irq = line["irq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no irq: {json:#}"));
+    assert_eq!(line["verdict"], "shared-safe", "{json:#}");
+    let sharers = line["sharers"].as_array().unwrap();
+    let s = sharers
+        .iter()
+        .find(|s| s["bdf"] == SHARER)
+        .unwrap_or_else(|| panic!("{SHARER} not named: {json:#}"));
+    assert_eq!(s["driver"], "uio_pci_generic", "{json:#}");
+    assert_eq!(s["masking"], true, "{json:#}");
+    let handlers: Vec<&str> = line["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.as_str())
+        .collect();
+    assert!(handlers.contains(&"uio_pci_generic"), "{json:#}");
+
+    let plain = cli_ok(&["probe", &e]);
+    assert!(
+        plain.contains(&format!("line: shared-safe (host IRQ {irq})")),
+        "{plain}"
+    );
+    assert!(
+        plain.contains(&format!("shared with {SHARER} (uio_pci_generic, masks)")),
+        "{plain}"
+    );
+    assert!(plain.contains("handlers: uio_pci_generic"), "{plain}");
+
+    // And from the uio side: the edu on vfio-pci, on the same IRQ.
+    let json: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["probe", "--json", SHARER])).unwrap();
+    assert_eq!(json["line"]["irq"].as_u64(), Some(irq), "{json:#}");
+    assert!(
+        json["line"]["sharers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["bdf"] == e.as_str() && s["driver"] == "vfio-pci"),
+        "{json:#}"
+    );
+    let plain = cli_ok(&["probe", SHARER]);
+    assert!(
+        plain.contains(&format!("shared with {e} (vfio-pci, masks)")),
+        "{plain}"
+    );
+    drop(holder);
 }

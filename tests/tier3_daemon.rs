@@ -248,6 +248,34 @@ fn bind_and_restore() {
     let mut c = d.client();
     let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
     assert!(status.devices[0].bound_by_daemon, "{status:?}");
+    // Issue 15 item 1, through the daemon: the armed edu's line is the
+    // routed one, shared with its root port, with vfio-pci's handler on it.
+    let line = status.devices[0]
+        .line
+        .clone()
+        .expect("status names the line");
+    eprintln!("{BIND_TEST}: status line: {}", line.summary);
+    assert_eq!(
+        (line.irq_source.as_str(), line.verdict.as_str()),
+        ("routed", "shared-safe"),
+        "{line:?}"
+    );
+    assert!(
+        line.sharers
+            .iter()
+            .any(|s| s.driver.as_deref() == Some("pcieport")),
+        "{line:?}"
+    );
+    assert_eq!(line.handlers, [format!("vfio-intx({bdf})")], "{line:?}");
+    let probe: vfio_intx::daemon::protocol::ProbeReport = serde_json::from_value(ask(
+        &mut c,
+        &Request::Probe {
+            bdf: bdf.parse().unwrap(),
+        },
+    ))
+    .unwrap();
+    assert!(probe.owned, "{probe:?}");
+    assert_eq!(probe.line.as_ref(), Some(&line), "{probe:?}");
     drop(c);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.child.id() as i32),

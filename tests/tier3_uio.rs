@@ -26,6 +26,7 @@ use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::intx::{run_worker, CallbackSink, IntxDevice, LineState, Serviced};
 use vfio_intx::pci::intx::read_command_status;
 use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
+use vfio_intx::pci::sharing::{line_sharing, IrqSource, LineSharing, ShareVerdict};
 use vfio_intx::pci::sysfs::{
     PciSysfs, Source, SysfsConfig, SysfsError, PCIEPORT, UIO_PCI_GENERIC, VFIO_PCI,
 };
@@ -677,6 +678,72 @@ fn irq_line_shows_the_vfio_edus_on_irq_10_until_vfio_pci_routes_them_apart() {
     let u = s.irq_line(g.uio).unwrap().expect("the uio edu has an IRQ");
     eprintln!("{}: {u:?}", g.uio);
     assert_eq!(u.handlers, [UIO_PCI_GENERIC]);
+}
+
+/// `line_sharing` on the real kernel: a vfio edu is `unknown` on the
+/// firmware's IRQ until vfio-pci enables it, then names its real line, the
+/// devices on it with their drivers and vfio-pci's handler; the uio edu
+/// (enabled at bind) names its line and its root port. (Runs after
+/// `irq_line_shows_...`, which needs the fresh guest, in name order.)
+#[test]
+fn line_sharing_reports_the_real_line_once_enabled_and_unknown_before() {
+    let Some(g) = guest("line_sharing_reports_the_real_line_once_enabled") else {
+        return;
+    };
+    let s = PciSysfs::default();
+    let show = |what: &str, l: &LineSharing| eprintln!("{what}: {l}\n  {l:?}");
+    let before = line_sharing(&s, g.noreset).unwrap();
+    show("no-reset edu before any open", &before);
+    assert_eq!(before.source, IrqSource::Firmware, "{before}");
+    assert_eq!(before.verdict, ShareVerdict::Unknown, "{before}");
+    assert!(before.advice().contains("known once a driver enables it"));
+
+    let container = Arc::new(vfio_ioctls::VfioContainer::new(None).unwrap());
+    let da = open_vfio(&s, &container, g.reset);
+    let db = open_vfio(&s, &container, g.noreset);
+    let (ea, eb) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    let intx = vfio_bindings::bindings::vfio::VFIO_PCI_INTX_IRQ_INDEX;
+    da.enable_irq(intx, vec![&ea]).unwrap();
+    db.enable_irq(intx, vec![&eb]).unwrap();
+    let a = line_sharing(&s, g.reset).unwrap();
+    let b = line_sharing(&s, g.noreset).unwrap();
+    show("reset edu, INTx enabled through VFIO", &a);
+    show("no-reset edu, INTx enabled through VFIO", &b);
+    for l in [&a, &b] {
+        assert_eq!(l.source, IrqSource::Routed, "{l}");
+        assert_eq!(l.handlers, [format!("vfio-intx({})", l.bdf)], "{l}");
+        assert_ne!(l.irq, Some(10), "{l}");
+        // Nothing on either line lacks masking in this guest.
+        let expect = if l.sharers.is_empty() {
+            ShareVerdict::Alone
+        } else {
+            ShareVerdict::SharedSafe
+        };
+        assert_eq!(l.verdict, expect, "{l}");
+        assert!(l
+            .to_string()
+            .contains(&format!("host IRQ {}", l.irq.unwrap())));
+    }
+    // The reset edu shares its line with its root port, named with its
+    // driver and its (read-only) masking verdict.
+    let port = parent_port(&s, g.reset);
+    let sharer = a.sharers.iter().find(|x| x.bdf == port).expect("the port");
+    assert_eq!(sharer.driver.as_deref(), Some(PCIEPORT));
+    assert_eq!(sharer.masking, Some(true));
+    assert!(
+        a.to_string()
+            .contains(&format!("shared with {port} (pcieport, masks)")),
+        "{a}"
+    );
+    drop((da, db));
+
+    let u = line_sharing(&s, g.uio).unwrap();
+    show("uio edu", &u);
+    assert_eq!(u.source, IrqSource::Routed, "{u}");
+    assert_eq!(u.handlers, [UIO_PCI_GENERIC], "{u}");
+    let uport = parent_port(&s, g.uio);
+    assert!(u.sharers.iter().any(|x| x.bdf == uport), "{u}");
+    assert_eq!(u.verdict, ShareVerdict::SharedSafe, "{u}");
 }
 
 /// The root port above a device.

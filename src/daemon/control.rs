@@ -8,10 +8,10 @@ use std::io;
 use std::sync::Arc;
 
 use crate::daemon::client::ClientError;
-use crate::daemon::config::ConfigError;
+use crate::daemon::config::{BackendKind, ConfigError};
 use crate::daemon::metrics::DeviceStats;
 #[cfg(feature = "testkit")]
-use crate::daemon::protocol::{AckReply, RaiseReply};
+use crate::daemon::protocol::{AckReply, LineReport, RaiseReply};
 use crate::daemon::protocol::{
     ErrorKind, HoldReply, MetricsReply, PingReply, ProbeReport, Request, ResetReply, Response,
 };
@@ -237,7 +237,34 @@ impl Daemon {
             Request::Ping => Response::ok(PingReply {
                 pid: std::process::id(),
             }),
-            Request::Status => Response::ok(self.status()),
+            Request::Status => {
+                let mut status = self.status();
+                // Who shares each real device's line: a sysfs scan, off the
+                // runtime.
+                let devices = std::mem::take(&mut status.devices);
+                match tokio::task::spawn_blocking(move || {
+                    devices
+                        .into_iter()
+                        .map(|mut d| {
+                            if d.backend != BackendKind::Sim {
+                                d.line = Some(LineReport::of(d.bdf));
+                            }
+                            d
+                        })
+                        .collect()
+                })
+                .await
+                {
+                    Ok(devices) => status.devices = devices,
+                    Err(e) => {
+                        return Response::error(
+                            ErrorKind::Failed,
+                            format!("status: the line scan could not run: {e}"),
+                        )
+                    }
+                }
+                Response::ok(status)
+            }
             Request::Stats { bdf } => {
                 let devices = match bdf {
                     None => self.all(),
@@ -393,6 +420,19 @@ impl Daemon {
 
     async fn probe(&self, bdf: Bdf) -> Response {
         if let Some(dev) = self.device(bdf) {
+            let line = if dev.config.backend == BackendKind::Sim {
+                None
+            } else {
+                match tokio::task::spawn_blocking(move || LineReport::of(bdf)).await {
+                    Ok(line) => Some(line),
+                    Err(e) => {
+                        return Response::error(
+                            ErrorKind::Failed,
+                            format!("{bdf}: probe: the line scan could not run: {e}"),
+                        )
+                    }
+                }
+            };
             return Response::ok(ProbeReport {
                 bdf,
                 // Devices whose masking is broken are refused at start.
@@ -400,19 +440,22 @@ impl Daemon {
                 verdict: dev.masking.clone(),
                 evidence: dev.masking_evidence.map(str::to_owned),
                 owned: true,
+                line,
             });
         }
         // Read-only: someone else may be using a device the daemon does
         // not own; nothing is toggled.
-        let verdict =
-            tokio::task::spawn_blocking(move || crate::pci::sysfs::masking_verdict_read_only(bdf));
+        let verdict = tokio::task::spawn_blocking(move || {
+            crate::pci::sysfs::masking_verdict_read_only(bdf).map(|v| (v, LineReport::of(bdf)))
+        });
         match verdict.await {
-            Ok(Ok(v)) => Response::ok(ProbeReport {
+            Ok(Ok((v, line))) => Response::ok(ProbeReport {
                 bdf,
                 supported: Some(v.supported),
                 verdict: v.to_string(),
                 evidence: Some(v.source.evidence().to_owned()),
                 owned: false,
+                line: Some(line),
             }),
             Ok(Err(e)) => failure(&e),
             Err(e) => Response::error(

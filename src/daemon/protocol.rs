@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::config::BackendKind;
 use crate::daemon::metrics::DeviceStats;
+use crate::pci::sharing::LineSharing;
 use crate::pci::Bdf;
 
 /// Largest frame body accepted, in bytes (1 MiB).
@@ -406,6 +407,86 @@ pub struct ProbeReport {
     /// Whether the daemon owns the device (the verdict is then the one from
     /// its start: nothing is toggled under a device in service).
     pub owned: bool,
+    /// Who shares the device's host INTx line; `None` for a simulated
+    /// device.
+    #[serde(default)]
+    pub line: Option<LineReport>,
+}
+
+/// A device's host INTx line and who shares it
+/// ([`LineSharing`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineReport {
+    /// The sysfs `irq`; `None` without one (or when it could not be read).
+    pub irq: Option<u32>,
+    /// `routed` (the device is enabled: the line its handlers use) or
+    /// `firmware` (not enabled yet: the firmware's number, which enabling
+    /// may change).
+    pub irq_source: String,
+    /// Every other PCI device with the same `irq`.
+    pub sharers: Vec<SharerReport>,
+    /// The handler names `/proc/interrupts` lists for `irq`.
+    pub handlers: Vec<String>,
+    /// `alone`, `shared-safe`, `shared-unsafe`, `unknown` or `no-irq`.
+    pub verdict: String,
+    /// What to do, for `shared-unsafe` and `unknown`.
+    pub advice: Option<String>,
+    /// All of it in one sentence.
+    pub summary: String,
+}
+
+/// Another PCI device on a line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharerReport {
+    /// The device.
+    #[serde(with = "bdf_wire")]
+    pub bdf: Bdf,
+    /// Its driver.
+    pub driver: Option<String>,
+    /// Its read-only masking verdict; `None` when it could not be read.
+    pub masking: Option<bool>,
+}
+
+impl From<&LineSharing> for LineReport {
+    fn from(l: &LineSharing) -> Self {
+        let advice = l.advice();
+        LineReport {
+            irq: l.irq,
+            irq_source: l.source.name().to_owned(),
+            sharers: l
+                .sharers
+                .iter()
+                .map(|s| SharerReport {
+                    bdf: s.bdf,
+                    driver: s.driver.clone(),
+                    masking: s.masking,
+                })
+                .collect(),
+            handlers: l.handlers.clone(),
+            verdict: l.verdict.name().to_owned(),
+            advice: (!advice.is_empty()).then_some(advice),
+            summary: l.to_string(),
+        }
+    }
+}
+
+impl LineReport {
+    /// The line of `bdf` on the host (blocking: scans sysfs); a line that
+    /// could not be read is reported `unknown`, with the error.
+    pub fn of(bdf: Bdf) -> LineReport {
+        match crate::pci::sharing::line_sharing(&crate::pci::sysfs::PciSysfs::default(), bdf) {
+            Ok(l) => LineReport::from(&l),
+            Err(e) => LineReport {
+                irq: None,
+                irq_source: "firmware".to_owned(),
+                sharers: Vec::new(),
+                handlers: Vec::new(),
+                verdict: "unknown".to_owned(),
+                advice: None,
+                summary: format!("line unknown: {}", crate::error_chain(&e)),
+            },
+        }
+    }
 }
 
 /// What a successful session request answers.
@@ -447,6 +528,9 @@ pub struct DeviceStatus {
     /// address was established. `None` for devices the daemon opened.
     #[serde(default)]
     pub handed_over: Option<String>,
+    /// Who shares the host INTx line; `None` for a simulated device.
+    #[serde(default)]
+    pub line: Option<LineReport>,
     /// Counters.
     pub stats: DeviceStats,
 }

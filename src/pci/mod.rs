@@ -7,6 +7,7 @@ pub(crate) mod config;
 pub mod holders;
 pub mod intx;
 pub mod regs;
+pub mod sharing;
 pub mod sysfs;
 
 pub use access::{

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 use vfio_intx::backend::{BackendError, ConfigSpace, PciBackend};
 use vfio_intx::pci::intx::MaskingReason;
 use vfio_intx::pci::regs::*;
+use vfio_intx::pci::sharing::{line_sharing, IrqSource, ShareVerdict};
 use vfio_intx::pci::sysfs::{
     interrupt_count, interrupt_handlers, PciSysfs, Source, SysfsConfig, SysfsError,
     UIO_PCI_GENERIC, VFIO_PCI,
@@ -1100,4 +1101,149 @@ fn the_read_only_verdict_never_writes_a_device_someone_else_may_use() {
     assert_eq!(age(written()).as_secs(), 1, "nothing written");
     assert!(v.supported);
     assert_eq!(v.source, Source::Inference);
+}
+
+/// Marks a fake device enabled (`enable` = 1), as a driver's
+/// `pci_enable_device` does.
+fn set_enabled(h: &FakeHost, bdf: &str, enabled: bool) {
+    fs::write(
+        h.dir(bdf).join("enable"),
+        if enabled { "1\n" } else { "0\n" },
+    )
+    .unwrap();
+}
+
+/// The issue's host: a vfio-pci device and a uio_pci_generic device on IRQ
+/// 20, both enabled, and a lone vfio-pci device on 21.
+fn shared_line_host() -> (FakeHost, Bdf, Bdf, Bdf) {
+    let h = FakeHost::new();
+    let vfio = h.add(FakeDevice {
+        bdf: "0000:00:04.0",
+        irq: 20,
+        driver: Some(VFIO_PCI),
+        ..FakeDevice::default()
+    });
+    let uio = h.add(FakeDevice {
+        bdf: "0000:00:08.0",
+        irq: 20,
+        driver: Some(UIO_PCI_GENERIC),
+        ..FakeDevice::default()
+    });
+    let lone = h.add(FakeDevice {
+        bdf: "0000:00:05.0",
+        irq: 21,
+        driver: Some(VFIO_PCI),
+        ..FakeDevice::default()
+    });
+    for b in ["0000:00:04.0", "0000:00:08.0", "0000:00:05.0"] {
+        set_enabled(&h, b, true);
+    }
+    h.set_proc_interrupts(
+        "           CPU0       CPU1       \n  \
+         20:         12          3   IO-APIC  20-fasteoi   uio_pci_generic, vfio-intx(0000:00:04.0)\n  \
+         21:          0          0   IO-APIC  21-fasteoi   vfio-intx(0000:00:05.0)\n",
+    );
+    (h, vfio, uio, lone)
+}
+
+#[test]
+fn line_sharing_names_the_other_device_its_driver_the_irq_and_the_handlers() {
+    let (h, vfio, uio, _) = shared_line_host();
+    let s = h.sysfs();
+    let line = line_sharing(&s, vfio).unwrap();
+    assert_eq!(line.irq, Some(20));
+    assert_eq!(line.source, IrqSource::Routed);
+    assert_eq!(line.sharers.len(), 1);
+    assert_eq!(line.sharers[0].bdf, uio);
+    assert_eq!(line.sharers[0].driver.as_deref(), Some(UIO_PCI_GENERIC));
+    assert_eq!(line.sharers[0].masking, Some(true));
+    assert_eq!(
+        line.handlers,
+        ["uio_pci_generic", "vfio-intx(0000:00:04.0)"]
+    );
+    assert_eq!(line.verdict, ShareVerdict::SharedSafe);
+    let text = line.to_string();
+    assert_eq!(
+        text,
+        "host IRQ 20: shared-safe; shared with 0000:00:08.0 (uio_pci_generic, masks); \
+         handlers: uio_pci_generic, vfio-intx(0000:00:04.0)"
+    );
+
+    // And from the other side.
+    let line = line_sharing(&s, uio).unwrap();
+    assert_eq!(line.sharers[0].bdf, vfio);
+    assert_eq!(line.sharers[0].driver.as_deref(), Some(VFIO_PCI));
+    assert_eq!(line.verdict, ShareVerdict::SharedSafe);
+}
+
+#[test]
+fn line_sharing_says_alone_for_a_device_alone_on_its_line() {
+    let (h, _, _, lone) = shared_line_host();
+    let line = line_sharing(&h.sysfs(), lone).unwrap();
+    assert_eq!((line.irq, line.verdict), (Some(21), ShareVerdict::Alone));
+    assert!(line.sharers.is_empty());
+    assert_eq!(line.handlers, ["vfio-intx(0000:00:05.0)"]);
+    assert_eq!(
+        line.to_string(),
+        "host IRQ 21: alone; handlers: vfio-intx(0000:00:05.0)"
+    );
+}
+
+#[test]
+fn line_sharing_names_a_sharer_that_cannot_mask_and_what_to_do() {
+    let (h, vfio, _, _) = shared_line_host();
+    // A Realtek RTL8169 (broken masking in the kernel's quirk table) on
+    // the same line, bound to its own driver; never toggled.
+    let rtl = h.add(FakeDevice {
+        bdf: "0000:00:0c.0",
+        ids: (0x10ec, 0x8169),
+        irq: 20,
+        driver: Some("e1000e"),
+        ..FakeDevice::default()
+    });
+    let before = fs::read(h.config("0000:00:0c.0")).unwrap();
+    let line = line_sharing(&h.sysfs(), vfio).unwrap();
+    assert_eq!(fs::read(h.config("0000:00:0c.0")).unwrap(), before);
+    assert_eq!(line.verdict, ShareVerdict::SharedUnsafe);
+    let bad: Vec<Bdf> = line.unsafe_sharers().map(|s| s.bdf).collect();
+    assert_eq!(bad, [rtl]);
+    let advice = line.advice();
+    assert!(
+        advice.starts_with("0000:00:0c.0 (e1000e, no PCI 2.3 masking) cannot share the line"),
+        "{advice}"
+    );
+    for what in ["another line", "nointxmask", "MSI"] {
+        assert!(advice.contains(what), "{what}: {advice}");
+    }
+    assert!(line.to_string().contains(&advice), "{line}");
+}
+
+#[test]
+fn line_sharing_is_unknown_until_the_device_is_enabled() {
+    let (h, vfio, uio, _) = shared_line_host();
+    set_enabled(&h, "0000:00:04.0", false);
+    let line = line_sharing(&h.sysfs(), vfio).unwrap();
+    assert_eq!(line.source, IrqSource::Firmware);
+    assert_eq!(line.verdict, ShareVerdict::Unknown);
+    // The sharers on the firmware's number are still listed.
+    assert_eq!(line.sharers[0].bdf, uio);
+    let text = line.to_string();
+    assert!(
+        text.starts_with(
+            "IRQ 20 (device not enabled: the firmware's or its last routing): unknown"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("known once a driver enables it"), "{text}");
+
+    // A device without the attribute counts as not enabled; one without
+    // an IRQ has no line.
+    let pinless = h.add(FakeDevice {
+        bdf: "0000:00:09.0",
+        irq: 0,
+        pin: 0,
+        ..FakeDevice::default()
+    });
+    let line = line_sharing(&h.sysfs(), pinless).unwrap();
+    assert_eq!((line.irq, line.verdict), (None, ShareVerdict::NoIrq));
 }

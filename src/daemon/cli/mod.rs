@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::daemon::client::{Client, ClientError};
 use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
-use crate::daemon::protocol::{ErrorKind, Request, Response};
+use crate::daemon::protocol::{ErrorKind, LineReport, Request, Response};
 use crate::daemon::{exit, exit_code, DaemonStatus, HasKind};
 use crate::pci::holders::{Holders, HoldersError};
 use crate::pci::sysfs::{PciSysfs, SysfsError, UIO_PCI_GENERIC, VFIO_PCI};
@@ -349,6 +349,9 @@ fn status(common: &Common) -> Result<Output, Failure> {
             d.stats.daemon.storms,
             e.stuck_detections,
         ));
+        if let Some(line) = d.line.as_ref().and_then(|l| line_text(&json!(l))) {
+            text.push_str(&format!("    line: {line}\n").replace("\n    ", "\n      "));
+        }
         if let Some(identity) = &d.handed_over {
             text.push_str(&format!(
                 "    the VMM's own VFIO device fd, for its session; address {identity}\n"
@@ -381,11 +384,54 @@ fn probe(text: &str, common: &Common) -> Result<Output, Failure> {
                 "verdict": v.to_string(),
                 "evidence": v.source.evidence(),
                 "owned": false,
+                "line": LineReport::of(bdf),
             })
         }
     };
-    let text = data["verdict"].as_str().unwrap_or_default().to_owned();
+    let mut text = data["verdict"].as_str().unwrap_or_default().to_owned();
+    if let Some(line) = line_text(&data["line"]) {
+        text.push_str(&format!("\n  line: {line}"));
+    }
     Ok(Output { json: data, text })
+}
+
+/// The `line` of a probe or status reply in words: the summary, then each
+/// sharer and the advice on lines of their own. `None` where the reply has
+/// no line (a simulated device).
+fn line_text(line: &serde_json::Value) -> Option<String> {
+    let line: LineReport = serde_json::from_value(line.clone()).ok()?;
+    let which = if line.irq_source == "routed" {
+        "host IRQ"
+    } else {
+        "device not enabled: the firmware's IRQ or its last routing"
+    };
+    let mut text = match line.irq {
+        Some(irq) => format!("{} ({which} {irq})", line.verdict),
+        None => line.summary.clone(),
+    };
+    if line.irq.is_some() {
+        for s in &line.sharers {
+            let masking = match s.masking {
+                Some(true) => "masks",
+                Some(false) => "no PCI 2.3 masking",
+                None => "masking unknown",
+            };
+            text.push_str(&format!(
+                "\n    shared with {} ({}, {masking})",
+                s.bdf,
+                s.driver.as_deref().unwrap_or("no driver")
+            ));
+        }
+        if line.handlers.is_empty() {
+            text.push_str("\n    handlers: none registered");
+        } else {
+            text.push_str(&format!("\n    handlers: {}", line.handlers.join(", ")));
+        }
+    }
+    if let Some(advice) = &line.advice {
+        text.push_str(&format!("\n    {advice}"));
+    }
+    Some(text)
 }
 
 fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {

@@ -279,6 +279,8 @@ impl ManagedDevice {
             bound_by_daemon: lock(&self.binding).as_ref().is_some_and(Binding::changed),
             in_reset: self.engine.is_blocked(),
             handed_over: self.handed_over.map(|i| i.to_string()),
+            // Filled by the control handler, off the runtime (a sysfs scan).
+            line: None,
             stats: self.stats(),
         }
     }
