@@ -231,6 +231,7 @@ pub fn run(command: Command) -> ExitCode {
         | Command::Unmask { common, .. }
         | Command::Metrics { common } => common.json,
     };
+    let (op, device) = operation(&command);
     let result = match command {
         Command::Daemon { .. } => Err(Failure::new(exit::FAILED, "failed", "unreachable")),
         Command::Status { common } => status(&common),
@@ -270,14 +271,79 @@ pub fn run(command: Command) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(f) => {
+            let message = match &device {
+                Some(device) => in_context(op, device, &f.message),
+                None if op == "validate" => f.message,
+                None => format!("{op}: {}", f.message),
+            };
             if json {
                 println!(
                     "{}",
-                    json!({ "error": { "kind": f.kind, "message": f.message } })
+                    json!({ "error": {
+                        "kind": f.kind,
+                        "message": message,
+                        "operation": op,
+                        "device": device.as_ref().map(Device::name),
+                    } })
                 );
             }
-            eprintln!("error: {}", f.message);
+            eprintln!("error: {message}");
             ExitCode::from(f.code)
+        }
+    }
+}
+
+/// The device a command names, as its messages name it.
+enum Device {
+    /// A valid address, in its full form.
+    Bdf(Bdf),
+    /// The text given where an address was expected.
+    Invalid(String),
+}
+
+impl Device {
+    fn name(&self) -> String {
+        match self {
+            Device::Bdf(bdf) => bdf.to_string(),
+            Device::Invalid(text) => text.clone(),
+        }
+    }
+}
+
+/// The operation and the device of a command, for its error message.
+fn operation(command: &Command) -> (&'static str, Option<Device>) {
+    let (op, text) = match command {
+        Command::Daemon { .. } => ("daemon", None),
+        Command::Status { .. } => ("status", None),
+        Command::Probe { bdf, .. } => ("probe", Some(bdf)),
+        Command::Bind { bdf, .. } => ("bind", Some(bdf)),
+        Command::Unbind { bdf, .. } => ("unbind", Some(bdf)),
+        Command::Reset { bdf, .. } => ("reset", Some(bdf)),
+        Command::Mask { bdf, .. } => ("mask", Some(bdf)),
+        Command::Unmask { bdf, .. } => ("unmask", Some(bdf)),
+        Command::Metrics { .. } => ("metrics", None),
+        Command::Validate { .. } => ("validate", None),
+    };
+    let device = text.map(|t| match t.parse::<Bdf>() {
+        Ok(bdf) => Device::Bdf(bdf),
+        Err(_) => Device::Invalid(t.clone()),
+    });
+    (op, device)
+}
+
+/// The one place a failure becomes a message: "OPERATION DEVICE: what
+/// happened", the device named once. The errors underneath each name the
+/// device they concern (`BDF: ...`, `invalid PCI address "TEXT"`): those
+/// mentions are dropped, a path that contains the address is kept.
+fn in_context(op: &str, device: &Device, message: &str) -> String {
+    match device {
+        Device::Bdf(bdf) => {
+            let rest = message.replace(&format!("{bdf}: "), "");
+            format!("{op} {bdf}: {rest}")
+        }
+        Device::Invalid(text) => {
+            let rest = message.replace(&format!(" {text:?}"), "");
+            format!("{op} {text:?}: {rest}")
         }
     }
 }
