@@ -51,6 +51,11 @@ fn control_requests_reach_the_device() {
     // A device the daemon does not own.
     let out = d.cli(&["mask", "0000:00:1f.0"]);
     assert_eq!(out.status.code(), Some(i32::from(exit::NOT_FOUND)));
+    // The daemon's answer, as the CLI prints it: the operation and the
+    // device, the device named once.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: mask 0000:00:1f.0: "), "{stderr}");
+    assert_eq!(stderr.matches("0000:00:1f.0").count(), 1, "{stderr}");
     // A bad address is refused when the request is decoded.
     let r = d
         .client()

@@ -213,7 +213,17 @@ pub fn run(command: Command) -> ExitCode {
         return match crate::daemon::run(config, socket.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {}", crate::error_chain(&e));
+                let message = match &e {
+                    crate::daemon::DaemonError::Device(
+                        crate::daemon::service::DeviceError::Starting { bdf, source },
+                    ) => in_context(
+                        "daemon: starting device",
+                        &Device::Bdf(*bdf),
+                        &crate::error_chain(source.as_ref()),
+                    ),
+                    e => crate::error_chain(e),
+                };
+                eprintln!("error: {message}");
                 ExitCode::from(exit_code(&e))
             }
         };
