@@ -461,6 +461,38 @@ fn the_cli_reports_a_hung_daemon_as_not_answering() {
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
+/// A reset the daemon takes more than a second to answer (it waits behind
+/// another reset) says so once on stderr, and --json stdout stays one
+/// document.
+#[test]
+fn a_reset_waiting_more_than_a_second_says_what_it_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let _hung = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "reset",
+            "0000:00:04.0",
+            "--json",
+            "--timeout",
+            "3",
+            "--socket",
+        ])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::UNREACHABLE)),
+        "{out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let waiting = "reset 0000:00:04.0: waiting for the daemon's answer";
+    assert_eq!(stderr.matches(waiting).count(), 1, "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["operation"], "reset", "{json}");
+}
+
 /// The value of `vfio_intx_control_events_total{cause="…"}`.
 fn control_events(d: &Daemon, cause: &str) -> u64 {
     let text = d.ask(&Request::Metrics)["text"]

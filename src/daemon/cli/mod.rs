@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::daemon::client::{Client, ClientError};
 use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::daemon::progress::stderr_after_slow;
 use crate::daemon::protocol::{ErrorKind, Request, Response};
 use crate::daemon::{exit, exit_code, DaemonStatus, HasKind};
 use crate::pci::holders::{Holders, HoldersError};
@@ -471,7 +472,13 @@ fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
         let mut backoff = Duration::from_millis(5);
         let mut attempt = 0;
         loop {
-            match client.request(&request) {
+            let answer = stderr_after_slow(
+                || {
+                    format!("reset {bdf}: waiting for the daemon's answer (another reset may hold the device's gate)")
+                },
+                || client.request(&request),
+            );
+            match answer {
                 Ok(Response::Ok { data }) => {
                     return Ok(Output {
                         json: json!({ "bdf": bdf.to_string(), "reset": true, "via": "daemon", "retries": attempt, "data": data }),
@@ -503,10 +510,27 @@ fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
 }
 
 fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
-    use crate::backend::PciBackend;
     let sysfs = PciSysfs::default();
     let driver = sysfs.driver(bdf).map_err(|e| Failure::from_error(&e))?;
-    let how = match driver.as_deref() {
+    let how = stderr_after_slow(
+        || {
+            format!(
+                "reset {bdf}: waiting for the kernel's reset (another reset may hold the device)"
+            )
+        },
+        || kernel_reset(&sysfs, bdf, driver.as_deref()),
+    )?;
+    Ok(Output {
+        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": how }),
+        text: format!("{bdf}: reset ({how}; no daemon owns it)"),
+    })
+}
+
+/// Resets a device no daemon owns: through VFIO when vfio-pci has it,
+/// else through sysfs; returns how.
+fn kernel_reset(sysfs: &PciSysfs, bdf: Bdf, driver: Option<&str>) -> Result<&'static str, Failure> {
+    use crate::backend::PciBackend;
+    let how = match driver {
         Some(VFIO_PCI) => {
             let mut b = crate::vfio::VfioBackend::open(bdf).map_err(|e| Failure::from_error(&e))?;
             b.reset().map_err(|e| {
@@ -546,10 +570,7 @@ fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
             "sysfs reset"
         }
     };
-    Ok(Output {
-        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": how }),
-        text: format!("{bdf}: reset ({how}; no daemon owns it)"),
-    })
+    Ok(how)
 }
 
 fn simple(common: &Common, request: Request, done: &str) -> Result<Output, Failure> {
