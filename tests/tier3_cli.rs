@@ -164,6 +164,10 @@ fn uio_holder() {
     let (code, err, _) = cli(&["unbind", &b]);
     assert_eq!(code, Some(8), "{err}");
     assert!(err.contains(&named) && err.contains(node), "{err}");
+    assert!(
+        err.starts_with(&format!("error: unbind {b}: in use: ")),
+        "{err}"
+    );
     assert_eq!(driver(bdf).as_deref(), Some("uio_pci_generic"));
 
     let (code, err, _) = cli(&["bind", "--driver", "vfio-pci", &b]);
@@ -278,5 +282,11 @@ fn reset_without_method() {
     let back = cli(&["bind", "--driver", "vfio-pci", &b]);
     assert!(err.contains("no reset method"), "{err}");
     assert_eq!(code, Some(1), "{err}");
+    // The operation and the device, the device named once (issue 15 item 3).
+    assert!(
+        err.starts_with(&format!("error: reset {b}: no reset method")),
+        "{err}"
+    );
+    assert_eq!(err.matches(b.as_str()).count(), 1, "{err}");
     assert_eq!(back.0, Some(0), "{}", back.1);
 }
