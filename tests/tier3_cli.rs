@@ -244,7 +244,7 @@ fn vfio_holder() {
     };
     let text = lines.lock().unwrap().clone();
     assert!(
-        text.contains(&format!("still waiting for {named}")),
+        text.contains(&format!("unbind {b}: still waiting for {named}")),
         "{text}"
     );
     assert!(text.contains("cannot be cancelled"), "{text}");

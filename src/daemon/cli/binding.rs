@@ -67,11 +67,12 @@ pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
 /// Runs a binding change on a helper thread and waits at most
 /// `change.wait` seconds for it: vfio-pci's unbind blocks in the kernel
 /// until the device's user releases it. After a second it says who it is
-/// waiting for; at the deadline it gives up with exit 8. The kernel write
+/// waiting for (on stderr, as `OP BDF: still waiting for ...`); at the deadline it gives up with exit 8. The kernel write
 /// itself cannot be cancelled: it stays pending, and this process cannot
 /// finish exiting, until the holder lets go.
 pub(super) fn bounded<T: Send + 'static>(
     bdf: Bdf,
+    command: &str,
     change: &Change,
     op: impl FnOnce() -> Result<T, SysfsError> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -123,7 +124,7 @@ pub(super) fn bounded<T: Send + 'static>(
                     ));
                 }
                 if !said {
-                    eprintln!("{bdf}: still waiting for {who} to release the device");
+                    eprintln!("{command} {bdf}: still waiting for {who} to release the device");
                     said = true;
                 }
             }
@@ -167,7 +168,7 @@ pub(super) fn bind(
         refuse_if_held(bdf, change)?;
     }
     let to = driver.to_owned();
-    let binding = bounded(bdf, change, move || sysfs.bind(bdf, &to))?;
+    let binding = bounded(bdf, "bind", change, move || sysfs.bind(bdf, &to))?;
     Ok(Output {
         json: json!({
             "bdf": bdf.to_string(),
@@ -190,7 +191,9 @@ pub(super) fn unbind(text: &str, change: &Change, common: &Common) -> Result<Out
     let bdf = parse_bdf(text)?;
     refuse_if_owned(bdf, common)?;
     refuse_if_held(bdf, change)?;
-    let previous = bounded(bdf, change, move || PciSysfs::default().unbind_device(bdf))?;
+    let previous = bounded(bdf, "unbind", change, move || {
+        PciSysfs::default().unbind_device(bdf)
+    })?;
     Ok(Output {
         json: json!({ "bdf": bdf.to_string(), "previous": previous }),
         text: format!(

@@ -639,9 +639,9 @@ mod tests {
     #[test]
     fn a_binding_change_that_returns_in_time_gives_its_result() {
         let bdf: Bdf = "0000:00:04.0".parse().unwrap();
-        let got = bounded(bdf, &change(5), || Ok(7)).unwrap();
+        let got = bounded(bdf, "bind", &change(5), || Ok(7)).unwrap();
         assert_eq!(got, 7);
-        let e = bounded::<()>(bdf, &change(5), move || {
+        let e = bounded::<()>(bdf, "bind", &change(5), move || {
             Err(SysfsError::NoDevice {
                 bdf,
                 path: "/nonexistent".into(),
@@ -656,7 +656,7 @@ mod tests {
         let bdf: Bdf = "0000:00:04.0".parse().unwrap();
         let start = Instant::now();
         // Stands for vfio-pci's unbind waiting for the device's user.
-        let e = bounded(bdf, &change(1), || {
+        let e = bounded(bdf, "bind", &change(1), || {
             std::thread::sleep(Duration::from_secs(5));
             Ok(())
         })
