@@ -28,7 +28,7 @@ pub(super) fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> 
 /// Refuses to change the binding of a device a process holds open, unless
 /// `force`: unbinding takes a uio device from its user (who then gets EIO)
 /// and blocks in the kernel until a VFIO user lets go.
-pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
+pub(super) fn refuse_if_held(bdf: Bdf, command: &str, change: &Change) -> Result<(), Failure> {
     let scan = Holders::default().of(bdf).map_err(|e| {
         // The code of the sysfs cause (no such device: 5), else 3.
         let code = match &e {
@@ -49,7 +49,7 @@ pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
     }
     if change.force {
         eprintln!(
-            "{bdf}: in use ({}); going ahead because of --force",
+            "{command} {bdf}: in use ({}); going ahead because of --force",
             scan.describe()
         );
         return Ok(());
@@ -165,7 +165,7 @@ pub(super) fn bind(
         .as_deref()
         != Some(driver)
     {
-        refuse_if_held(bdf, change)?;
+        refuse_if_held(bdf, "bind", change)?;
     }
     let to = driver.to_owned();
     let binding = bounded(bdf, "bind", change, move || sysfs.bind(bdf, &to))?;
@@ -190,7 +190,7 @@ pub(super) fn bind(
 pub(super) fn unbind(text: &str, change: &Change, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     refuse_if_owned(bdf, common)?;
-    refuse_if_held(bdf, change)?;
+    refuse_if_held(bdf, "unbind", change)?;
     let previous = bounded(bdf, "unbind", change, move || {
         PciSysfs::default().unbind_device(bdf)
     })?;
