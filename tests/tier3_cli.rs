@@ -166,6 +166,10 @@ fn uio_holder() {
     let (code, err, _) = cli(&["unbind", &b]);
     assert_eq!(code, Some(8), "{err}");
     assert!(err.contains(&named) && err.contains(node), "{err}");
+    assert!(
+        err.starts_with(&format!("error: unbind {b}: in use: ")),
+        "{err}"
+    );
     assert_eq!(driver(bdf).as_deref(), Some("uio_pci_generic"));
 
     let (code, err, _) = cli(&["bind", "--driver", "vfio-pci", &b]);
@@ -242,7 +246,7 @@ fn vfio_holder() {
     };
     let text = lines.lock().unwrap().clone();
     assert!(
-        text.contains(&format!("still waiting for {named}")),
+        text.contains(&format!("unbind {b}: still waiting for {named}")),
         "{text}"
     );
     assert!(text.contains("cannot be cancelled"), "{text}");
@@ -280,6 +284,12 @@ fn reset_without_method() {
     let back = cli(&["bind", "--driver", "vfio-pci", &b]);
     assert!(err.contains("no reset method"), "{err}");
     assert_eq!(code, Some(1), "{err}");
+    // The operation and the device, the device named once (issue 15 item 3).
+    assert!(
+        err.starts_with(&format!("error: reset {b}: no reset method")),
+        "{err}"
+    );
+    assert_eq!(err.matches(b.as_str()).count(), 1, "{err}");
     assert_eq!(back.0, Some(0), "{}", back.1);
 }
 

@@ -552,6 +552,7 @@ fn run(path: &str) {
     let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
     let dev = &status.devices[0];
     let mut busy = 0;
+    let mut slow = 0;
     let mut bad = Vec::new();
     let mut resets_ok = 0;
     for log in &logs {
@@ -559,6 +560,9 @@ fn run(path: &str) {
         for line in text.lines() {
             if line.contains("busy, retried") {
                 busy += 1;
+            } else if line.contains("waiting for the daemon's answer") {
+                // A reset waiting more than 1 s says so (issue 15 item 5).
+                slow += 1;
             } else if line.contains("reset through the daemon's gate") {
                 resets_ok += 1;
             } else if !line.trim().is_empty() {
@@ -570,7 +574,7 @@ fn run(path: &str) {
         "{TEST} ({wired}): {i} interrupts ({raises} raises, {dropped_by_reset} re-raised after \
          edu's reset quirk dropped the line) in {flowing:?} (slowest {slowest:?}) while the \
          loops reset the edu {resets_ok} times through the daemon ({} resets in the engine, \
-         {busy} busy-and-retried); engine {:?}",
+         {busy} busy-and-retried, {slow} waited more than 1 s); engine {:?}",
         dev.stats.engine.resets, dev.stats.engine
     );
     // The last reset of a loop may have been killed mid-way: its line is

@@ -160,6 +160,7 @@ impl HasKind for DeviceError {
             DeviceError::Uio(e) => e.kind(),
             DeviceError::Intx(e) => e.kind(),
             DeviceError::Unsupported { .. } => Kind::Unsupported,
+            DeviceError::Starting { source, .. } => source.kind(),
             _ => os_kind(self),
         }
     }

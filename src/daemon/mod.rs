@@ -56,6 +56,7 @@ mod control;
 #[cfg(feature = "testkit")]
 mod example;
 pub mod metrics;
+pub mod progress;
 pub mod protocol;
 mod registry;
 mod rundir;

@@ -64,9 +64,14 @@ pub(crate) async fn open_devices(configs: Vec<DeviceConfig>) -> Result<Opened, D
     let joined = tokio::task::spawn_blocking(move || {
         let mut opened: Opened = Vec::with_capacity(configs.len());
         for config in configs {
+            let bdf = config.bdf;
             match ManagedDevice::open(config) {
                 Ok(o) => opened.push(o),
                 Err(e) => {
+                    let e = DeviceError::Starting {
+                        bdf,
+                        source: Box::new(e),
+                    };
                     let devs = opened.into_iter().map(|(dev, _)| dev).collect();
                     for (bdf, r) in service::hand_back(devs) {
                         if let Err(e) = r {
@@ -376,6 +381,10 @@ impl Daemon {
                 Ok(opened) => self.insert(opened),
                 Err(e) => {
                     not_started += 1;
+                    let e = match e {
+                        DeviceError::Starting { source, .. } => *source,
+                        e => e,
+                    };
                     error!(%bdf, error = %crate::error_chain(&e), "bringing an added device up failed");
                 }
             }

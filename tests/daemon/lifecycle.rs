@@ -62,6 +62,37 @@ fn a_bad_config_is_reported_with_its_location_and_starts_nothing() {
     assert_eq!(json["error"]["kind"], "config");
 }
 
+/// A configured device that does not exist: the daemon says it was
+/// starting that device, names it once, and exits 5.
+#[test]
+fn a_missing_device_is_reported_as_starting_that_device() {
+    let missing = "0000:7e:1f.7";
+    let mut d = Daemon::spawn(
+        "",
+        &format!("[[device]]\nbdf = \"{missing}\"\nbackend = \"vfio\"\n"),
+    );
+    let (code, _) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(i32::from(exit::NOT_FOUND)), "{}", d.log());
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(
+        line.starts_with(&format!(
+            "error: daemon: starting device {missing}: no such PCI device"
+        )),
+        "{line}"
+    );
+    // Named once (a sysfs path holding the address is evidence).
+    let named = line
+        .match_indices(missing)
+        .filter(|(i, _)| !line[..*i].ends_with('/'))
+        .count();
+    assert_eq!(named, 1, "{line}");
+    assert!(!d.socket.exists(), "no socket may be created");
+}
+
 #[test]
 fn every_shipped_config_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");

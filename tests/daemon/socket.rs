@@ -51,6 +51,11 @@ fn control_requests_reach_the_device() {
     // A device the daemon does not own.
     let out = d.cli(&["mask", "0000:00:1f.0"]);
     assert_eq!(out.status.code(), Some(i32::from(exit::NOT_FOUND)));
+    // The daemon's answer, as the CLI prints it: the operation and the
+    // device, the device named once.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: mask 0000:00:1f.0: "), "{stderr}");
+    assert_eq!(stderr.matches("0000:00:1f.0").count(), 1, "{stderr}");
     // A bad address is refused when the request is decoded.
     let r = d
         .client()
@@ -454,6 +459,38 @@ fn the_cli_reports_a_hung_daemon_as_not_answering() {
     assert!(message.contains("not answering"), "{message}");
     assert!(message.contains(&socket.display().to_string()), "{message}");
     assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// A reset the daemon takes more than a second to answer (it waits behind
+/// another reset) says so once on stderr, and --json stdout stays one
+/// document.
+#[test]
+fn a_reset_waiting_more_than_a_second_says_what_it_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let _hung = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "reset",
+            "0000:00:04.0",
+            "--json",
+            "--timeout",
+            "3",
+            "--socket",
+        ])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::UNREACHABLE)),
+        "{out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let waiting = "reset 0000:00:04.0: waiting for the daemon's answer";
+    assert_eq!(stderr.matches(waiting).count(), 1, "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["operation"], "reset", "{json}");
 }
 
 /// The value of `vfio_intx_control_events_total{cause="…"}`.

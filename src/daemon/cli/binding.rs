@@ -28,7 +28,7 @@ pub(super) fn refuse_if_owned(bdf: Bdf, common: &Common) -> Result<(), Failure> 
 /// Refuses to change the binding of a device a process holds open, unless
 /// `force`: unbinding takes a uio device from its user (who then gets EIO)
 /// and blocks in the kernel until a VFIO user lets go.
-pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
+pub(super) fn refuse_if_held(bdf: Bdf, command: &str, change: &Change) -> Result<(), Failure> {
     let scan = Holders::default().of(bdf).map_err(|e| {
         // The code of the sysfs cause (no such device: 5), else 3.
         let code = match &e {
@@ -49,7 +49,7 @@ pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
     }
     if change.force {
         eprintln!(
-            "{bdf}: in use ({}); going ahead because of --force",
+            "{command} {bdf}: in use ({}); going ahead because of --force",
             scan.describe()
         );
         return Ok(());
@@ -67,11 +67,12 @@ pub(super) fn refuse_if_held(bdf: Bdf, change: &Change) -> Result<(), Failure> {
 /// Runs a binding change on a helper thread and waits at most
 /// `change.wait` seconds for it: vfio-pci's unbind blocks in the kernel
 /// until the device's user releases it. After a second it says who it is
-/// waiting for; at the deadline it gives up with exit 8. The kernel write
+/// waiting for (on stderr, as `OP BDF: still waiting for ...`); at the deadline it gives up with exit 8. The kernel write
 /// itself cannot be cancelled: it stays pending, and this process cannot
 /// finish exiting, until the holder lets go.
 pub(super) fn bounded<T: Send + 'static>(
     bdf: Bdf,
+    command: &str,
     change: &Change,
     op: impl FnOnce() -> Result<T, SysfsError> + Send + 'static,
 ) -> Result<T, Failure> {
@@ -123,7 +124,7 @@ pub(super) fn bounded<T: Send + 'static>(
                     ));
                 }
                 if !said {
-                    eprintln!("{bdf}: still waiting for {who} to release the device");
+                    eprintln!("{command} {bdf}: still waiting for {who} to release the device");
                     said = true;
                 }
             }
@@ -164,10 +165,10 @@ pub(super) fn bind(
         .as_deref()
         != Some(driver)
     {
-        refuse_if_held(bdf, change)?;
+        refuse_if_held(bdf, "bind", change)?;
     }
     let to = driver.to_owned();
-    let binding = bounded(bdf, change, move || sysfs.bind(bdf, &to))?;
+    let binding = bounded(bdf, "bind", change, move || sysfs.bind(bdf, &to))?;
     Ok(Output {
         json: json!({
             "bdf": bdf.to_string(),
@@ -189,8 +190,10 @@ pub(super) fn bind(
 pub(super) fn unbind(text: &str, change: &Change, common: &Common) -> Result<Output, Failure> {
     let bdf = parse_bdf(text)?;
     refuse_if_owned(bdf, common)?;
-    refuse_if_held(bdf, change)?;
-    let previous = bounded(bdf, change, move || PciSysfs::default().unbind_device(bdf))?;
+    refuse_if_held(bdf, "unbind", change)?;
+    let previous = bounded(bdf, "unbind", change, move || {
+        PciSysfs::default().unbind_device(bdf)
+    })?;
     Ok(Output {
         json: json!({ "bdf": bdf.to_string(), "previous": previous }),
         text: format!(

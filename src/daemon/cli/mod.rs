@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::daemon::client::{Client, ClientError};
 use crate::daemon::config::{Config, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use crate::daemon::progress::stderr_after_slow;
 use crate::daemon::protocol::{ErrorKind, LineReport, Request, Response};
 use crate::daemon::{exit, exit_code, DaemonStatus, HasKind};
 use crate::pci::holders::{Holders, HoldersError};
@@ -213,7 +214,17 @@ pub fn run(command: Command) -> ExitCode {
         return match crate::daemon::run(config, socket.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {}", crate::error_chain(&e));
+                let message = match &e {
+                    crate::daemon::DaemonError::Device(
+                        crate::daemon::service::DeviceError::Starting { bdf, source },
+                    ) => in_context(
+                        "daemon: starting device",
+                        &Device::Bdf(*bdf),
+                        &crate::error_chain(source.as_ref()),
+                    ),
+                    e => crate::error_chain(e),
+                };
+                eprintln!("error: {message}");
                 ExitCode::from(exit_code(&e))
             }
         };
@@ -231,6 +242,7 @@ pub fn run(command: Command) -> ExitCode {
         | Command::Unmask { common, .. }
         | Command::Metrics { common } => common.json,
     };
+    let (op, device) = operation(&command);
     let result = match command {
         Command::Daemon { .. } => Err(Failure::new(exit::FAILED, "failed", "unreachable")),
         Command::Status { common } => status(&common),
@@ -270,14 +282,79 @@ pub fn run(command: Command) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(f) => {
+            let message = match &device {
+                Some(device) => in_context(op, device, &f.message),
+                None if op == "validate" => f.message,
+                None => format!("{op}: {}", f.message),
+            };
             if json {
                 println!(
                     "{}",
-                    json!({ "error": { "kind": f.kind, "message": f.message } })
+                    json!({ "error": {
+                        "kind": f.kind,
+                        "message": message,
+                        "operation": op,
+                        "device": device.as_ref().map(Device::name),
+                    } })
                 );
             }
-            eprintln!("error: {}", f.message);
+            eprintln!("error: {message}");
             ExitCode::from(f.code)
+        }
+    }
+}
+
+/// The device a command names, as its messages name it.
+enum Device {
+    /// A valid address, in its full form.
+    Bdf(Bdf),
+    /// The text given where an address was expected.
+    Invalid(String),
+}
+
+impl Device {
+    fn name(&self) -> String {
+        match self {
+            Device::Bdf(bdf) => bdf.to_string(),
+            Device::Invalid(text) => text.clone(),
+        }
+    }
+}
+
+/// The operation and the device of a command, for its error message.
+fn operation(command: &Command) -> (&'static str, Option<Device>) {
+    let (op, text) = match command {
+        Command::Daemon { .. } => ("daemon", None),
+        Command::Status { .. } => ("status", None),
+        Command::Probe { bdf, .. } => ("probe", Some(bdf)),
+        Command::Bind { bdf, .. } => ("bind", Some(bdf)),
+        Command::Unbind { bdf, .. } => ("unbind", Some(bdf)),
+        Command::Reset { bdf, .. } => ("reset", Some(bdf)),
+        Command::Mask { bdf, .. } => ("mask", Some(bdf)),
+        Command::Unmask { bdf, .. } => ("unmask", Some(bdf)),
+        Command::Metrics { .. } => ("metrics", None),
+        Command::Validate { .. } => ("validate", None),
+    };
+    let device = text.map(|t| match t.parse::<Bdf>() {
+        Ok(bdf) => Device::Bdf(bdf),
+        Err(_) => Device::Invalid(t.clone()),
+    });
+    (op, device)
+}
+
+/// The one place a failure becomes a message: "OPERATION DEVICE: what
+/// happened", the device named once. The errors underneath each name the
+/// device they concern (`BDF: ...`, `invalid PCI address "TEXT"`): those
+/// mentions are dropped, a path that contains the address is kept.
+fn in_context(op: &str, device: &Device, message: &str) -> String {
+    match device {
+        Device::Bdf(bdf) => {
+            let rest = message.replace(&format!("{bdf}: "), "");
+            format!("{op} {bdf}: {rest}")
+        }
+        Device::Invalid(text) => {
+            let rest = message.replace(&format!(" {text:?}"), "");
+            format!("{op} {text:?}: {rest}")
         }
     }
 }
@@ -441,7 +518,13 @@ fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
         let mut backoff = Duration::from_millis(5);
         let mut attempt = 0;
         loop {
-            match client.request(&request) {
+            let answer = stderr_after_slow(
+                || {
+                    format!("reset {bdf}: waiting for the daemon's answer (another reset may hold the device's gate)")
+                },
+                || client.request(&request),
+            );
+            match answer {
                 Ok(Response::Ok { data }) => {
                     return Ok(Output {
                         json: json!({ "bdf": bdf.to_string(), "reset": true, "via": "daemon", "retries": attempt, "data": data }),
@@ -473,10 +556,27 @@ fn reset(text: &str, retries: u32, common: &Common) -> Result<Output, Failure> {
 }
 
 fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
-    use crate::backend::PciBackend;
     let sysfs = PciSysfs::default();
     let driver = sysfs.driver(bdf).map_err(|e| Failure::from_error(&e))?;
-    let how = match driver.as_deref() {
+    let how = stderr_after_slow(
+        || {
+            format!(
+                "reset {bdf}: waiting for the kernel's reset (another reset may hold the device)"
+            )
+        },
+        || kernel_reset(&sysfs, bdf, driver.as_deref()),
+    )?;
+    Ok(Output {
+        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": how }),
+        text: format!("{bdf}: reset ({how}; no daemon owns it)"),
+    })
+}
+
+/// Resets a device no daemon owns: through VFIO when vfio-pci has it,
+/// else through sysfs; returns how.
+fn kernel_reset(sysfs: &PciSysfs, bdf: Bdf, driver: Option<&str>) -> Result<&'static str, Failure> {
+    use crate::backend::PciBackend;
+    let how = match driver {
         Some(VFIO_PCI) => {
             let mut b = crate::vfio::VfioBackend::open(bdf).map_err(|e| Failure::from_error(&e))?;
             b.reset().map_err(|e| {
@@ -516,10 +616,7 @@ fn standalone_reset(bdf: Bdf) -> Result<Output, Failure> {
             "sysfs reset"
         }
     };
-    Ok(Output {
-        json: json!({ "bdf": bdf.to_string(), "reset": true, "via": how }),
-        text: format!("{bdf}: reset ({how}; no daemon owns it)"),
-    })
+    Ok(how)
 }
 
 fn simple(common: &Common, request: Request, done: &str) -> Result<Output, Failure> {
@@ -588,9 +685,9 @@ mod tests {
     #[test]
     fn a_binding_change_that_returns_in_time_gives_its_result() {
         let bdf: Bdf = "0000:00:04.0".parse().unwrap();
-        let got = bounded(bdf, &change(5), || Ok(7)).unwrap();
+        let got = bounded(bdf, "bind", &change(5), || Ok(7)).unwrap();
         assert_eq!(got, 7);
-        let e = bounded::<()>(bdf, &change(5), move || {
+        let e = bounded::<()>(bdf, "bind", &change(5), move || {
             Err(SysfsError::NoDevice {
                 bdf,
                 path: "/nonexistent".into(),
@@ -605,7 +702,7 @@ mod tests {
         let bdf: Bdf = "0000:00:04.0".parse().unwrap();
         let start = Instant::now();
         // Stands for vfio-pci's unbind waiting for the device's user.
-        let e = bounded(bdf, &change(1), || {
+        let e = bounded(bdf, "bind", &change(1), || {
             std::thread::sleep(Duration::from_secs(5));
             Ok(())
         })

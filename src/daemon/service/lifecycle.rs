@@ -82,7 +82,11 @@ impl ManagedDevice {
         }
         let binding = match (config.bind, config.backend.driver()) {
             (true, Some(driver)) => {
-                let bound = sysfs.bind(bdf, driver)?;
+                let bound = crate::daemon::progress::after_slow(
+                    crate::daemon::progress::SLOW,
+                    || info!(%bdf, driver, "binding takes more than 1 s: waiting for the device's current driver to release it (its user must let go)"),
+                    || sysfs.bind(bdf, driver),
+                )?;
                 let previous = recorded
                     .as_ref()
                     .and_then(|f| f.binding.as_ref())
@@ -241,7 +245,11 @@ impl ManagedDevice {
             options,
         )?);
         if config.reset {
-            engine.reset()?;
+            crate::daemon::progress::after_slow(
+                crate::daemon::progress::SLOW,
+                || info!(%bdf, "the reset at start takes more than 1 s: waiting behind another reset of the device"),
+                || engine.reset(),
+            )?;
             info!("reset at start");
         }
         let (control, rx) = mpsc::unbounded_channel();

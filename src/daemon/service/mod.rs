@@ -109,6 +109,15 @@ pub enum DeviceError {
         /// What and why.
         what: &'static str,
     },
+    /// A configured device could not be brought up at start.
+    #[error("starting device {bdf}")]
+    Starting {
+        /// The device.
+        bdf: Bdf,
+        /// Why.
+        #[source]
+        source: Box<DeviceError>,
+    },
     /// A blocking operation for several devices could not be run.
     #[error("{op} could not run")]
     Pool {
