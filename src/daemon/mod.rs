@@ -55,6 +55,7 @@ pub mod config;
 mod control;
 #[cfg(feature = "testkit")]
 mod example;
+mod fdstore;
 pub mod metrics;
 pub mod progress;
 pub mod protocol;

@@ -202,6 +202,7 @@ impl SimDeviceBuilder {
                 virq_disabled: false,
                 vfio_masked: false,
                 virqfd: None,
+                persist: None,
             }),
         });
         if let Some(bus) = &self.bus {

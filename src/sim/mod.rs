@@ -32,6 +32,7 @@
 mod backend;
 mod builder;
 mod faults;
+mod image;
 mod rig;
 pub mod stress;
 
@@ -40,6 +41,7 @@ use backend::Virqfd;
 pub use builder::{SimBus, SimDeviceBuilder};
 use faults::FaultRule;
 pub use faults::{Fault, SimOp};
+pub use image::SimImageError;
 pub use rig::{RigError, SimRig};
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -153,6 +155,9 @@ struct State {
     vfio_masked: bool,
     /// vfio-pci model: the unmask eventfd's servicing thread.
     virqfd: Option<Virqfd>,
+    /// Receives the device's state image after each change
+    /// ([`SimDevice::persist`]).
+    persist: Option<image::Persist>,
 }
 
 struct Inner {
@@ -337,8 +342,15 @@ impl Inner {
         !self.broken_masking && self.command(s) & COMMAND_INTX_DISABLE != 0
     }
 
-    /// Recomputes the gated line and signals the host on a rising edge.
+    /// Recomputes the gated line and signals the host on a rising edge;
+    /// then hands the state to its persistence, if any (every change of
+    /// the device's state ends here).
     fn update_line(&self, s: &mut State) {
+        self.update_line_only(s);
+        image::persist(s);
+    }
+
+    fn update_line_only(&self, s: &mut State) {
         let out = self.level(s) && !self.masked(s);
         if out && !s.line_out && self.kernel == SimKernel::VfioPci {
             // vfio_intx_handler: check-and-mask unless already masked, then
