@@ -118,12 +118,17 @@ pub(crate) fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
 }
 
-/// Stores a duplicate of `fd` as `name` (replacing an entry of that name:
-/// the caller removes it first when it may exist).
+/// The entries in the store now, as far as this process knows: the ones
+/// it stored and the ones it kept from the previous instance.
+static STORED: Mutex<std::collections::BTreeSet<String>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// Stores a duplicate of `fd` as `name`.
 pub(crate) fn store(name: String, fd: BorrowedFd<'_>) {
     if !enabled() {
         return;
     }
+    lock(&STORED).insert(name.clone());
     match fd.try_clone_to_owned() {
         Ok(fd) => send(Message::Store { name, fd }),
         Err(e) => {
@@ -136,6 +141,24 @@ pub(crate) fn store(name: String, fd: BorrowedFd<'_>) {
 /// Removes the entry `name` (it is gone).
 pub(crate) fn remove(name: String) {
     if enabled() {
+        lock(&STORED).remove(&name);
+        send(Message::Remove { name });
+    }
+}
+
+/// Notes that the store still holds `name` from the previous instance
+/// (systemd keeps what it passes at start).
+pub(crate) fn kept(name: &str) {
+    if enabled() {
+        lock(&STORED).insert(name.to_owned());
+    }
+}
+
+/// Removes every entry this process knows of (a stop: nothing is to be
+/// resumed).
+pub(crate) fn remove_all() {
+    let names = std::mem::take(&mut *lock(&STORED));
+    for name in names {
         send(Message::Remove { name });
     }
 }

@@ -60,6 +60,7 @@ pub mod metrics;
 pub mod progress;
 pub mod protocol;
 mod registry;
+mod resume;
 mod rundir;
 mod server;
 pub(crate) mod service;
@@ -103,6 +104,10 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 7;
     /// The device is busy; retrying later may succeed.
     pub const BUSY: u8 = 8;
+    /// The daemon exited for a restart that keeps every device and session
+    /// (`restart`, SIGUSR2): EX_TEMPFAIL, which the unit's
+    /// `RestartForceExitStatus=` restarts with the fd store.
+    pub const RESTART: u8 = 75;
 }
 
 /// Why the daemon could not start or had to stop.
@@ -221,8 +226,18 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
     };
     let group = gid("socket-group", &config.daemon.socket_group)?;
     let admin_group = gid("admin-group", &config.daemon.admin_group)?;
-    // Before any device is touched: a second instance stops here.
-    let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
+    // What systemd's fd store kept from a previous instance (none without
+    // one), checked: entries of the wrong type are closed here.
+    let mut passed = resume::Passed::take();
+    let listener = passed.listener(&config.daemon.socket);
+    // Before any device is touched: a second instance stops here. The
+    // socket path is checked too, except that a listener kept in the store
+    // is this daemon's own.
+    let _lock = rundir::lock(
+        &config.daemon.socket,
+        nix::unistd::geteuid().as_raw(),
+        listener.is_some(),
+    )?;
     // The lock's holder alone keeps the record of how devices were found.
     asfound::init(&config.daemon.socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -233,7 +248,14 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    let result = runtime.block_on(main(config, group, admin_group, socket.map(Path::to_owned)));
+    let result = runtime.block_on(main(
+        config,
+        group,
+        admin_group,
+        socket.map(Path::to_owned),
+        passed,
+        listener,
+    ));
     // A reload still reading a configuration file that does not answer is
     // abandoned, not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -245,6 +267,8 @@ async fn main(
     group: Option<u32>,
     admin_group: Option<u32>,
     socket_override: Option<PathBuf>,
+    mut passed: resume::Passed,
+    stored_listener: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
     let notifier = Notifier::from_env();
@@ -252,6 +276,10 @@ async fn main(
     let mut term = signals(SignalKind::terminate(), "installing the SIGTERM handler")?;
     let mut int = signals(SignalKind::interrupt(), "installing the SIGINT handler")?;
     let mut hup = signals(SignalKind::hangup(), "installing the SIGHUP handler")?;
+    let mut usr2 = signals(
+        SignalKind::user_defined2(),
+        "installing the SIGUSR2 handler",
+    )?;
     notifier.status("arming devices");
     info!(config = %config.path.display(), devices = config.devices.len(), "starting");
 
@@ -268,21 +296,62 @@ async fn main(
         example: Mutex::new(None),
         socket_override,
         events: Default::default(),
+        restart: tokio::sync::Notify::new(),
     });
-    let opened = open_devices(config.devices.clone()).await?;
+    // Devices the store and the record let the daemon resume first (no
+    // reset, no rebind), then the leftovers of the store closed, then the
+    // rest brought up afresh (whose entries the leftovers' removal must
+    // not hit).
+    let (to_resume, mut fresh) = passed.plan(config.devices.clone());
+    let resumed_devices;
+    let pending_sessions;
+    {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = resume::resume_devices(&mut passed, to_resume);
+            (passed, r)
+        })
+        .await
+        .map_err(|e| DaemonError::Runtime {
+            op: "resuming devices",
+            source: io::Error::other(e),
+        })?;
+        let (mut rest, (opened, sessions, failed)) = joined;
+        rest.close_rest();
+        resumed_devices = opened.len();
+        daemon.insert(opened);
+        pending_sessions = sessions;
+        fresh.extend(failed);
+    }
+    let opened = match open_devices(fresh).await {
+        Ok(o) => o,
+        Err(e) => {
+            daemon.shutdown().await;
+            return Err(e.into());
+        }
+    };
     daemon.insert(opened);
-    let listener = match server::bind(&config.daemon.socket, config.daemon.socket_mode, group) {
+    let listener = match stored_listener {
+        Some(fd) => server::listener_from(fd, &config.daemon.socket),
+        None => server::bind(&config.daemon.socket, config.daemon.socket_mode, group),
+    };
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             daemon.shutdown().await;
             return Err(e);
         }
     };
+    let resumed_sessions = resume::resume_sessions(&daemon, pending_sessions);
     let server = tokio::spawn(server::serve(listener, Arc::clone(&daemon)));
     if let Some(guest) = &config.example_guest {
         daemon.start_example(guest).await;
     }
-    let status = daemon.status_line();
+    let mut status = daemon.status_line();
+    if resumed_devices > 0 || resumed_sessions > 0 {
+        status = format!(
+            "resumed {resumed_devices} device(s) and {resumed_sessions} session(s) from the fd store; {status}"
+        );
+    }
     info!(elapsed = ?started.elapsed(), "{status}");
     daemon.notifier.ready(&status);
 
@@ -318,6 +387,15 @@ async fn main(
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = usr2.recv() => {
+                match daemon.prepare_restart().await {
+                    crate::daemon::protocol::Response::Ok { .. } => restart(),
+                    crate::daemon::protocol::Response::Error { message, .. } => {
+                        warn!("SIGUSR2: not restarting: {message}");
+                    }
+                }
+            }
+            () = daemon.restart.notified() => restart(),
             _ = hup.recv() => {
                 if reload_tx.try_send(()).is_err() {
                     info!("SIGHUP: a reload is under way; one more follows it");
@@ -337,6 +415,14 @@ async fn main(
     server.abort();
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;
+    // A stop: nothing is to be resumed.
+    fdstore::remove_all();
+    if !tokio::task::spawn_blocking(|| fdstore::flush(Duration::from_secs(1)))
+        .await
+        .unwrap_or(false)
+    {
+        warn!("the service manager did not take every fd store removal; it drops the store at the stop anyway");
+    }
     if let Err(e) = std::fs::remove_file(&socket) {
         warn!(socket = %socket.display(), error = %e, "removing the control socket failed");
     }
@@ -345,6 +431,16 @@ async fn main(
         return Err(DaemonError::Restore { failed });
     }
     Ok(())
+}
+
+/// Exits for a restart that keeps every device and session: no device is
+/// handed back and nothing is torn down (no destructor runs: INTx stays
+/// wired, the kernel and systemd's fd store keep the descriptors), with
+/// [`exit::RESTART`] for the service manager.
+fn restart() -> ! {
+    info!("restarting: every device and session is kept in the fd store for the next process");
+    let _ = fdstore::flush(Duration::from_secs(1));
+    std::process::exit(i32::from(exit::RESTART))
 }
 
 /// Sets up logging: journald when systemd connected stderr to the journal

@@ -45,6 +45,8 @@ pub struct Daemon {
     pub(crate) socket_override: Option<PathBuf>,
     /// The control socket's events, counted and rate limited per cause.
     pub(crate) events: crate::daemon::metrics::ControlEvents,
+    /// A `restart` was answered: the signal loop exits for it.
+    pub(crate) restart: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Daemon {

@@ -41,7 +41,7 @@ use backend::Virqfd;
 pub use builder::{SimBus, SimDeviceBuilder};
 use faults::FaultRule;
 pub use faults::{Fault, SimOp};
-pub use image::SimImageError;
+pub use image::{SimImageError, IMAGE_SIZE as SIM_IMAGE_SIZE};
 pub use rig::{RigError, SimRig};
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

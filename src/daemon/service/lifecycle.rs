@@ -11,9 +11,10 @@ use tracing::{info, instrument, warn};
 
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
 use crate::backend::ConfigSpace;
-use crate::daemon::asfound::{self, BindingRecord, Found};
+use crate::daemon::asfound::{self, BindingRecord, Found, Resume};
 use crate::daemon::backend::AnyBackend;
 use crate::daemon::config::{BackendKind, DeviceConfig};
+use crate::daemon::fdstore::{self, role};
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::{IntxDevice, IntxOptions, WatchdogOptions};
 use crate::pci::intx::{read_command_status, CommandStatus};
@@ -71,6 +72,7 @@ impl ManagedDevice {
         config: DeviceConfig,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
+        let kind = config.backend;
         let sysfs = PciSysfs::default();
         // An entry means the previous instance did not hand the device back
         // (it crashed): the device is as that instance left it, and the
@@ -99,14 +101,21 @@ impl ManagedDevice {
         let found_command = recorded.as_ref().map(|f| f.command);
         let result = Self::open_bound(&sysfs, config, binding.clone(), found_command);
         match &result {
+            // The record after the store entries (sent in `open_bound`): a
+            // crash in between leaves entries the record does not explain,
+            // which the next start closes.
             Ok((dev, _)) => asfound::put(
                 bdf,
                 Found {
                     command: dev.found_command,
                     binding: binding.as_ref().and_then(BindingRecord::of),
+                    resume: dev.resume_record(),
                 },
             ),
             Err(_) => {
+                for name in stored_names(bdf, kind) {
+                    fdstore::remove(name);
+                }
                 if let Some(b) = &binding {
                     if let Err(e) = sysfs.unbind(b) {
                         warn!(error = %crate::error_chain(&e), "restoring the previous driver failed");
@@ -146,10 +155,110 @@ impl ManagedDevice {
                 backend
                     .config_write(PCI_COMMAND, Width::Word, u32::from(config.sim_command))
                     .map_err(backend_error("setting the simulated device's COMMAND"))?;
+                // Under a service manager, the device's state outlives the
+                // process in a memfd in the fd store.
+                if fdstore::enabled() {
+                    match crate::daemon::sys::memfd("vfio-intx-sim-state") {
+                        Ok(memfd) => {
+                            use std::os::fd::AsFd;
+                            fdstore::store(fdstore::name(bdf, role::SIM_STATE), memfd.as_fd());
+                            persist_sim(&sim, memfd);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "creating the simulated device's state memfd failed; a restart cannot resume it")
+                        }
+                    }
+                }
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
-        Self::arm(sysfs, config, backend, sim, binding, None, found_command)
+        Self::arm(
+            sysfs,
+            config,
+            backend,
+            sim,
+            binding,
+            None,
+            found_command,
+            false,
+        )
+    }
+
+    /// Takes a device over again after the daemon's own restart or crash,
+    /// from its fd store entries (`fds`, by name; the ones used are taken)
+    /// and its record: no bind, no reset, no probe toggling INTX_DISABLE;
+    /// the engine re-derives the line from STATUS as after a reset (an
+    /// interrupt pending across the restart is delivered, a line is never
+    /// left masked). Blocking.
+    #[instrument(skip_all, fields(bdf = %config.bdf))]
+    pub(crate) fn resume(
+        config: DeviceConfig,
+        found: &Found,
+        fds: &mut std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let unreadable = |what| DeviceError::Unsupported { bdf, what };
+        let (backend, sim) = match config.backend {
+            #[cfg(feature = "testkit")]
+            BackendKind::Sim => {
+                use std::os::unix::fs::FileExt;
+                let memfd = fds
+                    .remove(&fdstore::name(bdf, role::SIM_STATE))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no state for the simulated device",
+                    ))?;
+                let mut image = vec![0u8; crate::sim::SIM_IMAGE_SIZE];
+                memfd.read_exact_at(&mut image, 0).map_err(|_| {
+                    unreadable("the simulated device's stored state is not readable")
+                })?;
+                let sim = SimDevice::builder()
+                    .bdf(bdf)
+                    .kernel(SimKernel::from(config.sim_kernel))
+                    .build();
+                sim.load_image(&image).map_err(|_| {
+                    unreadable("the simulated device's stored state is not an image")
+                })?;
+                persist_sim(&sim, memfd);
+                (AnyBackend::Sim(sim.backend()), Some(sim))
+            }
+            _ => {
+                let _ = fds;
+                return Err(unreadable(
+                    "resuming from the fd store is implemented for simulated devices only",
+                ));
+            }
+        };
+        let binding = match (found.binding.as_ref(), config.backend.driver()) {
+            (Some(b), Some(driver)) => b.binding(bdf, driver),
+            _ => None,
+        };
+        let config = DeviceConfig {
+            reset: false,
+            ..config
+        };
+        let opened = Self::arm(
+            &PciSysfs::default(),
+            config,
+            backend,
+            sim,
+            binding,
+            None,
+            Some(found.command),
+            true,
+        )?;
+        info!("resumed from the fd store: no reset, no rebind; the line re-checked");
+        Ok(opened)
+    }
+
+    /// The resume part of the device's record: its store entries.
+    fn resume_record(&self) -> Option<Resume> {
+        let names = stored_names(self.bdf(), self.config.backend);
+        (fdstore::enabled() && !names.is_empty() && self.handed_over.is_none()).then(|| Resume {
+            backend: self.config.backend,
+            names,
+            session: None,
+        })
     }
 
     /// Takes over a VMM's own VFIO device fd for one session
@@ -180,10 +289,14 @@ impl ManagedDevice {
             None,
             Some(identity),
             None,
+            false,
         )
     }
 
-    /// Probes and arms an opened backend.
+    /// Probes and arms an opened backend (`resumed`: taken over again after
+    /// a restart, probed by the instance that brought it up, and nothing
+    /// is toggled now).
+    #[allow(clippy::too_many_arguments)]
     fn arm(
         sysfs: &PciSysfs,
         config: DeviceConfig,
@@ -192,6 +305,7 @@ impl ManagedDevice {
         binding: Option<Binding>,
         handed_over: Option<DeviceIdentity>,
         recorded_command: Option<u16>,
+        resumed: bool,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
@@ -204,7 +318,12 @@ impl ManagedDevice {
         } else {
             None
         };
-        let (masking, masking_evidence) = if config.probe {
+        let (masking, masking_evidence) = if resumed {
+            (
+                "resumed after a restart (probed when first brought up)".to_owned(),
+                None,
+            )
+        } else if config.probe {
             let (supported, verdict, evidence) = match &mut backend {
                 // The daemon's own simulated device: no driver, no handler
                 // yet, so the enumeration-time toggle test is safe.
@@ -340,6 +459,33 @@ impl ManagedDevice {
     }
 }
 
+/// The fd store entries a device of `kind` keeps (while the daemon is
+/// under a service manager).
+pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
+    match kind {
+        BackendKind::Sim if cfg!(feature = "testkit") && fdstore::enabled() => {
+            vec![fdstore::name(bdf, role::SIM_STATE)]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Writes each new state of the simulated device into `memfd` (one
+/// `pwrite` of the whole image, under the device's lock).
+#[cfg(feature = "testkit")]
+fn persist_sim(sim: &SimDevice, memfd: std::fs::File) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    sim.persist(move |image| {
+        if let Err(e) = memfd.write_all_at(image, 0) {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, "writing the simulated device's state to its memfd failed");
+            }
+        }
+    });
+}
+
 /// How long [`hand_back`] waits for the last users of the devices to let
 /// go before it restores the drivers (one bound for all the devices).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -362,7 +508,7 @@ pub(crate) fn hand_back(
         let bdf = dev.bdf();
         let r = dev.restore();
         if dev.handed_over.is_none() {
-            recorded.push(bdf);
+            recorded.push((bdf, dev.config.backend));
         }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();
@@ -404,8 +550,11 @@ pub(crate) fn hand_back(
     }
     // Handed back (or tried, and reported): the next start finds them
     // afresh. A crash before this leaves the entries for the next start.
-    for bdf in recorded {
+    for (bdf, kind) in recorded {
         asfound::remove(bdf);
+        for name in stored_names(bdf, kind) {
+            fdstore::remove(name);
+        }
     }
     out
 }
