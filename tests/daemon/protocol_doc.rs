@@ -89,10 +89,11 @@ fn op(r: &Request) -> &'static str {
         Request::Session { .. } => "session",
         Request::SimRaise { .. } => "sim-raise",
         Request::SimAck { .. } => "sim-ack",
+        Request::Restart => "restart",
     }
 }
 
-const OPS: [&str; 11] = [
+const OPS: [&str; 12] = [
     "ping",
     "status",
     "stats",
@@ -104,6 +105,7 @@ const OPS: [&str; 11] = [
     "session",
     "sim-raise",
     "sim-ack",
+    "restart",
 ];
 
 /// Every error kind (a new one fails to compile until listed).
