@@ -341,7 +341,7 @@ async fn main(
             return Err(e);
         }
     };
-    let resumed_sessions = resume::resume_sessions(&daemon, pending_sessions);
+    let resumed_sessions = resume::resume_sessions(&daemon, pending_sessions).await;
     let server = tokio::spawn(server::serve(listener, Arc::clone(&daemon)));
     if let Some(guest) = &config.example_guest {
         daemon.start_example(guest).await;

@@ -307,8 +307,9 @@ pub(crate) fn resume_devices(
     (opened, sessions, failed)
 }
 
-/// Re-attaches the resumed sessions, each on a task of its own.
-pub(crate) fn resume_sessions(daemon: &Arc<Daemon>, sessions: Vec<PendingSession>) -> usize {
+/// Re-attaches the resumed sessions (before READY=1), each served on a
+/// task of its own; how many were.
+pub(crate) async fn resume_sessions(daemon: &Arc<Daemon>, sessions: Vec<PendingSession>) -> usize {
     let mut n = 0;
     for s in sessions {
         let Some(dev) = daemon.device(s.bdf) else {
@@ -322,15 +323,16 @@ pub(crate) fn resume_sessions(daemon: &Arc<Daemon>, sessions: Vec<PendingSession
         let (Some(irqfd), Some(resample), Some(conn)) = (fds.next(), fds.next(), fds.next()) else {
             continue;
         };
-        n += 1;
-        tokio::spawn(crate::daemon::server::resume_session(
+        let resumed = crate::daemon::server::resume_session(
             Arc::clone(daemon),
             dev,
             conn,
             irqfd,
             resample,
             s.owner,
-        ));
+        )
+        .await;
+        n += usize::from(resumed);
     }
     n
 }

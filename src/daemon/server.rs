@@ -385,6 +385,19 @@ async fn session(
     conn.max_fds = 0;
     let dev = match attached {
         Ok(Attached { dev, report, keep }) => {
+            // Into the fd store and the record before the VMM hears of
+            // it: a crash before the answer is a request the VMM sees fail
+            // (and retries), never a session it believes in that the next
+            // process does not know.
+            if let Some((irqfd, resample)) = keep {
+                crate::daemon::resume::store_session(
+                    &dev,
+                    &irqfd,
+                    &resample,
+                    conn.stream.as_fd(),
+                    owner,
+                );
+            }
             // A resumed session was answered by the previous process.
             if let Some(report) = report {
                 if send(&mut conn.stream, &Response::ok(&report), timeout)
@@ -394,15 +407,6 @@ async fn session(
                     end_session(daemon, dev).await;
                     return;
                 }
-            }
-            if let Some((irqfd, resample)) = keep {
-                crate::daemon::resume::store_session(
-                    &dev,
-                    &irqfd,
-                    &resample,
-                    conn.stream.as_fd(),
-                    owner,
-                );
             }
             dev
         }
@@ -473,9 +477,10 @@ struct Attached {
 }
 
 /// Re-attaches a session kept in the fd store across the daemon's restart,
-/// on its stored connection, with its stored irqfd and resample eventfd.
-/// A VMM that died meanwhile left a connection at its end: the session
-/// ends at once, as any session whose VMM dies.
+/// on its stored connection, with its stored irqfd and resample eventfd,
+/// and starts serving it on a task of its own; whether it was attached. A
+/// VMM that died meanwhile left a connection at its end: the session ends
+/// at once, as any session whose VMM dies.
 pub(crate) async fn resume_session(
     daemon: Arc<Daemon>,
     dev: Arc<ManagedDevice>,
@@ -483,7 +488,7 @@ pub(crate) async fn resume_session(
     irqfd: OwnedFd,
     resample: OwnedFd,
     owner: Option<i32>,
-) {
+) -> bool {
     let bdf = dev.bdf();
     let stream = std::os::unix::net::UnixStream::from(conn);
     let stream = match stream
@@ -494,7 +499,7 @@ pub(crate) async fn resume_session(
         Err(e) => {
             warn!(%bdf, error = %e, "registering a resumed session's connection failed; the session ends");
             crate::daemon::resume::forget_session(&dev);
-            return;
+            return false;
         }
     };
     let attached = dev
@@ -503,7 +508,7 @@ pub(crate) async fn resume_session(
     if let Err(e) = attached {
         warn!(%bdf, error = %crate::error_chain(&e), "re-attaching a resumed session failed; it ends");
         crate::daemon::resume::forget_session(&dev);
-        return;
+        return false;
     }
     info!(%bdf, "VMM session resumed on its stored connection");
     let conn = Conn {
@@ -521,7 +526,10 @@ pub(crate) async fn resume_session(
         report: None,
         keep: None,
     };
-    session(&daemon, conn, Ok(attached), None, owner, timeout).await;
+    tokio::spawn(async move {
+        session(&daemon, conn, Ok(attached), None, owner, timeout).await;
+    });
+    true
 }
 
 /// Validates a session request and attaches it.

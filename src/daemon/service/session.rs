@@ -142,20 +142,19 @@ impl SessionSink {
         lock(&self.state).irqfd.is_some()
     }
 
-    /// Attaches `irqfd`. On the user-space path an interrupt parked
-    /// meanwhile is delivered now; on the kernel bypass the engine's
-    /// re-check has the kernel signal it instead.
-    pub(super) fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<()> {
+    /// Attaches `irqfd`. Returns whether an interrupt was parked meanwhile
+    /// on the user-space path: the caller re-checks it with the device
+    /// (delivered if the device still asserts); on the kernel bypass the
+    /// engine's re-check has the kernel signal it instead.
+    pub(super) fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<bool> {
         let irqfd = IrqfdWriter::spawn(irqfd)?;
         let mut s = lock(&self.state);
-        if std::mem::take(&mut s.parked) && !bypass {
-            irqfd.signal();
-        }
+        let parked = std::mem::take(&mut s.parked) && !bypass;
         if bypass {
             s.in_service_since = None;
         }
         s.irqfd = Some(irqfd);
-        Ok(())
+        Ok(parked)
     }
 
     pub(super) fn detach(&self) -> bool {
@@ -253,8 +252,19 @@ impl Task {
             }
         }
         let fd = crate::intx::sys::async_eventfd(fd).map_err(register)?;
-        self.dev.sink.attach(irqfd, false).map_err(register)?;
+        let parked = self.dev.sink.attach(irqfd, false).map_err(register)?;
         *resample = Some(fd);
+        if parked {
+            // Re-checked, not replayed: the device may have stopped
+            // asserting since it parked (its driver acknowledged it — a
+            // guest's ISR that ran while the daemon restarted — and the
+            // guest EOIed), and a replay would then be a second delivery.
+            // As at an EOI: delivered if it still asserts, else unmasked.
+            self.dev.sink.take_in_service();
+            if let Err(e) = self.dev.engine.on_guest_eoi() {
+                self.report(&e);
+            }
+        }
         self.dev
             .metrics
             .sessions
