@@ -113,6 +113,10 @@ impl Drop for IrqfdWriter {
 
 struct SinkState {
     irqfd: Option<IrqfdWriter>,
+    /// The session is on the kernel bypass: the kernel signals its irqfd
+    /// (the backend's trigger) itself, also when the engine's re-check
+    /// finds the device still asserting (vfio-pci's unmask re-sends).
+    bypass: bool,
     parked: bool,
     in_service_since: Option<std::time::Instant>,
 }
@@ -130,6 +134,7 @@ impl SessionSink {
         Self {
             state: Mutex::new(SinkState {
                 irqfd: None,
+                bypass: false,
                 parked: false,
                 in_service_since: None,
             }),
@@ -153,6 +158,7 @@ impl SessionSink {
         if bypass {
             s.in_service_since = None;
         }
+        s.bypass = bypass;
         s.irqfd = Some(irqfd);
         Ok(parked)
     }
@@ -160,6 +166,7 @@ impl SessionSink {
     pub(super) fn detach(&self) -> bool {
         let mut s = lock(&self.state);
         s.irqfd = None;
+        s.bypass = false;
         s.in_service_since.is_some()
     }
 
@@ -177,6 +184,10 @@ impl InterruptSink for SessionSink {
         let mut s = lock(&self.state);
         s.in_service_since = Some(std::time::Instant::now());
         match &s.irqfd {
+            // The kernel signalled the irqfd itself; a second signal from
+            // the writer thread could land after the guest's EOI of the
+            // first, and be a second delivery.
+            Some(_) if s.bypass => Ok(()),
             Some(fd) => {
                 fd.signal();
                 Ok(())
@@ -214,6 +225,7 @@ impl Task {
         if bypass && self.holding() {
             return Err(AttachError::Held { bdf });
         }
+        let mut fell_back = false;
         if bypass {
             let wiring = (
                 irqfd.try_clone().map_err(register)?,
@@ -247,6 +259,9 @@ impl Task {
                 }
                 Err(e) => {
                     self.dev.sink.detach();
+                    // The engine's fallback re-check may have injected
+                    // into the sink meanwhile: re-checked below.
+                    fell_back = true;
                     warn!(error = %crate::error_chain(&e), "the kernel bypass could not be wired; the session takes the user-space path");
                 }
             }
@@ -254,7 +269,7 @@ impl Task {
         let fd = crate::intx::sys::async_eventfd(fd).map_err(register)?;
         let parked = self.dev.sink.attach(irqfd, false).map_err(register)?;
         *resample = Some(fd);
-        if parked {
+        if parked || fell_back {
             // Re-checked, not replayed: the device may have stopped
             // asserting since it parked (its driver acknowledged it — a
             // guest's ISR that ran while the daemon restarted — and the
