@@ -203,6 +203,7 @@ impl SimDeviceBuilder {
                 vfio_masked: false,
                 virqfd: None,
                 persist: None,
+                signals_due: 0,
             }),
         });
         if let Some(bus) = &self.bus {

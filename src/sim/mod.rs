@@ -158,6 +158,9 @@ struct State {
     /// Receives the device's state image after each change
     /// ([`SimDevice::persist`]).
     persist: Option<image::Persist>,
+    /// Host signals decided and not sent yet: sent at the end of
+    /// `update_line`, after the state is persisted.
+    signals_due: u32,
 }
 
 struct Inner {
@@ -348,6 +351,17 @@ impl Inner {
     fn update_line(&self, s: &mut State) {
         self.update_line_only(s);
         image::persist(s);
+        // The signals after the state that explains them: a process that
+        // keeps the state across its own death (the daemon's memfd) never
+        // finds a signal sent that its state does not show.
+        if let Some(trigger) = &s.trigger {
+            for _ in 0..std::mem::take(&mut s.signals_due) {
+                // Overflow of the eventfd counter is the only failure; the
+                // host is then due to run anyway.
+                let _ = trigger.write(1);
+            }
+        }
+        s.signals_due = 0;
     }
 
     fn update_line_only(&self, s: &mut State) {
@@ -363,13 +377,9 @@ impl Inner {
             }
             return;
         }
-        if out && !s.line_out {
-            if let Some(trigger) = &s.trigger {
-                // Overflow of the eventfd counter is the only failure; the
-                // host is then due to run anyway.
-                let _ = trigger.write(1);
-                s.host_signals += 1;
-            }
+        if out && !s.line_out && s.trigger.is_some() {
+            s.signals_due += 1;
+            s.host_signals += 1;
         }
         s.line_out = out;
     }
@@ -389,8 +399,8 @@ impl Inner {
         if s.virq_disabled {
             return;
         }
-        if let Some(trigger) = &s.trigger {
-            let _ = trigger.write(1);
+        if s.trigger.is_some() {
+            s.signals_due += 1;
             s.host_signals += 1;
         }
     }

@@ -220,6 +220,13 @@ impl ManagedDevice {
                     unreadable("the simulated device's stored state is not an image")
                 })?;
                 persist_sim(&sim, memfd);
+                let snap = sim.snapshot();
+                info!(
+                    pending = snap.pending,
+                    command = format_args!("{:#06x}", snap.command),
+                    raised = snap.raised,
+                    "the simulated device's state, as the previous process left it"
+                );
                 (AnyBackend::Sim(sim.backend()), Some(sim))
             }
             _ => {
