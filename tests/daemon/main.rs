@@ -11,6 +11,7 @@ mod health;
 mod journald;
 mod lifecycle;
 mod protocol_doc;
+mod restart;
 mod sessions;
 mod socket;
 
