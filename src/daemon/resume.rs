@@ -180,6 +180,14 @@ impl Passed {
             .local_addr()
             .ok()
             .and_then(|a| a.as_pathname().map(std::path::Path::to_owned));
+        let file_there = std::fs::symlink_metadata(socket)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if at.as_deref() == Some(socket) && !file_there {
+            warn!(entry = CONTROL_SOCKET, socket = %socket.display(),
+                "the stored control socket's file is gone (the runtime directory was not preserved?); closed and removed from the store, a new one is bound");
+            fdstore::remove(CONTROL_SOCKET.to_owned());
+            return None;
+        }
         if at.as_deref() == Some(socket) {
             fdstore::kept(CONTROL_SOCKET);
             Some(OwnedFd::from(listener))
