@@ -39,6 +39,8 @@ pub(crate) const CONTROL_SOCKET: &str = "control-socket";
 pub(crate) mod role {
     /// The simulated device's state (a memfd).
     pub(crate) const SIM_STATE: &str = "sim-state";
+    /// What reached the session's irqfd (a memfd: the sink's ledger).
+    pub(crate) const DELIVERY: &str = "delivery";
     /// The VFIO container.
     pub(crate) const VFIO_CONTAINER: &str = "vfio-container";
     /// The VFIO group.
@@ -387,7 +389,7 @@ impl std::fmt::Display for FdKind {
 /// The kind a role's entry must be.
 pub(crate) fn expected_kind(role: &str) -> Option<FdKind> {
     Some(match role {
-        role::SIM_STATE => FdKind::Memfd,
+        role::SIM_STATE | role::DELIVERY => FdKind::Memfd,
         role::VFIO_CONTAINER => FdKind::VfioContainer,
         role::VFIO_GROUP => FdKind::VfioGroup,
         role::VFIO_DEVICE => FdKind::VfioDevice,

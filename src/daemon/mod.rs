@@ -389,13 +389,13 @@ async fn main(
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = usr2.recv() => {
                 match daemon.prepare_restart().await {
-                    crate::daemon::protocol::Response::Ok { .. } => restart(),
+                    crate::daemon::protocol::Response::Ok { .. } => restart(&daemon),
                     crate::daemon::protocol::Response::Error { message, .. } => {
                         warn!("SIGUSR2: not restarting: {message}");
                     }
                 }
             }
-            () = daemon.restart.notified() => restart(),
+            () = daemon.restart.notified() => restart(&daemon),
             _ = hup.recv() => {
                 if reload_tx.try_send(()).is_err() {
                     info!("SIGHUP: a reload is under way; one more follows it");
@@ -437,8 +437,17 @@ async fn main(
 /// handed back and nothing is torn down (no destructor runs: INTx stays
 /// wired, the kernel and systemd's fd store keep the descriptors), with
 /// [`exit::RESTART`] for the service manager.
-fn restart() -> ! {
+fn restart(daemon: &registry::Daemon) -> ! {
     info!("restarting: every device and session is kept in the fd store for the next process");
+    // An interrupt the engine masked for delivery reaches its guest before
+    // the process goes (the next one finds it masked and asserting, and
+    // takes it as delivered). The runtime's thread is here: no device task
+    // injects meanwhile.
+    for dev in daemon.all() {
+        if !dev.sink.flush(Duration::from_millis(100)) {
+            warn!(bdf = %dev.bdf(), "an interrupt for the VMM's irqfd was not written before the restart; the EOI timeout recovers it");
+        }
+    }
     let _ = fdstore::flush(Duration::from_secs(1));
     std::process::exit(i32::from(exit::RESTART))
 }

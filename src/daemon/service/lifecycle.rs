@@ -172,7 +172,7 @@ impl ManagedDevice {
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
-        Self::arm(
+        let opened = Self::arm(
             sysfs,
             config,
             backend,
@@ -181,7 +181,21 @@ impl ManagedDevice {
             None,
             found_command,
             false,
-        )
+        )?;
+        if stored_names(bdf, opened.0.config.backend).contains(&fdstore::name(bdf, role::DELIVERY))
+        {
+            match crate::daemon::sys::memfd("vfio-intx-delivery") {
+                Ok(memfd) => {
+                    use std::os::fd::AsFd;
+                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
+                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
+                }
+                Err(e) => {
+                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the device")
+                }
+            }
+        }
+        Ok(opened)
     }
 
     /// Takes a device over again after the daemon's own restart or crash,
@@ -198,7 +212,9 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let unreadable = |what| DeviceError::Unsupported { bdf, what };
-        let (backend, sim) = match config.backend {
+        // `in_service`: masked and asserting, the previous process
+        // delivered it.
+        let (backend, sim, in_service, ledger) = match config.backend {
             #[cfg(feature = "testkit")]
             BackendKind::Sim => {
                 use std::os::unix::fs::FileExt;
@@ -221,13 +237,28 @@ impl ManagedDevice {
                 })?;
                 persist_sim(&sim, memfd);
                 let snap = sim.snapshot();
+                let delivery = fds
+                    .remove(&fdstore::name(bdf, role::DELIVERY))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no delivery ledger for the device",
+                    ))?;
+                // Masked and asserting, and the signal reached the irqfd.
+                let in_service = snap.asserting
+                    && snap.command & COMMAND_INTX_DISABLE != 0
+                    && super::session::Ledger::all_written(&delivery);
                 info!(
                     pending = snap.pending,
                     command = format_args!("{:#06x}", snap.command),
                     raised = snap.raised,
                     "the simulated device's state, as the previous process left it"
                 );
-                (AnyBackend::Sim(sim.backend()), Some(sim))
+                (
+                    AnyBackend::Sim(sim.backend()),
+                    Some(sim),
+                    in_service,
+                    Some(delivery),
+                )
             }
             _ => {
                 let _ = fds;
@@ -254,7 +285,17 @@ impl ManagedDevice {
             Some(found.command),
             true,
         )?;
-        info!("resumed from the fd store: no reset, no rebind; the line re-checked");
+        opened
+            .0
+            .resumed_in_service
+            .store(in_service, std::sync::atomic::Ordering::SeqCst);
+        if let Some(file) = ledger {
+            opened.0.sink.set_ledger(super::session::Ledger::new(file));
+        }
+        info!(
+            in_service,
+            "resumed from the fd store: no reset, no rebind; the line re-checked"
+        );
         Ok(opened)
     }
 
@@ -393,6 +434,7 @@ impl ManagedDevice {
                 handed_over,
                 binding: Mutex::new(binding),
                 session_ending: AtomicBool::new(false),
+                resumed_in_service: AtomicBool::new(false),
                 control,
             }),
             rx,
@@ -471,7 +513,10 @@ impl ManagedDevice {
 pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
     match kind {
         BackendKind::Sim if cfg!(feature = "testkit") && fdstore::enabled() => {
-            vec![fdstore::name(bdf, role::SIM_STATE)]
+            vec![
+                fdstore::name(bdf, role::SIM_STATE),
+                fdstore::name(bdf, role::DELIVERY),
+            ]
         }
         _ => Vec::new(),
     }
