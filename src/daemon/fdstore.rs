@@ -4,7 +4,9 @@
 //! handed back at the next start (`LISTEN_FDS`, `LISTEN_PID`,
 //! `LISTEN_FDNAMES`; see sd_listen_fds(3)).
 //!
-//! Each entry is named per device and role ([`name`]): a BDF has colons,
+//! The store is used only when the manager offers one (`FDSTORE=<max>`
+//! beside `NOTIFY_SOCKET`, [`enabled`]). Each entry is named per device and
+//! role ([`name`]): a BDF has colons,
 //! which systemd refuses in a name, so `0000:00:04.0` is `0000-00-04.0`.
 //! An entry is stored when what it holds comes into being (a device
 //! brought up, a session attached, the control socket bound) and removed
@@ -115,9 +117,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether there is a service manager to keep descriptors.
+/// Whether a service manager keeps descriptors for the daemon: it says so
+/// with `FDSTORE=<max>` (systemd 254+ sets it when the unit has
+/// `FileDescriptorStoreMax=`; the shipped unit also sets it for older
+/// ones) beside `NOTIFY_SOCKET`. A manager without a store would close
+/// what it is sent, or (a plain socket) keep it forever.
 pub(crate) fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some()
+        && std::env::var("FDSTORE")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|max| max > 0)
 }
 
 /// The entries in the store now, as far as this process knows: the ones

@@ -95,8 +95,9 @@ impl Daemon {
         if !fdstore::enabled() {
             return Response::error(
                 ErrorKind::Unsupported,
-                "no service manager keeps an fd store for this daemon (NOTIFY_SOCKET is not set): \
-                 a restart would lose every device and session; stop and start it instead",
+                "no service manager keeps an fd store for this daemon (NOTIFY_SOCKET and FDSTORE \
+                 are not both set; the unit needs FileDescriptorStoreMax=): a restart would lose \
+                 every device and session; stop and start it instead",
             );
         }
         let flushed = tokio::task::spawn_blocking(|| fdstore::flush(FLUSH_TIMEOUT)).await;
