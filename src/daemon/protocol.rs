@@ -737,11 +737,17 @@ mod tests {
             serde_json::json!({ "text": "x" }),
         );
         same(
-            enc(&RaiseReply { raised: 3 }),
+            enc(&RaiseReply {
+                raised: 3,
+                totals: None,
+            }),
             serde_json::json!({ "raised": 3 }),
         );
         same(
-            enc(&AckReply { acked: false }),
+            enc(&AckReply {
+                acked: false,
+                totals: None,
+            }),
             serde_json::json!({ "acked": false }),
         );
     }

@@ -302,7 +302,7 @@ impl ManagedDevice {
     /// The resume part of the device's record: its store entries.
     fn resume_record(&self) -> Option<Resume> {
         let names = stored_names(self.bdf(), self.config.backend);
-        (fdstore::enabled() && !names.is_empty() && self.handed_over.is_none()).then(|| Resume {
+        (fdstore::enabled() && !names.is_empty() && self.handed_over.is_none()).then_some(Resume {
             backend: self.config.backend,
             names,
             session: None,
