@@ -703,3 +703,69 @@ fn a_session_whose_vmm_died_while_the_daemon_was_down_ends_at_resume() {
     let vmm = fake_vmm(&s, A);
     one_interrupt(&s, &vmm, A);
 }
+
+#[test]
+fn store_messages_a_full_notify_socket_refuses_wait_in_order_and_freeze_nothing() {
+    let mut d = Daemon::spawn_as("", &device(A, ""), |_, config| {
+        let mut c = Command::new(BIN);
+        c.args(["daemon", "--config"])
+            .arg(config)
+            .env("FDSTORE", "64")
+            .env_remove("JOURNAL_STREAM");
+        c
+    });
+    d.wait_notify("READY=1", Duration::from_secs(10));
+    // The manager stops reading: its queue fills.
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.connect(d.dir.path().join("notify.sock")).unwrap();
+    filler.set_nonblocking(true).unwrap();
+    while filler.send(b"X_FILLER=1\n").is_ok() {}
+    // A session's three entries cannot be sent now; nothing waits for them.
+    let t = Instant::now();
+    let vmm = FakeVmm::attach(&d, A);
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "a session and a ping took {:?} with the notify socket full",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    // The manager reads again: every entry arrives, in order.
+    let mut names = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while names.len() < 3 && Instant::now() < deadline {
+        if let Ok(n) = d.notify.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains("FDSTORE=1") {
+                for l in msg.lines() {
+                    if let Some(name) = l.strip_prefix("FDNAME=") {
+                        if name.contains("session") {
+                            names.push(name.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "0000-00-04.0.session-irqfd",
+            "0000-00-04.0.session-resample",
+            "0000-00-04.0.session-conn"
+        ],
+        "log:\n{}",
+        d.log()
+    );
+    assert!(
+        d.log().contains("fd store messages wait and are retried"),
+        "{}",
+        d.log()
+    );
+    drop(vmm);
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    let (code, took) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", d.log());
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
