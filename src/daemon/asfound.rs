@@ -55,6 +55,9 @@ pub(crate) struct Resume {
     /// The VMM session attached, if one is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) session: Option<SessionRecord>,
+    /// An operator hold (`mask`) is in force.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) held: bool,
 }
 
 /// A VMM session in the record.
@@ -171,6 +174,19 @@ pub(crate) fn set_session(bdf: Bdf, session: Option<SessionRecord>) {
     });
 }
 
+/// Sets whether an operator hold is in force on `bdf`.
+pub(crate) fn set_held(bdf: Bdf, held: bool) {
+    update(|r| {
+        if let Some(resume) = r
+            .devices
+            .get_mut(&bdf.to_string())
+            .and_then(|f| f.resume.as_mut())
+        {
+            resume.held = held;
+        }
+    });
+}
+
 /// Every device's entry (at start, for the resume).
 pub(crate) fn all() -> BTreeMap<String, Found> {
     match STORE.get() {
@@ -265,6 +281,7 @@ mod tests {
                         owner: Some(42),
                         names: vec!["0000-01-00.0.session-conn".into()],
                     }),
+                    held: true,
                 }),
             },
         );

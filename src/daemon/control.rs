@@ -442,10 +442,14 @@ impl Daemon {
             dev.release().await
         };
         match r {
-            Ok(()) => Response::ok(HoldReply {
-                bdf: dev.bdf(),
-                held: mask,
-            }),
+            Ok(()) => {
+                // An operator hold outlives the daemon's restart.
+                crate::daemon::resume::record_hold(&dev, mask);
+                Response::ok(HoldReply {
+                    bdf: dev.bdf(),
+                    held: mask,
+                })
+            }
             Err(e) => failure(&e),
         }
     }

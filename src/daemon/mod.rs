@@ -315,10 +315,11 @@ async fn main(
             op: "resuming devices",
             source: io::Error::other(e),
         })?;
-        let (mut rest, (opened, sessions, failed)) = joined;
+        let (mut rest, (opened, sessions, failed, held)) = joined;
         rest.close_rest();
         resumed_devices = opened.len();
         daemon.insert(opened);
+        resume::restore_holds(&daemon, held).await;
         pending_sessions = sessions;
         fresh.extend(failed);
     }

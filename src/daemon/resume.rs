@@ -88,6 +88,35 @@ pub(crate) fn forget_session(dev: &ManagedDevice) {
     }
 }
 
+/// Records an operator hold set or lifted on `dev`, for the next process.
+pub(crate) fn record_hold(dev: &ManagedDevice, held: bool) {
+    if dev.handed_over.is_none() && fdstore::enabled() {
+        asfound::set_held(dev.bdf(), held);
+    }
+}
+
+/// Puts back the operator holds the previous process had (before any
+/// session re-attaches); how many.
+pub(crate) async fn restore_holds(daemon: &Arc<Daemon>, held: Vec<Bdf>) -> usize {
+    let mut n = 0;
+    for bdf in held {
+        let Some(dev) = daemon.device(bdf) else {
+            continue;
+        };
+        match dev.hold().await {
+            Ok(()) => {
+                info!(%bdf, "the operator hold is in force again after the restart");
+                n += 1;
+            }
+            Err(e) => {
+                warn!(%bdf, error = %crate::error_chain(&e), "putting the operator hold back failed");
+                asfound::set_held(bdf, false);
+            }
+        }
+    }
+    n
+}
+
 impl Daemon {
     /// Makes sure the store and the record are complete for a restart that
     /// keeps every device and session; the answer to `restart`.
@@ -265,7 +294,8 @@ pub(crate) struct PendingSession {
 pub(crate) fn resume_devices(
     passed: &mut Passed,
     devices: Vec<(DeviceConfig, Found)>,
-) -> (Opened, Vec<PendingSession>, Vec<DeviceConfig>) {
+) -> (Opened, Vec<PendingSession>, Vec<DeviceConfig>, Vec<Bdf>) {
+    let mut held = Vec::new();
     let mut opened: Opened = Vec::new();
     let mut sessions = Vec::new();
     let mut failed = Vec::new();
@@ -279,7 +309,12 @@ pub(crate) fn resume_devices(
             fdstore::kept(name);
         }
         match ManagedDevice::resume(config.clone(), &found, &mut passed.fds) {
-            Ok(o) => opened.push(o),
+            Ok(o) => {
+                opened.push(o);
+                if resume.held {
+                    held.push(bdf);
+                }
+            }
             Err(e) => {
                 warn!(%bdf, error = %crate::error_chain(&e), "resuming the device failed; it is brought up afresh");
                 for name in &resume.names {
@@ -313,7 +348,7 @@ pub(crate) fn resume_devices(
             }
         }
     }
-    (opened, sessions, failed)
+    (opened, sessions, failed, held)
 }
 
 /// Re-attaches the resumed sessions (before READY=1), each served on a

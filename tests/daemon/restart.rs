@@ -769,3 +769,37 @@ fn store_messages_a_full_notify_socket_refuses_wait_in_order_and_freeze_nothing(
     assert_eq!(code, Some(0), "{}", d.log());
     assert!(took < Duration::from_secs(3), "{took:?}");
 }
+
+#[test]
+fn an_operator_hold_outlives_a_restart_and_a_crash() {
+    let mut s = Supervised::start(&device(A, ""));
+    let vmm = fake_vmm(&s, A);
+    one_interrupt(&s, &vmm, A);
+    s.ask(&Request::Mask {
+        bdf: A.parse().unwrap(),
+    });
+    s.restart_keeping(false);
+    assert_eq!(
+        s.status().devices[0].held.as_deref(),
+        Some("operator"),
+        "log:\n{}",
+        s.log()
+    );
+    s.kill9();
+    assert_eq!(s.status().devices[0].held.as_deref(), Some("operator"));
+    // Held: an interrupt waits for the release.
+    raise(&s, A);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vmm.injected(), 0, "delivered while held");
+    s.ask(&Request::Unmask {
+        bdf: A.parse().unwrap(),
+    });
+    wait_for("the held interrupt", Duration::from_secs(5), || {
+        vmm.injected() > 0
+    });
+    ack(&s, A);
+    vmm.eoi();
+    // Lifted: the next process does not hold it again.
+    s.kill9();
+    assert_eq!(s.status().devices[0].held, None);
+}

@@ -306,6 +306,7 @@ impl ManagedDevice {
             backend: self.config.backend,
             names,
             session: None,
+            held: false,
         })
     }
 
