@@ -243,10 +243,11 @@ impl ManagedDevice {
                     .ok_or(unreadable(
                         "the fd store has no delivery ledger for the device",
                     ))?;
-                // Masked and asserting, and the signal reached the irqfd.
+                // Masked and asserting, and the signal reached the irqfd
+                // with no EOI since.
                 let in_service = snap.asserting
                     && snap.command & COMMAND_INTX_DISABLE != 0
-                    && super::session::Ledger::all_written(&delivery);
+                    && super::session::Ledger::in_guest(&delivery);
                 info!(
                     pending = snap.pending,
                     command = format_args!("{:#06x}", snap.command),

@@ -43,57 +43,49 @@ struct WriterShared {
     ledger: Option<Arc<Ledger>>,
 }
 
-/// What reached the session's irqfd, in a memfd kept in systemd's fd store
-/// (`<bdf>.delivery`): the interrupts the engine injected for the irqfd
-/// (bytes 0..8) and how many of them were written to it (8..16), each
-/// recorded in one `pwrite`: the injected count before the writer is told,
-/// the written count after its write. A daemon resumed after a kill -9
-/// that finds the device masked and asserting knows from it whether the
-/// interrupt in service reached the guest (and must not be sent again) or
-/// not (and must be).
+/// Where the session's last interrupt stands, in a memfd kept in systemd's
+/// fd store (`<bdf>.delivery`), one `pwrite` per step: injected for the
+/// irqfd (before the writer is told), written to it (after the write, with
+/// nothing more pending), EOIed (when the resample eventfd was read, before
+/// the EOI is processed). A daemon resumed after a kill -9 that finds the
+/// device masked and asserting knows from it whether that interrupt is in
+/// the guest's hands (written, no EOI since: it must not be sent again) or
+/// not (injected but not written, or EOIed and the crash came before the
+/// re-check: it must be).
 pub(crate) struct Ledger {
     file: std::fs::File,
 }
 
 impl Ledger {
-    const INJECTED: u64 = 0;
-    const WRITTEN: u64 = 8;
+    const IDLE: u64 = 0;
+    const INJECTED: u64 = 1;
+    const WRITTEN: u64 = 2;
 
-    /// A ledger in `file`, zeroed.
+    /// A ledger in `file`, reset.
     pub(crate) fn new(file: std::fs::File) -> Self {
         let ledger = Self { file };
-        ledger.put(Self::INJECTED, 0);
-        ledger.put(Self::WRITTEN, 0);
+        ledger.put(Self::IDLE);
         ledger
     }
 
-    /// Whether every interrupt injected for the irqfd was written to it,
-    /// as `file` records.
-    pub(crate) fn all_written(file: &std::fs::File) -> bool {
-        Self::get(file, Self::WRITTEN) >= Self::get(file, Self::INJECTED)
-    }
-
-    fn get(file: &std::fs::File, at: u64) -> u64 {
+    /// Whether `file` records an interrupt written to the irqfd and not
+    /// EOIed since.
+    pub(crate) fn in_guest(file: &std::fs::File) -> bool {
         use std::os::unix::fs::FileExt;
         let mut b = [0u8; 8];
-        match file.read_exact_at(&mut b, at) {
-            Ok(()) => u64::from_le_bytes(b),
-            Err(_) => 0,
-        }
+        file.read_exact_at(&mut b, 0).is_ok() && u64::from_le_bytes(b) == Self::WRITTEN
     }
 
-    fn put(&self, at: u64, value: u64) {
+    fn put(&self, state: u64) {
         use std::os::unix::fs::FileExt;
-        // A failed write only weakens the resume's knowledge; counted
-        // nowhere else, so not worth a log line per interrupt.
-        let _ = self.file.write_all_at(&value.to_le_bytes(), at);
+        // A failed write only weakens the resume's knowledge (it then
+        // re-checks and may re-send); not worth a log line per interrupt.
+        let _ = self.file.write_all_at(&state.to_le_bytes(), 0);
     }
 }
 
 struct WriterState {
     signals: u64,
-    /// Signals asked for in all (the ledger's injected count).
-    requested: u64,
     /// A write taken from `signals` is under way.
     writing: bool,
     closed: bool,
@@ -102,14 +94,9 @@ struct WriterState {
 impl IrqfdWriter {
     fn spawn(irqfd: EventFd, ledger: Option<Arc<Ledger>>) -> io::Result<Self> {
         let unblock = irqfd.try_clone()?;
-        if let Some(l) = &ledger {
-            l.put(Ledger::INJECTED, 0);
-            l.put(Ledger::WRITTEN, 0);
-        }
         let shared = Arc::new(WriterShared {
             ledger,
             state: Mutex::new(WriterState {
-                requested: 0,
                 signals: 0,
                 writing: false,
                 closed: false,
@@ -129,9 +116,8 @@ impl IrqfdWriter {
         {
             let mut s = lock(&self.shared.state);
             s.signals += 1;
-            s.requested += 1;
             if let Some(l) = &self.shared.ledger {
-                l.put(Ledger::INJECTED, s.requested);
+                l.put(Ledger::INJECTED);
             }
         }
         self.shared.wake.notify_all();
@@ -142,7 +128,6 @@ impl WriterShared {
     fn run(&self, irqfd: &EventFd) {
         let mut log = rate_limit();
         loop {
-            let upto;
             {
                 let mut s = lock(&self.state);
                 while s.signals == 0 && !s.closed {
@@ -153,7 +138,6 @@ impl WriterShared {
                 }
                 s.signals = 0;
                 s.writing = true;
-                upto = s.requested;
             }
             match irqfd.write(1) {
                 Ok(()) => {}
@@ -167,10 +151,12 @@ impl WriterShared {
                     }
                 }
             }
-            if let Some(l) = &self.ledger {
-                l.put(Ledger::WRITTEN, upto);
+            let mut s = lock(&self.state);
+            if let (Some(l), 0) = (&self.ledger, s.signals) {
+                l.put(Ledger::WRITTEN);
             }
-            lock(&self.state).writing = false;
+            s.writing = false;
+            drop(s);
             self.wake.notify_all();
         }
     }
@@ -252,6 +238,14 @@ impl SessionSink {
     /// Keeps the delivery ledger in `ledger` from the next session on.
     pub(crate) fn set_ledger(&self, ledger: Ledger) {
         lock(&self.state).ledger = Some(Arc::new(ledger));
+    }
+
+    /// The guest EOIed (the resample eventfd was read): in the ledger
+    /// before the EOI is processed.
+    pub(super) fn note_eoi(&self) {
+        if let Some(l) = &lock(&self.state).ledger {
+            l.put(Ledger::IDLE);
+        }
     }
 
     /// Whether a session's irqfd is attached.

@@ -133,6 +133,7 @@ impl Task {
                                 continue;
                             }
                         }
+                        self.dev.sink.note_eoi();
                         if let Some(t) = self.dev.sink.take_in_service() {
                             self.dev.metrics.round_trip.record(t.elapsed());
                         }
@@ -262,6 +263,7 @@ impl Task {
                         "interrupt in service with no EOI from the guest; recovering as if EOIed"
                     );
                 }
+                self.dev.sink.note_eoi();
                 self.dev.sink.take_in_service();
                 self.dev.engine.on_guest_eoi()?;
                 Ok(())
