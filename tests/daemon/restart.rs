@@ -803,3 +803,47 @@ fn an_operator_hold_outlives_a_restart_and_a_crash() {
     s.kill9();
     assert_eq!(s.status().devices[0].held, None);
 }
+
+#[test]
+fn without_an_fd_store_a_restart_is_refused_and_the_daemon_keeps_running() {
+    // NOTIFY_SOCKET without FDSTORE=: a manager that keeps no store.
+    let d = Daemon::start(&device(A, ""));
+    let out = d.cli(&["restart"]);
+    assert_eq!(out.status.code(), Some(i32::from(exit::FAILED)), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no service manager keeps an fd store"),
+        "{stderr}"
+    );
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+    // SIGUSR2 likewise: logged, nothing else.
+    d.signal(nix::sys::signal::Signal::SIGUSR2);
+    d.wait_log("SIGUSR2: not restarting");
+    assert!(d.ask(&Request::Ping)["pid"].is_number());
+}
+
+#[test]
+fn a_store_lost_after_a_crash_falls_back_to_the_as_found_record() {
+    let mut s = Supervised::start(&device(A, "sim-command = 0x0003"));
+    let FakeVmm { mut session, .. } = fake_vmm(&s, A);
+    s.sup.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    s.sup.wait_exit(Duration::from_secs(10)).unwrap();
+    // The store is gone (a stop, a manager restart): the record remains.
+    s.sup.release_store();
+    s.sup.restart().unwrap();
+    s.ready();
+    assert!(
+        s.log()
+            .contains("the record names fd store entries that are missing"),
+        "{}",
+        s.log()
+    );
+    let dev = &s.status().devices[0];
+    assert_eq!(
+        dev.found_command, 0x0003,
+        "COMMAND as the first instance found it"
+    );
+    assert!(!dev.session);
+    // The VMM's connection ended with the first process.
+    session.wait_closed().unwrap();
+}
