@@ -27,6 +27,9 @@ fail() {
     exit 1
 }
 ok() { echo "ok: $*"; }
+# grep reading all its input: `grep -q` behind a pipe exits at the first
+# match, and under pipefail the writer's SIGPIPE would fail the check.
+has() { grep "$@" >/dev/null; }
 skip() { echo "SKIP: $*" >&2; }
 
 for tool in dpkg-deb man systemd-analyze; do
@@ -61,8 +64,8 @@ case "$(field Maintainer)" in
 *) fail "the Maintainer field does not name the project with an address: $(field Maintainer)" ;;
 esac
 # $auto: computed from the binary's libraries (libc6 at least).
-field Depends | grep -q 'libc6' || fail "Depends not computed (no libc6): $(field Depends)"
-field Description | grep -q 'INTx' || fail "Description: $(field Description)"
+field Depends | has 'libc6' || fail "Depends not computed (no libc6): $(field Depends)"
+field Description | has 'INTx' || fail "Description: $(field Description)"
 ok "control: $(field Package) $(field Version) $(field Architecture), Depends: $(field Depends)"
 
 # --- contents, modes, owners -----------------------------------------------
@@ -126,7 +129,7 @@ grep -qx /etc/vfio-intx/daemon.toml "$tmp/control/conffiles" ||
 if grep -nE 'deb-systemd-invoke (start|restart)|systemctl (--[a-z-]+ )*(enable|start)' "$tmp/control/postinst"; then
     fail "postinst starts or enables the service"
 fi
-grep -B3 'deb-systemd-helper enable' "$tmp/control/postinst" | grep -q 'was-enabled' ||
+grep -B3 'deb-systemd-helper enable' "$tmp/control/postinst" | has 'was-enabled' ||
     ! grep -q 'deb-systemd-helper enable' "$tmp/control/postinst" ||
     fail "postinst enables the service on a fresh install"
 ok "conffile /etc/vfio-intx/daemon.toml; the maintainer scripts neither enable nor start the service"
@@ -138,7 +141,7 @@ mkdir -p "$tmp/dpkgroot/var/lib/dpkg/updates" "$tmp/dpkgroot/var/lib/dpkg/info"
 touch "$tmp/dpkgroot/var/lib/dpkg/status"
 dpkg --root="$tmp/dpkgroot" --log=/dev/null --force-depends --unpack "$deb" >"$tmp/dpkg.log" 2>&1 ||
     fail "dpkg --unpack into a throwaway root: $(cat "$tmp/dpkg.log")"
-dpkg --root="$tmp/dpkgroot" -s vfio-intx | grep -q '^ /etc/vfio-intx/daemon.toml ' ||
+dpkg --root="$tmp/dpkgroot" -s vfio-intx | has '^ /etc/vfio-intx/daemon.toml ' ||
     fail "dpkg did not register the conffile: $(dpkg --root="$tmp/dpkgroot" -s vfio-intx)"
 [ -x "$tmp/dpkgroot/usr/bin/vfio-intx" ] || fail "dpkg --unpack left no /usr/bin/vfio-intx"
 ok "dpkg --unpack into a throwaway root: unpacked, conffile registered"
@@ -206,20 +209,20 @@ awk -v e="$exposure" -v max="$EXPOSURE_MAX" 'BEGIN { exit !(e <= max) }' ||
 ok "systemd-analyze security --offline=yes: exposure $exposure <= $EXPOSURE_MAX"
 
 # --- man pages ---------------------------------------------------------------
-check_page() { # name, description expected on its NAME line
+check_page() { # the page's name
     local name=$1 file=$root/usr/share/man/man8/$1.8.gz warnings rendered
-    zcat "$file" | grep -qE "^\.TH \"?$name\"? \"?8\"?" || fail "$name.8: not a section 8 page: $(zcat "$file" | grep '^\.TH')"
+    zcat "$file" | has -E "^\.TH \"?$name\"? \"?8\"?" || fail "$name.8: not a section 8 page: $(zcat "$file" | grep '^\.TH')"
     warnings=$(MANWIDTH=80 man --warnings -l "$file" 2>&1 >/dev/null)
     [ -z "$warnings" ] || fail "$name.8 renders with warnings: $warnings"
     rendered=$(MANWIDTH=80 man -l "$file" 2>/dev/null)
-    echo "$rendered" | awk '/^NAME$/ {getline; print; exit}' | grep -qE "^ +$name +- +[A-Za-z]" ||
-        fail "$name.8: bad NAME line: $(echo "$rendered" | awk '/^NAME$/ {getline; print; exit}')"
+    echo "$rendered" | awk '/^NAME$/ && !done {getline; print; done = 1}' | has -E "^ +$name +- +[A-Za-z]" ||
+        fail "$name.8: bad NAME line: $(echo "$rendered" | awk '/^NAME$/ && !done {getline; print; done = 1}')"
 }
 check_page vfio-intx
 root_page=$(MANWIDTH=80 man -l "$root/usr/share/man/man8/vfio-intx.8.gz" 2>/dev/null)
 while read -r sub; do
     check_page "vfio-intx-$sub"
-    echo "$root_page" | grep -q "vfio-intx-$sub(8)" || fail "vfio-intx(8) does not refer to vfio-intx-$sub(8)"
+    echo "$root_page" | has "vfio-intx-$sub(8)" || fail "vfio-intx(8) does not refer to vfio-intx-$sub(8)"
 done <"$tmp/subcommands"
 ok "man pages: vfio-intx(8) and $(wc -l <"$tmp/subcommands") subcommand pages in section 8, NAME lines, no warnings"
 
@@ -232,14 +235,14 @@ bash_out=$(bash --norc --noprofile -c '
     "$fn" vfio-intx pro vfio-intx
     printf "reply:%s\n" "${COMPREPLY[@]}"' _ "$root/usr/share/bash-completion/completions/vfio-intx" 2>&1) ||
     fail "bash completion does not load: $bash_out"
-echo "$bash_out" | grep -qx 'reply:probe' || fail "bash does not complete 'vfio-intx pro' to probe: $bash_out"
+echo "$bash_out" | has -x 'reply:probe' || fail "bash does not complete 'vfio-intx pro' to probe: $bash_out"
 ok "bash completion: $(echo "$bash_out" | head -n 1)"
 if command -v zsh >/dev/null; then
     zsh_out=$(zsh -f -c 'autoload -Uz compinit && compinit -u -D || exit 1
         source "$1" || exit 1
         print -r -- "comp:${_comps[vfio-intx]}"' _ "$root/usr/share/zsh/vendor-completions/_vfio-intx" 2>&1) ||
         fail "zsh completion does not load: $zsh_out"
-    echo "$zsh_out" | grep -qx 'comp:_vfio-intx' || fail "zsh does not register _vfio-intx: $zsh_out"
+    echo "$zsh_out" | has -x 'comp:_vfio-intx' || fail "zsh does not register _vfio-intx: $zsh_out"
     ok "zsh completion: compdef _vfio-intx vfio-intx"
 else
     skip "zsh is not installed: its completion is not checked"
@@ -248,7 +251,7 @@ if command -v fish >/dev/null; then
     fish_out=$(fish --no-config -c 'source $argv[1]; and complete -C "vfio-intx pro"' \
         "$root/usr/share/fish/vendor_completions.d/vfio-intx.fish" 2>&1) ||
         fail "fish completion does not load: $fish_out"
-    echo "$fish_out" | grep -q '^probe' || fail "fish does not complete 'vfio-intx pro' to probe: $fish_out"
+    echo "$fish_out" | has '^probe' || fail "fish does not complete 'vfio-intx pro' to probe: $fish_out"
     ok "fish completion: $(echo "$fish_out" | grep '^probe')"
 else
     skip "fish is not installed: its completion is not checked"
