@@ -60,13 +60,17 @@ enum Command {
     Ops(vfio_intx::daemon::cli::Command),
 }
 
-/// `vfio-intx generate-assets --out DIR`: the package's man pages and shell
-/// completions (`packaging/build-deb.sh`). Parsed apart from [`Cli`], not as
-/// a hidden subcommand of it: clap's completions offer hidden subcommands,
-/// and the pages and completions are generated from `Cli` itself.
+// `vfio-intx generate-assets`, for packaging/build-deb.sh. Parsed apart
+// from `Cli`, not as a hidden subcommand of it: clap's completions offer
+// hidden subcommands too, and the pages and completions are generated from
+// `Cli` itself.
 #[cfg(not(loom))]
 #[derive(Parser)]
-#[command(name = "vfio-intx generate-assets")]
+#[command(
+    name = "vfio-intx generate-assets",
+    bin_name = "vfio-intx generate-assets",
+    about = "Write the man pages and shell completions of the package"
+)]
 struct GenerateAssets {
     /// The directory to write the man pages and completions into.
     #[arg(long)]
