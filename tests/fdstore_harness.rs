@@ -72,6 +72,11 @@ fn report() {
             .collect::<Vec<_>>()
             .join(",")
     ));
+    let open: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    lines.push(format!("X_OPEN={}", open.join(",")));
     for (fd, name) in &fds {
         let link = format!("/proc/self/fd/{fd}");
         let target = std::fs::read_link(&link)
@@ -258,6 +263,9 @@ fn a_restart_passes_the_store_newest_first_by_name_to_the_childs_own_pid() {
     assert_eq!(rep.get("X_LISTEN_FDS"), Some("4"));
     assert_eq!(rep.get("X_LISTEN_FDNAMES"), Some("state:conn:irqfd:state"));
     assert_eq!(rep.get("X_FDSTORE"), Some("16"));
+    // Nothing else of the test process reached the child: stdio, the four
+    // stored fds, and the directory the child lists them with.
+    assert_eq!(rep.get("X_OPEN"), Some("0,1,2,3,4,5,6,7"));
     // The real sd-notify crate sees the same (it checks LISTEN_PID).
     assert_eq!(
         rep.get("X_SD_NOTIFY"),
@@ -412,6 +420,50 @@ fn a_message_from_another_pid_is_ignored_and_its_fds_closed() {
         "{:?}",
         s.log()
     );
+}
+
+const LEAK_PROBE: &str = "FDSTORE_LEAK_PROBE";
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A whole supervisor life (stores, restarts, a hang-up, a stop) in a
+/// process of its own, so that no other test's descriptors are counted.
+#[test]
+fn leak_probe_entry() {
+    if std::env::var_os(LEAK_PROBE).is_none() {
+        return;
+    }
+    let before = open_fds();
+    {
+        let mut s = start("file,a,x;eventfd,b;sock,c;closepeers;ready", 8);
+        s.wait_store(T, |n| n == ["b", "a"]).unwrap();
+        restart(&mut s, Signal::SIGTERM, "report;file,d,y;ready");
+        restart(&mut s, Signal::SIGKILL, "report;ready");
+        assert_eq!(s.store_names(), ["d", "b", "a"]);
+        s.stop(Signal::SIGTERM, T).unwrap();
+        assert!(s.errors().is_empty(), "{:?}", s.errors());
+    }
+    assert_eq!(open_fds(), before, "descriptors leaked by the harness");
+}
+
+#[test]
+fn the_harness_leaks_no_descriptors() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "leak_probe_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(LEAK_PROBE, "1")
+        .env_remove(ACTIONS)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("test leak_probe_entry ... ok"), "{text}");
 }
 
 #[test]

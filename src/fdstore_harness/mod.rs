@@ -43,6 +43,15 @@
 //!   still as the main pid's (systemd dispatches the notify socket before
 //!   SIGCHLD).
 //!
+//! Cross-checked against a real systemd 252 user manager (`systemd --user`
+//! with `systemd-run -p Type=notify -p FileDescriptorStoreMax=4 -p
+//! Restart=always`): a service storing `state`, `irqfd`, `state`, `conn`
+//! got `LISTEN_FDNAMES=conn:state:irqfd:state` and `LISTEN_PID=<its pid>`
+//! after `systemctl restart` and after `kill -9`, and `systemctl stop` left
+//! `NFileDescriptorStore=0`. (252 predates `$FDSTORE`, which 254 added.)
+//! Note for a service: `systemctl restart` and `systemctl stop` send the
+//! same KillSignal= (SIGTERM); the signal alone does not say which.
+//!
 //! `STATUS=`, `READY=1`, `RELOADING=1`, `STOPPING=1`, `WATCHDOG=1`,
 //! `MAINPID=`, `EXTEND_TIMEOUT_USEC=` and the rest are recorded
 //! ([`Supervisor::notifications`]); `MAINPID=` does not change the main pid
@@ -430,7 +439,6 @@ impl Shared {
             Err(_) => msg.ctrunc = true,
         }
         let bytes = msg.bytes.min(NOTIFY_BUFFER_MAX);
-        drop(iov);
         msg.data = buf[..bytes].to_vec();
         Ok(Some(msg))
     }
@@ -922,6 +930,34 @@ impl Supervisor {
                 })
             })
             .collect()
+    }
+
+    /// Waits until the stored fds' names (in the order of the next start)
+    /// satisfy `pred`; returns them.
+    pub fn wait_store(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Result<Vec<String>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            let names: Vec<String> = st.store.entries.iter().map(|e| e.name.clone()).collect();
+            if pred(&names) {
+                return Ok(names);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout {
+                    what: format!("the fd store (now {names:?})"),
+                    after: timeout,
+                });
+            }
+            st = match self.shared.changed.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
     }
 
     /// The stored fds' names, in the order of the next start.
