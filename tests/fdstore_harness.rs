@@ -475,3 +475,60 @@ fn no_store_without_a_max_and_nothing_passed_without_fds() {
     assert_eq!(rep.get("X_LISTEN_PID"), Some("-"));
     assert_eq!(rep.get("X_FDSTORE"), Some("-"));
 }
+
+/// The real daemon under the harness, as it is today (no fd store use
+/// yet): READY=1 with a STATUS= line, a SIGTERM restart, STOPPING=1 and a
+/// clean exit on stop. The figures are the daemon's exec to READY=1.
+#[cfg(feature = "cli")]
+#[test]
+fn the_daemon_starts_restarts_and_stops_under_the_harness() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{}\"\n\n[[device]]\nbdf = \"0000:00:04.0\"\nbackend = \"sim\"\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let cmd = ServiceCommand::new(env!("CARGO_BIN_EXE_vfio-intx"))
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .env_remove("JOURNAL_STREAM")
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create("/dev/null").unwrap())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut s = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let dump = |s: &Supervisor| {
+        format!(
+            "{:?}\n{}",
+            s.log(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    let up = s
+        .wait_ready(T)
+        .unwrap_or_else(|e| panic!("{e}: {}", dump(&s)));
+    let ready = s.wait_notification(0, T, |n| n.has("READY=1")).unwrap();
+    assert!(ready.get("STATUS").is_some(), "{ready:?}");
+    let r = s.stop_and_restart(Signal::SIGTERM, T).unwrap();
+    let up2 = s
+        .wait_ready(T)
+        .unwrap_or_else(|e| panic!("{e}: {}", dump(&s)));
+    assert!(r.exit.success(), "{}: {}", r.exit, dump(&s));
+    eprintln!(
+        "[fdstore] daemon exec to READY=1: {up:?}; after a SIGTERM restart (down {:?}): {up2:?}",
+        r.down
+    );
+    let status = s.stop(Signal::SIGTERM, T).unwrap();
+    assert!(status.success(), "{status}: {}", dump(&s));
+    assert!(
+        s.lines().iter().any(|l| l == "STOPPING=1"),
+        "{:?}",
+        s.lines()
+    );
+    assert!(s.errors().is_empty(), "{:?}", s.errors());
+}
