@@ -98,6 +98,9 @@ use store::{Entry, Store};
 /// truncated and ignored.
 pub const NOTIFY_BUFFER_MAX: usize = 4096;
 
+/// systemd's `NOTIFY_RCVBUF_SIZE`.
+const NOTIFY_RCVBUF_SIZE: usize = 8 * 1024 * 1024;
+
 /// The most descriptors one datagram carries (the kernel's `SCM_MAX_FD`).
 const SCM_MAX_FD: usize = 253;
 
@@ -598,6 +601,12 @@ impl Supervisor {
             .map_err(io_err(format!("binding {}", socket_path.display())))?;
         socket::setsockopt(&socket, sockopt::PassCred, &true)
             .map_err(|e| io_err("setting SO_PASSCRED")(e.into()))?;
+        // systemd's NOTIFY_RCVBUF_SIZE (8 MiB), forced where permitted.
+        // The queue's length stays net.unix.max_dgram_qlen (10 by
+        // default): a sender that does not block gets EAGAIN past it.
+        if socket::setsockopt(&socket, sockopt::RcvBufForce, &NOTIFY_RCVBUF_SIZE).is_err() {
+            let _ = socket::setsockopt(&socket, sockopt::RcvBuf, &NOTIFY_RCVBUF_SIZE);
+        }
         socket
             .set_nonblocking(true)
             .map_err(io_err("O_NONBLOCK on the notify socket"))?;
