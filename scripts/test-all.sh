@@ -23,6 +23,13 @@ cargo clippy --all-targets --all-features -- -D warnings
 step "lint: cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
+step "tools: promtool for the metrics tests (Prometheus' own parser)"
+if [ -z "${PROMTOOL:-}" ]; then
+    PROMTOOL="$(scripts/promtool.sh || true)"
+    if [ -n "$PROMTOOL" ]; then export PROMTOOL; else unset PROMTOOL; fi
+fi
+echo "PROMTOOL=${PROMTOOL:-(none: the metrics tests skip their promtool parse)}"
+
 step "tier 1: cargo test"
 cargo test
 
