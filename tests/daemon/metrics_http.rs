@@ -510,3 +510,46 @@ fn the_metrics_drop_in_verifies_and_keeps_the_unit_exposure_at_most_4() {
     eprintln!("exposure with the metrics drop-in: {level}");
     assert!(level <= 4.0, "{line}\n{text}");
 }
+
+#[test]
+fn the_readmes_alert_rules_pass_promtool_check_rules() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Metrics for a fleet")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README's metrics section");
+    let rules = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("alert rules in the metrics section");
+    let Some(promtool) = promtool() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vfio-intx.rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    let out = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every family an alert names is one the daemon exports.
+    let d = Daemon::start(&device(A, ""));
+    let text = d.ask(&Request::Metrics)["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let names = families(&text);
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("vfio_intx_") {
+            assert!(names.iter().any(|n| n == word), "{word} is not exported");
+        }
+    }
+}
