@@ -295,6 +295,19 @@ fn gauges_follow_a_line_masked_and_unmasked_over_http_and_in_the_textfile() {
         std::fs::read_to_string(&prom).is_ok_and(|t| t.contains(&format!("{masked} 0")))
     });
 
+    // An operator's hold masks it too, for as long as it lasts.
+    d.ask(&Request::Mask {
+        bdf: A.parse().unwrap(),
+    });
+    let held = scrape(port);
+    assert_eq!(sample(&held, &masked), 1.0, "{held}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(sample(&scrape(port), &seconds) >= 0.1);
+    d.ask(&Request::Unmask {
+        bdf: A.parse().unwrap(),
+    });
+    assert_eq!(sample(&scrape(port), &masked), 0.0);
+
     // Stopped: the file goes, so that nobody reads a stopped daemon's
     // last numbers as current ones.
     let mut d = d;

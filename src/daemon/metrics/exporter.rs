@@ -236,7 +236,8 @@ impl Exporter {
                 None => self.stop_http().await,
                 Some(addr) => {
                     // The same address: the old listener must go first.
-                    if self.http.as_ref().is_some_and(|h| h.addr == addr) {
+                    let same = self.http.as_ref().is_some_and(|h| h.addr == addr);
+                    if same {
                         self.stop_http().await;
                     }
                     match self.listen(addr, config).await {
@@ -246,7 +247,12 @@ impl Exporter {
                         }
                         Err(e) => error!(
                             error = %crate::error_chain(&e),
-                            "reload: the metrics endpoint stays as it was"
+                            "reload: {}",
+                            if same {
+                                "the metrics endpoint is closed"
+                            } else {
+                                "the metrics endpoint stays as it was"
+                            }
                         ),
                     }
                 }
