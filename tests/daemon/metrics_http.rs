@@ -566,3 +566,46 @@ fn the_readmes_alert_rules_pass_promtool_check_rules() {
         }
     }
 }
+
+#[test]
+fn a_textfile_that_cannot_be_written_is_counted_and_logged_rate_limited_never_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let prom = dir.path().join("missing-dir/vfio-intx.prom");
+    let d = Daemon::start_with(
+        &format!(
+            "\n[metrics]\ntextfile = \"{}\"\ntextfile-interval-ms = 100\n",
+            prom.display()
+        ),
+        &device(A, ""),
+    );
+    let errors = || {
+        let text = d.ask(&Request::Metrics)["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        sample(&text, "vfio_intx_textfile_write_errors_total")
+    };
+    wait_for("five failed writes", Duration::from_secs(5), || {
+        errors() >= 5.0
+    });
+    // Still serving, and one line for all of them.
+    assert_eq!(d.status().devices.len(), 1);
+    let log = d.log();
+    assert_eq!(
+        log.matches("metrics textfile: writing it failed").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains(&prom.display().to_string()), "{log}");
+}
+
+#[test]
+fn a_non_loopback_address_is_served_with_a_warning() {
+    let port = free_port();
+    let d = Daemon::start_with(
+        &format!("\n[metrics]\nlisten = \"0.0.0.0:{port}\"\n"),
+        &device(A, ""),
+    );
+    d.wait_log("metrics endpoint on a non-loopback address");
+    assert_eq!(http(port, "GET", "/metrics").0, 200);
+}
