@@ -25,6 +25,19 @@ cargo clippy --all-targets --all-features -- -D warnings
 step "lint: cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
+step "tools: promtool for the metrics tests (Prometheus' own parser)"
+# The whole suite skips nothing: no promtool is a failure here (a bare
+# `cargo test` without one skips the promtool parse loudly).
+if [ -z "${PROMTOOL:-}" ]; then
+    PROMTOOL="$(scripts/promtool.sh)"
+fi
+if [ -z "$PROMTOOL" ]; then
+    echo "no promtool: see scripts/promtool.sh" >&2
+    exit 1
+fi
+export PROMTOOL
+echo "PROMTOOL=$PROMTOOL"
+
 step "tier 1: cargo test"
 cargo test
 

@@ -188,6 +188,7 @@ impl HasKind for DaemonError {
     fn kind(&self) -> Kind {
         match self {
             DaemonError::Config(e) => e.kind(),
+            DaemonError::MetricsListen { .. } => Kind::Config,
             DaemonError::Device(e) => e.kind(),
             DaemonError::AlreadyRunning { .. } | DaemonError::Locked { .. } => Kind::Busy,
             DaemonError::UnsafeDirectory { .. } => Kind::PermissionDenied,
@@ -281,12 +282,9 @@ impl Daemon {
                         .collect::<Vec<DeviceStats>>(),
                 )
             }
-            Request::Metrics => {
-                let stats: Vec<DeviceStats> = self.all().iter().map(|d| d.stats()).collect();
-                let mut text = metrics::prometheus(&stats);
-                text.push_str(&self.events.prometheus());
-                Response::ok(MetricsReply { text })
-            }
+            Request::Metrics => Response::ok(MetricsReply {
+                text: metrics::render(self),
+            }),
             Request::Reset { bdf } => {
                 let dev = match self.owned(bdf) {
                     Ok(d) => d,

@@ -181,6 +181,15 @@ pub enum DaemonError {
         /// The group.
         name: String,
     },
+    /// The metrics endpoint cannot listen on its configured address.
+    #[error("[metrics] listen = \"{addr}\": cannot listen there")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Some devices could not be handed back at shutdown.
     #[error("{failed} device(s) could not be restored at shutdown")]
     Restore {
@@ -267,12 +276,24 @@ async fn main(
         example: Mutex::new(None),
         socket_override,
         events: Default::default(),
+        exporter_events: Default::default(),
     });
-    let opened = open_devices(config.devices.clone()).await?;
+    // Before any device is touched: an address in use stops here.
+    let exporter = Arc::new(tokio::sync::Mutex::new(
+        metrics::Exporter::start(&daemon, &config.metrics).await?,
+    ));
+    let opened = match open_devices(config.devices.clone()).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            exporter.lock().await.stop().await;
+            return Err(e.into());
+        }
+    };
     daemon.insert(opened);
     let listener = match server::bind(&config.daemon.socket, config.daemon.socket_mode, group) {
         Ok(l) => l,
         Err(e) => {
+            exporter.lock().await.stop().await;
             daemon.shutdown().await;
             return Err(e);
         }
@@ -300,6 +321,7 @@ async fn main(
     let reloader = tokio::spawn({
         let daemon = Arc::clone(&daemon);
         let stopping = Arc::clone(&stopping);
+        let exporter = Arc::clone(&exporter);
         async move {
             while reload_rx.recv().await.is_some() {
                 let Some(new) = daemon.load_for_reload().await else {
@@ -309,6 +331,7 @@ async fn main(
                 if *stopping {
                     break;
                 }
+                exporter.lock().await.reload(&new.metrics).await;
                 daemon.apply_reload(new).await;
             }
         }
@@ -334,6 +357,7 @@ async fn main(
     *stopping.lock().await = true;
     reloader.abort();
     server.abort();
+    exporter.lock().await.stop().await;
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;
     if let Err(e) = std::fs::remove_file(&socket) {
