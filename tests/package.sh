@@ -152,7 +152,7 @@ conf=$root/etc/vfio-intx/daemon.toml
 grep -q '^\[\[device\]\]' "$conf" && fail "the packaged configuration arms a device by default"
 grep -q '^# *\[\[device\]\]' "$conf" || fail "the packaged configuration has no commented device example"
 # The commented-out examples stay valid: uncommented, they validate.
-sed -E 's/^# (\[\[device\]\]|[a-z-]+ = )/\1/' "$conf" >"$tmp/uncommented.toml"
+sed -E 's/^# (\[\[device\]\]|\[[a-z-]+\]|[a-z-]+ = )/\1/' "$conf" >"$tmp/uncommented.toml"
 grep -q '^\[\[device\]\]' "$tmp/uncommented.toml" || fail "cannot uncomment the device example"
 "$bin" validate "$tmp/uncommented.toml" >/dev/null || fail "the commented device example does not validate"
 # A daemon starts on it with no device configured, and stops cleanly.
