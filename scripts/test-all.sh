@@ -22,6 +22,9 @@ cargo fmt --check
 step "lint: cargo clippy --all-targets --all-features -- -D warnings"
 cargo clippy --all-targets --all-features -- -D warnings
 
+step "lint: the library builds with the daemon alone (no CLI, no test kit)"
+cargo check --lib --no-default-features --features daemon
+
 step "lint: cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 

@@ -11,9 +11,10 @@ use crate::daemon::client::ClientError;
 use crate::daemon::config::{BackendKind, ConfigError};
 use crate::daemon::metrics::DeviceStats;
 #[cfg(feature = "testkit")]
-use crate::daemon::protocol::{AckReply, LineReport, RaiseReply};
+use crate::daemon::protocol::{AckReply, RaiseReply};
 use crate::daemon::protocol::{
-    ErrorKind, HoldReply, MetricsReply, PingReply, ProbeReport, Request, ResetReply, Response,
+    ErrorKind, HoldReply, LineReport, MetricsReply, PingReply, ProbeReport, Request, ResetReply,
+    Response,
 };
 use crate::daemon::registry::Daemon;
 use crate::daemon::service::{AttachError, DeviceError, ManagedDevice};
