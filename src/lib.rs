@@ -59,6 +59,9 @@ macro_rules! with_setters {
 }
 
 pub mod backend;
+// A test-owned systemd service manager with a file-descriptor store.
+#[cfg(all(feature = "testkit", feature = "daemon", not(loom)))]
+pub mod fdstore_harness;
 // Not under loom: tokio's loom mode has no sockets or signals.
 #[cfg(all(feature = "daemon", not(loom)))]
 pub mod daemon;

@@ -1,9 +1,13 @@
 //! `vfio-intx`: user-space PCI 2.3 INTx masking for assigned devices.
 #![forbid(unsafe_code)]
 
+#[cfg(not(loom))]
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[cfg(not(loom))]
+use clap::CommandFactory;
 use clap::{Parser, Subcommand};
 
 use vfio_intx::sim::stress::{self, ExternalResetConfig, StressConfig};
@@ -56,7 +60,48 @@ enum Command {
     Ops(vfio_intx::daemon::cli::Command),
 }
 
+// `vfio-intx generate-assets`, for packaging/build-deb.sh. Parsed apart
+// from `Cli`, not as a hidden subcommand of it: clap's completions offer
+// hidden subcommands too, and the pages and completions are generated from
+// `Cli` itself.
+#[cfg(not(loom))]
+#[derive(Parser)]
+#[command(
+    name = "vfio-intx generate-assets",
+    bin_name = "vfio-intx generate-assets",
+    about = "Write the man pages and shell completions of the package"
+)]
+struct GenerateAssets {
+    /// The directory to write the man pages and completions into.
+    #[arg(long)]
+    out: PathBuf,
+    /// The man pages' date, YYYY-MM-DD (packaging/build-deb.sh: the last
+    /// commit's).
+    #[arg(long)]
+    date: String,
+}
+
 fn main() -> ExitCode {
+    #[cfg(not(loom))]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "generate-assets")
+    {
+        let args = GenerateAssets::parse_from(std::env::args_os().skip(1));
+        return match vfio_intx::daemon::cli::assets::generate(Cli::command(), &args.out, &args.date)
+        {
+            Ok(written) => {
+                for path in written {
+                    println!("{}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: generate-assets: {}", vfio_intx::error_chain(&e));
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        };
+    }
     let cli = Cli::parse();
     match cli.command {
         #[cfg(not(loom))]

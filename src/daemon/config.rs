@@ -27,6 +27,14 @@
 //! # sim-command = 0x0006       # sim only: COMMAND as "firmware" left it
 //! # sim-kernel = "vfio-pci"    # sim only: bare | vfio-pci
 //!
+//! [metrics]                    # off unless this table is here
+//! http = true                  # serve GET /metrics (Prometheus text)
+//! listen = "127.0.0.1:9797"    # its address (the default; loopback)
+//! max-connections = 16         # scrapers served at once
+//! timeout-ms = 5000            # headers and the whole request
+//! textfile = "/var/lib/prometheus/node-exporter/vfio-intx.prom"
+//! textfile-interval-ms = 15000 # node_exporter's textfile collector
+//!
 //! [example-guest]              # the built-in KVM guest (demo)
 //! bdf = "0000:00:04.0"         # a sim device
 //! interrupts-per-second = 100
@@ -252,6 +260,42 @@ pub struct ExampleGuestConfig {
     pub interrupts_per_second: u32,
 }
 
+/// The default address of the metrics endpoint: loopback.
+pub const DEFAULT_METRICS_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9797),
+);
+
+/// The `[metrics]` table: how the metrics leave the daemon besides the
+/// control socket's `metrics` request. Everything is off by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// Where the HTTP `/metrics` endpoint listens; `None`: no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Scrapers' connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// How long a scraper may take to send its request headers, and to
+    /// complete the whole exchange.
+    pub timeout: Duration,
+    /// The node_exporter textfile collector's file, rewritten atomically
+    /// every [`textfile_interval`](Self::textfile_interval); `None`: none.
+    pub textfile: Option<PathBuf>,
+    /// How often the textfile is rewritten.
+    pub textfile_interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            max_connections: 16,
+            timeout: Duration::from_secs(5),
+            textfile: None,
+            textfile_interval: Duration::from_secs(15),
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -264,6 +308,8 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// The built-in example guest, if any.
     pub example_guest: Option<ExampleGuestConfig>,
+    /// The `[metrics]` table.
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +321,19 @@ struct RawConfig {
     device: Vec<RawDevice>,
     #[serde(default)]
     example_guest: Option<RawExampleGuest>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawMetrics {
+    http: Option<Spanned<bool>>,
+    listen: Option<Spanned<String>>,
+    max_connections: Option<Spanned<usize>>,
+    timeout_ms: Option<Spanned<u64>>,
+    textfile: Option<Spanned<PathBuf>>,
+    textfile_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -369,9 +428,10 @@ impl Checker<'_> {
     ) -> Result<Duration, ConfigError> {
         match field {
             None => Ok(default),
-            Some(v) if *v.get_ref() < min => {
-                Err(self.invalid(v.span(), format!("{what} must be at least {min} ms")))
-            }
+            Some(v) if *v.get_ref() < min => Err(self.invalid(
+                v.span(),
+                format!("{what} = {} must be at least {min} ms", v.get_ref()),
+            )),
             Some(v) => Ok(Duration::from_millis(*v.get_ref())),
         }
     }
@@ -400,6 +460,7 @@ impl Config {
         })?;
         let c = Checker { path, text };
         let daemon = c.daemon(raw.daemon)?;
+        let metrics = c.metrics(raw.metrics)?;
         let mut devices: Vec<DeviceConfig> = Vec::with_capacity(raw.device.len());
         for d in &raw.device {
             let device = c.device(d)?;
@@ -447,6 +508,7 @@ impl Config {
             daemon,
             devices,
             example_guest,
+            metrics,
         })
     }
 
@@ -535,6 +597,78 @@ impl Checker<'_> {
             "status-interval-ms",
         )?;
         Ok(d)
+    }
+
+    fn metrics(&self, raw: Option<RawMetrics>) -> Result<MetricsConfig, ConfigError> {
+        let mut m = MetricsConfig::default();
+        let Some(raw) = raw else { return Ok(m) };
+        let listen = match &raw.listen {
+            None => None,
+            Some(l) => Some(l.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                self.invalid(
+                    l.span(),
+                    format!(
+                        "listen = {:?} is not an address and port (e.g. \"127.0.0.1:9797\" or \
+                         \"[::1]:9797\")",
+                        l.get_ref()
+                    ),
+                )
+            })?),
+        };
+        m.listen = match (&raw.http, listen) {
+            (Some(h), Some(addr)) if !*h.get_ref() => {
+                return Err(self.invalid(
+                    h.span(),
+                    format!("http = false contradicts listen = \"{addr}\"; drop one of them"),
+                ))
+            }
+            (_, Some(addr)) => Some(addr),
+            (Some(h), None) if *h.get_ref() => Some(DEFAULT_METRICS_LISTEN),
+            _ => None,
+        };
+        if let Some(n) = raw.max_connections {
+            if *n.get_ref() == 0 || *n.get_ref() > 1024 {
+                return Err(self.invalid(
+                    n.span(),
+                    format!(
+                        "max-connections = {} must be between 1 and 1024",
+                        n.get_ref()
+                    ),
+                ));
+            }
+            m.max_connections = n.into_inner();
+        }
+        m.timeout = self.millis(&raw.timeout_ms, m.timeout, 10, "timeout-ms")?;
+        if let Some(t) = raw.textfile {
+            let path = t.get_ref();
+            if !path.is_absolute() || path.file_name().is_none() {
+                return Err(self.invalid(
+                    t.span(),
+                    format!(
+                        "textfile = {:?} must be an absolute path to a file",
+                        path.display()
+                    ),
+                ));
+            }
+            if path.extension() != Some(std::ffi::OsStr::new("prom")) {
+                return Err(self.invalid(
+                    t.span(),
+                    format!(
+                        "textfile = {:?} must end in .prom (node_exporter's textfile collector \
+                         reads only *.prom)",
+                        path.display()
+                    ),
+                ));
+            }
+            m.textfile = Some(t.into_inner());
+        }
+        m.textfile_interval = self.millis(
+            &raw.textfile_interval_ms,
+            m.textfile_interval,
+            100,
+            "textfile-interval-ms",
+        )?;
+        Ok(m)
     }
 
     fn device(&self, raw: &RawDevice) -> Result<DeviceConfig, ConfigError> {

@@ -13,9 +13,10 @@ use crate::daemon::metrics::DeviceStats;
 #[cfg(feature = "testkit")]
 use crate::daemon::protocol::SimTotals;
 #[cfg(feature = "testkit")]
-use crate::daemon::protocol::{AckReply, LineReport, RaiseReply};
+use crate::daemon::protocol::{AckReply, RaiseReply};
 use crate::daemon::protocol::{
-    ErrorKind, HoldReply, MetricsReply, PingReply, ProbeReport, Request, ResetReply, Response,
+    ErrorKind, HoldReply, LineReport, MetricsReply, PingReply, ProbeReport, Request, ResetReply,
+    Response,
 };
 use crate::daemon::registry::Daemon;
 use crate::daemon::service::{AttachError, DeviceError, ManagedDevice};
@@ -190,6 +191,7 @@ impl HasKind for DaemonError {
     fn kind(&self) -> Kind {
         match self {
             DaemonError::Config(e) => e.kind(),
+            DaemonError::MetricsListen { .. } => Kind::Config,
             DaemonError::Device(e) => e.kind(),
             DaemonError::AlreadyRunning { .. } | DaemonError::Locked { .. } => Kind::Busy,
             DaemonError::UnsafeDirectory { .. } => Kind::PermissionDenied,
@@ -283,12 +285,9 @@ impl Daemon {
                         .collect::<Vec<DeviceStats>>(),
                 )
             }
-            Request::Metrics => {
-                let stats: Vec<DeviceStats> = self.all().iter().map(|d| d.stats()).collect();
-                let mut text = metrics::prometheus(&stats);
-                text.push_str(&self.events.prometheus());
-                Response::ok(MetricsReply { text })
-            }
+            Request::Metrics => Response::ok(MetricsReply {
+                text: metrics::render(self),
+            }),
             Request::Reset { bdf } => {
                 let dev = match self.owned(bdf) {
                     Ok(d) => d,

@@ -1,15 +1,24 @@
 //! Per-device metrics beyond the engine's counters: the interrupt round trip
 //! (injection to the guest's EOI), time held masked, storms, EOI timeouts;
 //! the control socket's events per cause; and the Prometheus text
-//! rendering of everything.
+//! rendering of everything, and where it goes besides the control socket:
+//! an HTTP `/metrics` endpoint (`http`) and node_exporter's textfile
+//! collector (`textfile`), both opt-in (`[metrics]`).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::intx::IntxStats;
+
+mod exporter;
+mod http;
+mod textfile;
+
+pub(crate) use exporter::{Exporter, ExporterEvents};
 
 /// Upper bounds of the round-trip histogram's buckets, in microseconds.
 pub const BUCKETS_US: [u64; 12] = [
@@ -105,9 +114,49 @@ pub struct DeviceMetrics {
     /// Interrupts delivered while no session was attached, kept for the
     /// next one.
     pub parked: AtomicU64,
+    /// Since when the daemon holds the line masked (storm or operator).
+    held_since: Mutex<Option<Instant>>,
+    /// When the watchdog last found the line stuck and re-synced it.
+    stuck_at: Mutex<Option<Instant>>,
 }
 
+/// How long after the watchdog found a line stuck (and re-synced it) the
+/// line counts as stuck: a line a reset loop keeps stranding is found
+/// again well within it, a recovered one drops out.
+pub const STUCK_RECENT: Duration = Duration::from_secs(10);
+
 impl DeviceMetrics {
+    /// The daemon began holding the line masked at `at` (`Some`), or lifted
+    /// its hold (`None`).
+    pub fn set_held(&self, at: Option<Instant>) {
+        *self
+            .held_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    /// Since when the daemon holds the line masked.
+    pub fn held_since(&self) -> Option<Instant> {
+        *self
+            .held_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The watchdog found the line stuck at `at` (and re-synced it).
+    pub fn note_stuck(&self, at: Instant) {
+        *self.stuck_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+    }
+
+    /// Whether the watchdog found the line stuck within [`STUCK_RECENT`]
+    /// of `now`.
+    pub fn stuck(&self, now: Instant) -> bool {
+        self.stuck_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| now.saturating_duration_since(at) < STUCK_RECENT)
+    }
+
     /// Adds `d` to the held time.
     pub fn add_held(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
@@ -385,6 +434,160 @@ impl ControlEvents {
     }
 }
 
+/// What an alert needs to know about one device now: gauges, read without
+/// waiting for the device (no config access, no gate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceGauges {
+    /// The device.
+    pub bdf: String,
+    /// Since when the line is masked by the host: an interrupt in service
+    /// awaiting the guest's EOI (or parked for the next session), or a
+    /// hold of the daemon's. `None`: unmasked, as far as the daemon knows
+    /// (on the kernel bypass the kernel masks and unmasks each interrupt
+    /// without the daemon seeing it; a line the guest masked itself is not
+    /// the host's doing).
+    pub masked_since: Option<Instant>,
+    /// The watchdog found the line stuck within [`STUCK_RECENT`].
+    pub stuck: bool,
+    /// A session runs on the kernel bypass (else the user-space path).
+    pub bypass: bool,
+    /// The PCI 2.3 masking verdict at start: `masking` (probed, works) or
+    /// `not-probed` (a device whose masking is broken is never started).
+    pub verdict: &'static str,
+    /// What decided it (`toggle-test`, the sysfs evidence), or `none`.
+    pub evidence: &'static str,
+    /// A VMM session is attached.
+    pub session: bool,
+}
+
+/// `value` escaped for a label value of the text format: backslash,
+/// double quote and line feed.
+pub fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP vfio_intx_{name} {help}");
+    let _ = writeln!(out, "# TYPE vfio_intx_{name} {kind}");
+}
+
+/// Renders the gauges of `devices` at `now`, and `vfio_intx_build_info`.
+pub fn prometheus_gauges(devices: &[DeviceGauges], now: Instant) -> String {
+    let mut out = String::new();
+    let flag = |b: bool| u8::from(b);
+    type Get = fn(&DeviceGauges, Instant) -> f64;
+    let rows: [(&str, &str, Get); 4] = [
+        (
+            "line_masked",
+            "1 while the host holds the line masked: an interrupt awaiting the guest's EOI, or a \
+             hold (storm, operator).",
+            |d, _| if d.masked_since.is_some() { 1.0 } else { 0.0 },
+        ),
+        (
+            "line_masked_seconds",
+            "How long the line has been masked by the host, this time; 0 when unmasked.",
+            |d, now| {
+                d.masked_since
+                    .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64())
+            },
+        ),
+        (
+            "line_stuck",
+            "1 when the stuck-INTx watchdog found the line stuck masked (and re-synced it) \
+             within the last 10 seconds.",
+            |d, _| if d.stuck { 1.0 } else { 0.0 },
+        ),
+        (
+            "session_attached",
+            "1 while a VMM session is attached to the device.",
+            |d, _| if d.session { 1.0 } else { 0.0 },
+        ),
+    ];
+    for (name, help, get) in rows {
+        family(&mut out, name, "gauge", help);
+        for d in devices {
+            let bdf = escape_label(&d.bdf);
+            let _ = writeln!(out, "vfio_intx_{name}{{bdf=\"{bdf}\"}} {}", get(d, now));
+        }
+    }
+    family(
+        &mut out,
+        "sessions_attached",
+        "gauge",
+        "VMM sessions attached, all devices.",
+    );
+    let attached = devices.iter().filter(|d| d.session).count();
+    let _ = writeln!(out, "vfio_intx_sessions_attached {attached}");
+    family(
+        &mut out,
+        "path",
+        "gauge",
+        "The EOI path in use: 1 for the current one (bypass: the kernel's; user: the daemon's).",
+    );
+    for d in devices {
+        let bdf = escape_label(&d.bdf);
+        for (path, on) in [("bypass", d.bypass), ("user", !d.bypass)] {
+            let _ = writeln!(
+                out,
+                "vfio_intx_path{{bdf=\"{bdf}\",path=\"{path}\"}} {}",
+                flag(on)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "pci23",
+        "gauge",
+        "The PCI 2.3 INTx masking verdict at start (1), and what decided it.",
+    );
+    for d in devices {
+        let _ = writeln!(
+            out,
+            "vfio_intx_pci23{{bdf=\"{}\",verdict=\"{}\",evidence=\"{}\"}} 1",
+            escape_label(&d.bdf),
+            escape_label(d.verdict),
+            escape_label(d.evidence)
+        );
+    }
+    family(
+        &mut out,
+        "build_info",
+        "gauge",
+        "The daemon's build: 1, labelled with its version.",
+    );
+    let _ = writeln!(
+        out,
+        "vfio_intx_build_info{{version=\"{}\"}} 1",
+        escape_label(env!("CARGO_PKG_VERSION"))
+    );
+    out
+}
+
+/// Everything the daemon measures, in the Prometheus text format: the
+/// one rendering the control socket's `metrics`, the HTTP endpoint and the
+/// textfile share. Reads a snapshot (the device list is copied, then only
+/// atomics and short locks are read): it never waits for a device.
+pub(crate) fn render(daemon: &crate::daemon::registry::Daemon) -> String {
+    let now = Instant::now();
+    let devices = daemon.all();
+    let stats: Vec<DeviceStats> = devices.iter().map(|d| d.stats()).collect();
+    let gauges: Vec<DeviceGauges> = devices.iter().map(|d| d.gauges(now)).collect();
+    let mut text = prometheus(&stats);
+    text.push_str(&daemon.events.prometheus());
+    text.push_str(&daemon.exporter_events.prometheus());
+    text.push_str(&prometheus_gauges(&gauges, now));
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,5 +656,43 @@ mod tests {
         ] {
             assert!(text.contains(row), "{row} not in\n{text}");
         }
+    }
+
+    #[test]
+    fn gauges_escape_label_values_and_measure_the_masked_stretch() {
+        assert_eq!(escape_label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        let now = Instant::now();
+        let d = DeviceGauges {
+            bdf: "0000:00:04.0".into(),
+            masked_since: now.checked_sub(Duration::from_millis(1500)),
+            stuck: true,
+            bypass: true,
+            verdict: "masking",
+            evidence: "say \"sysfs\"",
+            session: true,
+        };
+        let text = prometheus_gauges(&[d], now);
+        for row in [
+            "vfio_intx_line_masked{bdf=\"0000:00:04.0\"} 1\n",
+            "vfio_intx_line_masked_seconds{bdf=\"0000:00:04.0\"} 1.5\n",
+            "vfio_intx_line_stuck{bdf=\"0000:00:04.0\"} 1\n",
+            "vfio_intx_path{bdf=\"0000:00:04.0\",path=\"bypass\"} 1\n",
+            "vfio_intx_path{bdf=\"0000:00:04.0\",path=\"user\"} 0\n",
+            "vfio_intx_pci23{bdf=\"0000:00:04.0\",verdict=\"masking\",evidence=\"say \\\"sysfs\\\"\"} 1\n",
+            "vfio_intx_sessions_attached 1\n",
+        ] {
+            assert!(text.contains(row), "{row} not in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE ").count(), 8, "{text}");
+    }
+
+    #[test]
+    fn a_stuck_line_counts_as_stuck_for_a_while_only() {
+        let m = DeviceMetrics::default();
+        let t = Instant::now();
+        assert!(!m.stuck(t));
+        m.note_stuck(t);
+        assert!(m.stuck(t + Duration::from_secs(1)));
+        assert!(!m.stuck(t + STUCK_RECENT));
     }
 }

@@ -187,6 +187,15 @@ pub enum DaemonError {
         /// The group.
         name: String,
     },
+    /// The metrics endpoint cannot listen on its configured address.
+    #[error("[metrics] listen = \"{addr}\": cannot listen there")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Some devices could not be handed back at shutdown.
     #[error("{failed} device(s) could not be restored at shutdown")]
     Restore {
@@ -296,8 +305,13 @@ async fn main(
         example: Mutex::new(None),
         socket_override,
         events: Default::default(),
+        exporter_events: Default::default(),
         restart: tokio::sync::Notify::new(),
     });
+    // Before any device is touched: an address in use stops here.
+    let exporter = Arc::new(tokio::sync::Mutex::new(
+        metrics::Exporter::start(&daemon, &config.metrics).await?,
+    ));
     // Devices the store and the record let the daemon resume first (no
     // reset, no rebind), then the leftovers of the store closed, then the
     // rest brought up afresh (whose entries the leftovers' removal must
@@ -310,11 +324,17 @@ async fn main(
             let r = resume::resume_devices(&mut passed, to_resume);
             (passed, r)
         })
-        .await
-        .map_err(|e| DaemonError::Runtime {
-            op: "resuming devices",
-            source: io::Error::other(e),
-        })?;
+        .await;
+        let joined = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                exporter.lock().await.stop().await;
+                return Err(DaemonError::Runtime {
+                    op: "resuming devices",
+                    source: io::Error::other(e),
+                });
+            }
+        };
         let (mut rest, (opened, sessions, failed, held)) = joined;
         rest.close_rest();
         resumed_devices = opened.len();
@@ -326,6 +346,7 @@ async fn main(
     let opened = match open_devices(fresh).await {
         Ok(o) => o,
         Err(e) => {
+            exporter.lock().await.stop().await;
             daemon.shutdown().await;
             return Err(e.into());
         }
@@ -338,6 +359,7 @@ async fn main(
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {
+            exporter.lock().await.stop().await;
             daemon.shutdown().await;
             return Err(e);
         }
@@ -371,6 +393,7 @@ async fn main(
     let reloader = tokio::spawn({
         let daemon = Arc::clone(&daemon);
         let stopping = Arc::clone(&stopping);
+        let exporter = Arc::clone(&exporter);
         async move {
             while reload_rx.recv().await.is_some() {
                 let Some(new) = daemon.load_for_reload().await else {
@@ -380,6 +403,7 @@ async fn main(
                 if *stopping {
                     break;
                 }
+                exporter.lock().await.reload(&new.metrics).await;
                 daemon.apply_reload(new).await;
             }
         }
@@ -414,6 +438,7 @@ async fn main(
     *stopping.lock().await = true;
     reloader.abort();
     server.abort();
+    exporter.lock().await.stop().await;
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;
     // A stop: nothing is to be resumed.

@@ -45,6 +45,9 @@ pub struct Daemon {
     pub(crate) socket_override: Option<PathBuf>,
     /// The control socket's events, counted and rate limited per cause.
     pub(crate) events: crate::daemon::metrics::ControlEvents,
+    /// The metrics endpoint's and textfile's events, counted and rate
+    /// limited per cause.
+    pub(crate) exporter_events: crate::daemon::metrics::ExporterEvents,
     /// A `restart` was answered: the signal loop exits for it.
     pub(crate) restart: tokio::sync::Notify,
 }

@@ -10,6 +10,7 @@ mod attacks;
 mod health;
 mod journald;
 mod lifecycle;
+mod metrics_http;
 mod protocol_doc;
 mod restart;
 mod sessions;

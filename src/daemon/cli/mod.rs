@@ -22,6 +22,7 @@ use crate::pci::holders::{Holders, HoldersError};
 use crate::pci::sysfs::{PciSysfs, SysfsError, UIO_PCI_GENERIC, VFIO_PCI};
 use crate::pci::Bdf;
 
+pub mod assets;
 mod binding;
 
 use binding::{bind, unbind};

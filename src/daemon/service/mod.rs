@@ -278,6 +278,27 @@ impl ManagedDevice {
         }
     }
 
+    /// The gauges an alert needs, at `now`; never waits for the device.
+    pub fn gauges(&self, now: std::time::Instant) -> crate::daemon::metrics::DeviceGauges {
+        let masked_since = match (self.sink.in_service_since(), self.metrics.held_since()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        crate::daemon::metrics::DeviceGauges {
+            bdf: self.bdf().to_string(),
+            masked_since,
+            stuck: self.metrics.stuck(now),
+            bypass: self.engine.is_kernel_bypass(),
+            verdict: if self.masking_evidence.is_some() {
+                "masking"
+            } else {
+                "not-probed"
+            },
+            evidence: self.masking_evidence.unwrap_or("none"),
+            session: self.sink.attached(),
+        }
+    }
+
     /// The device's state.
     pub fn status(&self) -> DeviceStatus {
         let held = self.engine.hold_reason().map(str::to_owned);

@@ -281,7 +281,7 @@ impl SessionSink {
         lock(&self.state).in_service_since.take()
     }
 
-    pub(super) fn in_service_since(&self) -> Option<std::time::Instant> {
+    pub(crate) fn in_service_since(&self) -> Option<std::time::Instant> {
         lock(&self.state).in_service_since
     }
 }

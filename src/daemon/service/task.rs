@@ -230,6 +230,7 @@ impl Task {
         match action {
             Action::Mask => {
                 let reason = self.health.held().map_or("operator", Held::reason);
+                self.dev.metrics.set_held(Some(std::time::Instant::now()));
                 self.hold(Some(reason)).await
             }
             Action::Unmask { held, after_storm } => {
@@ -237,6 +238,7 @@ impl Task {
                     info!("retrying the line after the storm back-off");
                 }
                 self.dev.metrics.add_held(held);
+                self.dev.metrics.set_held(None);
                 self.next_tick = Instant::now();
                 self.hold(None).await
             }
@@ -278,7 +280,10 @@ impl Task {
 
     async fn tick(&mut self) {
         let now = Instant::now();
-        let (_, delay) = self.dev.engine.watchdog_tick(now.into_std());
+        let (tick, delay) = self.dev.engine.watchdog_tick(now.into_std());
+        if tick == crate::intx::Tick::Recovered {
+            self.dev.metrics.note_stuck(now.into_std());
+        }
         self.next_tick = now + delay;
         // EOI timeouts: only for an interrupt injected into a user-space
         // session (on the kernel bypass the kernel takes the EOIs).
