@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
-use crate::backend::ConfigSpace;
+use crate::backend::{ConfigSpace, PciBackend};
 use crate::daemon::asfound::{self, BindingRecord, Found, Resume};
 use crate::daemon::backend::AnyBackend;
 use crate::daemon::config::{BackendKind, DeviceConfig};
@@ -134,7 +134,15 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let (backend, sim) = match config.backend {
-            BackendKind::Vfio => (AnyBackend::Vfio(VfioBackend::open(bdf)?), None),
+            BackendKind::Vfio => {
+                let backend = VfioBackend::open(bdf)?;
+                if stored_names(bdf, BackendKind::Vfio)
+                    .contains(&fdstore::name(bdf, role::VFIO_DEVICE))
+                {
+                    fdstore::store(fdstore::name(bdf, role::VFIO_DEVICE), backend.device_fd());
+                }
+                (AnyBackend::Vfio(backend), None)
+            }
             BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
             #[cfg(not(feature = "testkit"))]
             BackendKind::Sim => {
@@ -205,9 +213,6 @@ impl ManagedDevice {
     /// interrupt pending across the restart is delivered, a line is never
     /// left masked). Blocking.
     #[instrument(skip_all, fields(bdf = %config.bdf))]
-    // Without the test kit no backend resumes yet: all but the refusal is
-    // unreachable.
-    #[cfg_attr(not(feature = "testkit"), allow(unreachable_code, unused_variables))]
     pub(crate) fn resume(
         config: DeviceConfig,
         found: &Found,
@@ -264,10 +269,45 @@ impl ManagedDevice {
                     Some(delivery),
                 )
             }
+            BackendKind::Vfio => {
+                let fd = fds
+                    .remove(&fdstore::name(bdf, role::VFIO_DEVICE))
+                    .ok_or(unreadable(
+                        "the fd store has no VFIO device fd for the device",
+                    ))?;
+                let delivery = fds
+                    .remove(&fdstore::name(bdf, role::DELIVERY))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no delivery ledger for the device",
+                    ))?;
+                // The same checks as a VMM's device fd: it is this device.
+                let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
+                // The previous process's kernel-bypass wiring, if any: the
+                // kernel takes one unmask eventfd per device, and the
+                // session's re-attach puts it back.
+                let _ = backend.intx_set_unmask_eventfd(None);
+                let cs =
+                    read_command_status(&mut backend).map_err(|source| DeviceError::Backend {
+                        bdf,
+                        op: "reading COMMAND and STATUS",
+                        source,
+                    })?;
+                let masked = backend.read_physical_intx_disable().unwrap_or(false);
+                let in_service =
+                    cs.asserting() && masked && super::session::Ledger::in_guest(&delivery);
+                info!(
+                    command = format_args!("{:#06x}", cs.command),
+                    status = format_args!("{:#06x}", cs.status),
+                    masked,
+                    "the device as the previous process left it"
+                );
+                (AnyBackend::Vfio(backend), None, in_service, Some(delivery))
+            }
             _ => {
                 let _ = fds;
                 return Err(unreadable(
-                    "resuming from the fd store is implemented for simulated devices only",
+                    "resuming from the fd store is implemented for simulated and VFIO devices",
                 ));
             }
         };
@@ -367,7 +407,7 @@ impl ManagedDevice {
             .command;
         let found_command = recorded_command.unwrap_or(now);
         let edu = if config.edu_test_hooks {
-            Some(Self::edu_hooks(&mut backend)?)
+            Some(Self::edu_hooks(&mut backend, resumed)?)
         } else {
             None
         };
@@ -450,16 +490,18 @@ impl ManagedDevice {
     /// first (the edu answers BAR accesses only then). COMMAND as found is
     /// read before, and restored at shutdown.
     #[cfg(not(feature = "testkit"))]
-    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+    fn edu_hooks(backend: &mut AnyBackend, _resumed: bool) -> Result<Arc<EduHandle>, DeviceError> {
         Err(DeviceError::Unsupported {
             bdf: backend.bdf(),
             what: "edu test hooks need vfio-intx built with the testkit feature",
         })
     }
 
-    /// Maps an edu's BAR0 for the test hooks (see above).
+    /// Maps an edu's BAR0 for the test hooks (see above). `resumed`: after
+    /// the daemon's restart, where a pending interrupt status is not an
+    /// earlier user's leftover but an interrupt to deliver.
     #[cfg(feature = "testkit")]
-    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+    fn edu_hooks(backend: &mut AnyBackend, resumed: bool) -> Result<Arc<EduHandle>, DeviceError> {
         let bdf = backend.bdf();
         let AnyBackend::Vfio(vfio) = backend else {
             return Err(DeviceError::Backend {
@@ -468,7 +510,11 @@ impl ManagedDevice {
                 source: crate::backend::BackendError::NoIntx,
             });
         };
-        let edu = crate::vfio::edu::Edu::enable(vfio)?;
+        let edu = if resumed {
+            crate::vfio::edu::Edu::resume(vfio)?
+        } else {
+            crate::vfio::edu::Edu::enable(vfio)?
+        };
         Ok(Arc::new(edu))
     }
 
@@ -523,6 +569,10 @@ pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
                 fdstore::name(bdf, role::DELIVERY),
             ]
         }
+        BackendKind::Vfio if fdstore::enabled() => vec![
+            fdstore::name(bdf, role::VFIO_DEVICE),
+            fdstore::name(bdf, role::DELIVERY),
+        ],
         _ => Vec::new(),
     }
 }
@@ -565,7 +615,13 @@ pub(crate) fn hand_back(
         let bdf = dev.bdf();
         let r = dev.restore();
         if dev.handed_over.is_none() {
-            recorded.push((bdf, dev.config.backend));
+            recorded.push(bdf);
+            // Out of the store now: the store's copy of a VFIO device fd
+            // keeps the device open, and the driver's unbind below waits
+            // for its last close.
+            for name in stored_names(bdf, dev.config.backend) {
+                fdstore::remove(name);
+            }
         }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();
@@ -607,11 +663,8 @@ pub(crate) fn hand_back(
     }
     // Handed back (or tried, and reported): the next start finds them
     // afresh. A crash before this leaves the entries for the next start.
-    for (bdf, kind) in recorded {
+    for bdf in recorded {
         asfound::remove(bdf);
-        for name in stored_names(bdf, kind) {
-            fdstore::remove(name);
-        }
     }
     out
 }

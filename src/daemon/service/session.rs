@@ -70,7 +70,6 @@ impl Ledger {
 
     /// Whether `file` records an interrupt written to the irqfd and not
     /// EOIed since.
-    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
     pub(crate) fn in_guest(file: &std::fs::File) -> bool {
         use std::os::unix::fs::FileExt;
         let mut b = [0u8; 8];
