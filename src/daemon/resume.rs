@@ -168,6 +168,9 @@ impl Passed {
     /// role.
     pub(crate) fn take() -> Self {
         let mut fds = BTreeMap::new();
+        // Names removed from the store (FDSTOREREMOVE removes every entry
+        // of a name): a good entry of the same name is stored again.
+        let mut removed = std::collections::BTreeSet::new();
         for (name, fd) in fdstore::take_passed() {
             let kind = fdstore::kind_of(fd.as_fd());
             let expected = if name == CONTROL_SOCKET {
@@ -178,18 +181,26 @@ impl Passed {
             match expected {
                 Some(e) if e != kind => {
                     warn!(entry = %name, "fd store entry {name} is {kind}, not {e} as its role needs; closed and removed from the store");
-                    fdstore::remove(name);
+                    fdstore::remove(name.clone());
+                    removed.insert(name);
                 }
                 None => {
                     warn!(entry = %name, "fd store entry {name} is not one this daemon stores; closed and removed from the store");
                     fdstore::remove(name);
                 }
                 Some(_) if fds.contains_key(&name) => {
-                    warn!(entry = %name, "fd store entry {name} is there twice; the second is closed");
+                    warn!(entry = %name, "fd store entry {name} is there twice; the second is closed and removed from the store");
+                    fdstore::remove(name.clone());
+                    removed.insert(name);
                 }
                 Some(_) => {
                     fds.insert(name, fd);
                 }
+            }
+        }
+        for name in removed {
+            if let Some(fd) = fds.get(&name) {
+                fdstore::store(name, fd.as_fd());
             }
         }
         if !fds.is_empty() {

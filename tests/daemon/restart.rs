@@ -640,6 +640,18 @@ fn bad_store_entries_are_closed_with_a_log_line_and_nothing_else_is_disturbed() 
     );
     one_interrupt(&s, &vmm, A);
     assert_eq!(s.totals(A).raised_total, 2);
+    // The good state entry that shared its name with the bad one is still
+    // in the store: the next crash resumes the device with its state.
+    s.kill9();
+    assert!(
+        s.ready_status()
+            .starts_with("resumed 1 device(s) and 1 session(s)"),
+        "{}; log:\n{}",
+        s.ready_status(),
+        s.log()
+    );
+    assert_eq!(s.totals(A).raised_total, 2);
+    one_interrupt(&s, &vmm, A);
 }
 
 #[test]
