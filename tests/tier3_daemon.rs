@@ -47,6 +47,10 @@ const HANDOVER_TEST: &str =
     "a_vmm_hands_over_its_own_vfio_device_fd_and_the_daemon_services_its_real_kvm_guest";
 const REATTACH_TEST: &str =
     "a_new_bypass_session_attached_while_the_edu_asserts_keeps_interrupts_flowing_after_a_reset";
+const RESTART_TEST: &str =
+    "the_daemon_restarts_and_crashes_while_the_edu_interrupts_and_no_interrupt_is_lost";
+/// Restarts per path in the restart test (half `restart`, half kill -9).
+const RESTARTS: usize = 10;
 /// Interrupts raised into the KVM guest per path in the handover test.
 const HANDOVER_INTERRUPTS: u64 = 120;
 /// Interrupts raised during the reset loops, at least.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         println!("{UIO_PENDING_TEST}: test");
         println!("{HANDOVER_TEST}: test");
         println!("{REATTACH_TEST}: test");
+        println!("{RESTART_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if !common::in_guest(TEST, "real vfio-pci") {
@@ -84,6 +89,13 @@ fn main() -> ExitCode {
         println!("test {UIO_PENDING_TEST} ... ok (skipped)");
         println!("test {HANDOVER_TEST} ... ok (skipped)");
         println!("test {REATTACH_TEST} ... ok (skipped)");
+        println!("test {RESTART_TEST} ... ok (skipped)");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == RESTART_TEST) {
+        restarts("userspace");
+        restarts("auto");
+        println!("test {RESTART_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == REATTACH_TEST) {
@@ -92,7 +104,7 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 5 tests");
+    println!("running 6 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -107,7 +119,10 @@ fn main() -> ExitCode {
     println!("test {HANDOVER_TEST} ... ok");
     reattach_while_asserting();
     println!("test {REATTACH_TEST} ... ok");
-    println!("\ntest result: ok. 5 passed; 0 failed");
+    restarts("userspace");
+    restarts("auto");
+    println!("test {RESTART_TEST} ... ok");
+    println!("\ntest result: ok. 6 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -1094,4 +1109,325 @@ fn handover(path: &str) {
     let log = d.log.lock().unwrap().clone();
     assert_eq!(code, Some(0), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
+}
+
+/// Issue 14 on the real vfio-pci: the daemon owns the edu under a test-owned
+/// service manager with systemd's fd store; a VMM (plain eventfds; this
+/// test) takes its interrupts, acknowledging the edu through the daemon's
+/// `test-ack` (vfio-pci holds BAR0's region, so sysfs `resource0` cannot be
+/// mapped beside it) and EOIing; the daemon is restarted RESTARTS times
+/// (half `vfio-intx restart`, half kill -9) while interrupts flow. Every
+/// raise is delivered; the longest gap is printed per path. Raises and
+/// acknowledgements go through the daemon, so none happens while it is
+/// away, and one whose answer a restart lost is sent again: an edu raise
+/// of a bit already pending is the same interrupt, and a second
+/// acknowledgement finds nothing (counted, not an error here; tier 2
+/// proves exactly-once).
+fn restarts(path: &str) {
+    use vfio_intx::fdstore_harness::{ServiceCommand, StoreOptions, Supervisor};
+    eprintln!("{RESTART_TEST}: path = {path:?}");
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let config = dir.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
+             [[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"{path}\"\nprobe = true\n\
+             reset = true\nedu-test-hooks = true\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let cmd = ServiceCommand::new(&this)
+        .args(["cli", "daemon", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::os::fd::OwnedFd::from(log));
+    let mut sup = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    sup.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut session = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let r = session
+        .request_with_fds(
+            &Request::session(bdf.parse().unwrap()),
+            &[irqfd.as_raw_fd(), resample.as_raw_fd()],
+        )
+        .unwrap();
+    let Response::Ok { data } = r else {
+        panic!("{r:?}")
+    };
+    let wired = data["path"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        wired.starts_with("kernel bypass"),
+        path == "auto",
+        "{wired}"
+    );
+
+    // The VMM's ISR: acknowledge what the edu has pending, then EOI.
+    let acked = Arc::new(AtomicU64::new(0));
+    let empty = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let vmm = {
+        let (delivered, acked, empty, stop, socket, bdf) = (
+            Arc::clone(&delivered),
+            Arc::clone(&acked),
+            Arc::clone(&empty),
+            Arc::clone(&stop),
+            socket.clone(),
+            bdf.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut c = None;
+            while !stop.load(Ordering::SeqCst) {
+                match irqfd.read() {
+                    Ok(_) => {
+                        delivered.fetch_add(1, Ordering::SeqCst);
+                        let ack = Request::SimAck {
+                            bdf: bdf.parse().unwrap(),
+                        };
+                        let (data, _) = ask_across_restarts(&socket, &mut c, &ack);
+                        if data["acked"] == true {
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            empty.fetch_add(1, Ordering::SeqCst);
+                        }
+                        resample.write(1).unwrap();
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            (irqfd, resample)
+        })
+    };
+
+    // Restarts on a thread of their own while the edu interrupts.
+    let done = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (done, this, socket) = (Arc::clone(&done), this.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut downs = Vec::new();
+            for i in 0..RESTARTS {
+                std::thread::sleep(Duration::from_millis(300));
+                let t0 = Instant::now();
+                if i % 2 == 0 {
+                    let out = Command::new(&this)
+                        .args(["cli", "restart", "--socket"])
+                        .arg(&socket)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+                    assert_eq!(exit.code(), Some(75));
+                    sup.restart().unwrap();
+                } else {
+                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+                }
+                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                downs.push(t0.elapsed());
+            }
+            // Interrupts keep flowing a while on the last process.
+            std::thread::sleep(Duration::from_secs(2));
+            done.store(true, Ordering::SeqCst);
+            (sup, downs)
+        })
+    };
+    let mut gaps = Vec::new();
+    let mut raises = 0u64;
+    let mut merged = 0u64;
+    let mut c = None;
+    while !done.load(Ordering::SeqCst) || raises < 50 {
+        let t0 = Instant::now();
+        let raise = Request::SimRaise {
+            bdf: bdf.parse().unwrap(),
+            count: 1,
+        };
+        let (_, retried) = ask_across_restarts(&socket, &mut c, &raise);
+        raises += 1;
+        let deadline = t0 + Duration::from_secs(30);
+        while delivered.load(Ordering::SeqCst) < raises {
+            // A raise sent again after a restart lost its answer may have
+            // been the same edu interrupt (its status bit still pending):
+            // one delivery for both, once the line is low again.
+            if retried
+                && t0.elapsed() > Duration::from_secs(1)
+                && delivered.load(Ordering::SeqCst) + 1 == raises
+                && !phys_asserting(bdf.parse().unwrap())
+            {
+                merged += 1;
+                raises -= 1;
+                break;
+            }
+            if Instant::now() >= deadline {
+                let status = ask_across_restarts(&socket, &mut c, &Request::Status).0;
+                panic!(
+                    "interrupt {raises} was not delivered within 30 s (delivered {}, retried {retried}, \
+                     line asserting {}, /proc/interrupts:\n{}); status {status}; log:\n{}",
+                    delivered.load(Ordering::SeqCst),
+                    phys_asserting(bdf.parse().unwrap()),
+                    std::fs::read_to_string("/proc/interrupts").unwrap_or_default(),
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        gaps.push(t0.elapsed());
+        // The ISR finishes (its acknowledgement may wait for the daemon's
+        // restart) before the next raise: edu merges a raise of a bit
+        // still pending.
+        while acked.load(Ordering::SeqCst) + empty.load(Ordering::SeqCst)
+            < delivered.load(Ordering::SeqCst)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the ISR's acknowledgement did not complete; log:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    let (mut sup, mut downs) = restarter.join().unwrap();
+
+    // One more restart (a kill -9) while the seed's two sysfs reset loops
+    // run; then interrupts flow again. A reset while the edu's interrupt
+    // is pending drops the line (edu's quirk, see tier3_vfio), so the last
+    // raise is repeated while the line is low and nothing came.
+    let loop_stop = AtomicBool::new(false);
+    let loop_resets = AtomicU64::new(0);
+    let during = std::thread::scope(|scope| {
+        let loops: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    common::sysfs_reset_loop(bdf.parse().unwrap(), &loop_stop, || {
+                        loop_resets.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+        sup.wait_ready(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+        let down = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        loop_stop.store(true, Ordering::SeqCst);
+        for l in loops {
+            let r = l.join().unwrap();
+            assert!(r.resets > 0, "a reset loop did not reset: {r:?}");
+        }
+        down
+    });
+    let before = delivered.load(Ordering::SeqCst);
+    let t0 = Instant::now();
+    let raise = Request::SimRaise {
+        bdf: bdf.parse().unwrap(),
+        count: 1,
+    };
+    ask_across_restarts(&socket, &mut c, &raise);
+    let mut again = 0;
+    while delivered.load(Ordering::SeqCst) == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no interrupt after the restart under the reset loops; log:\n{}",
+            log()
+        );
+        if t0.elapsed() > Duration::from_secs(1 + again) && !phys_asserting(bdf.parse().unwrap()) {
+            again += 1;
+            ask_across_restarts(&socket, &mut c, &raise);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!(
+        "{RESTART_TEST} ({wired}): a kill -9 and resume while two sysfs reset loops ran ({} \
+         resets; daemon down {during:?}); the next interrupt delivered after {:?} ({again} \
+         raised again after a reset dropped the line)",
+        loop_resets.load(Ordering::SeqCst),
+        t0.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let _ = vmm.join().unwrap();
+    assert!(
+        delivered.load(Ordering::SeqCst) >= raises,
+        "interrupts lost: {} delivered of {raises}",
+        delivered.load(Ordering::SeqCst)
+    );
+    let spurious = empty.load(Ordering::SeqCst);
+    let mut c = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    let dev = &status.devices[0];
+    assert!(dev.session, "the session did not survive");
+    gaps.sort();
+    downs.sort();
+    eprintln!(
+        "{RESTART_TEST} ({wired}): {raises} interrupts across {RESTARTS} restarts, each delivered \
+         ({merged} raises sent again after a lost answer were the same interrupt; {} \
+         acknowledged); {spurious} acknowledgements found nothing (sent again after a lost \
+         answer); raise -> ISR p50 {:?}, max {:?} (the longest gap); daemon down (signal -> \
+         READY=1) p50 {:?}, max {:?}",
+        acked.load(Ordering::SeqCst),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1],
+        downs[downs.len() / 2],
+        downs[downs.len() - 1],
+    );
+    // Only an acknowledgement sent again after a restart lost its answer
+    // finds nothing: at most one per restart.
+    assert!(
+        spurious <= RESTARTS as u64,
+        "{spurious} acknowledgements found nothing; log:\n{}",
+        log()
+    );
+    drop(c);
+    session.end_session().unwrap();
+    // A stop hands the device back as found and empties the store.
+    let exit = sup
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", log());
+    assert!(log().contains("device restored"), "{}", log());
+    assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
+}
+
+/// `r` on `c` (connected on demand), sent again on a new connection when a
+/// restart of the daemon closed the old one.
+/// Also whether it had to be sent again.
+fn ask_across_restarts(
+    socket: &Path,
+    c: &mut Option<Client>,
+    r: &Request,
+) -> (serde_json::Value, bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut retried = false;
+    loop {
+        if c.is_none() {
+            *c = Client::connect(socket, Duration::from_secs(60)).ok();
+        }
+        if let Some(client) = c.as_mut() {
+            match client.request(r) {
+                Ok(Response::Ok { data }) => return (data, retried),
+                Ok(other) => panic!("{r:?}: {other:?}"),
+                Err(_) => {
+                    *c = None;
+                    retried = true;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{r:?}: no daemon answered for 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

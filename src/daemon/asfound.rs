@@ -36,6 +36,43 @@ pub(crate) struct Found {
     pub(crate) command: u16,
     /// The driver change the daemon made (`bind = true`), to be undone.
     pub(crate) binding: Option<BindingRecord>,
+    /// What a restart needs to resume the device from systemd's fd store
+    /// (absent in records of versions before it, and without a store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) resume: Option<Resume>,
+}
+
+/// The resume part of a device's record: how it was reached and wired, and
+/// the fd store entries that hold it. Written after its entries were sent
+/// to the store, so an entry the record names may be missing (a crash in
+/// between) but never one the record should name and does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Resume {
+    /// The backend (`vfio`, `uio`, `sim`).
+    pub(crate) backend: crate::daemon::config::BackendKind,
+    /// The device's store entries (`0000-00-04.0.sim-state`, ...).
+    pub(crate) names: Vec<String>,
+    /// The VMM session attached, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) session: Option<SessionRecord>,
+    /// An operator hold (`mask`) is in force.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) held: bool,
+}
+
+/// A VMM session in the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SessionRecord {
+    /// The session's id: its device's address (one session per device).
+    pub(crate) id: String,
+    /// Its role: `vmm` (a VMM's session on a device the daemon owns).
+    pub(crate) role: String,
+    /// The EOI path it took: `bypass` or `user`.
+    pub(crate) path: String,
+    /// The VMM's pid (SO_PEERCRED), which may act on the device.
+    pub(crate) owner: Option<i32>,
+    /// Its store entries: irqfd, resample eventfd, connection.
+    pub(crate) names: Vec<String>,
 }
 
 /// A [`Binding`] as recorded.
@@ -115,6 +152,52 @@ pub(crate) fn put(bdf: Bdf, found: Found) {
     });
 }
 
+/// Sets the resume part of `bdf`'s entry (after its fds were stored).
+pub(crate) fn set_resume(bdf: Bdf, resume: Option<Resume>) {
+    update(|r| {
+        if let Some(found) = r.devices.get_mut(&bdf.to_string()) {
+            found.resume = resume;
+        }
+    });
+}
+
+/// Sets the session part of `bdf`'s resume record.
+pub(crate) fn set_session(bdf: Bdf, session: Option<SessionRecord>) {
+    update(|r| {
+        if let Some(resume) = r
+            .devices
+            .get_mut(&bdf.to_string())
+            .and_then(|f| f.resume.as_mut())
+        {
+            resume.session = session;
+        }
+    });
+}
+
+/// Sets whether an operator hold is in force on `bdf`.
+pub(crate) fn set_held(bdf: Bdf, held: bool) {
+    update(|r| {
+        if let Some(resume) = r
+            .devices
+            .get_mut(&bdf.to_string())
+            .and_then(|f| f.resume.as_mut())
+        {
+            resume.held = held;
+        }
+    });
+}
+
+/// Every device's entry (at start, for the resume).
+pub(crate) fn all() -> BTreeMap<String, Found> {
+    match STORE.get() {
+        Some(store) => {
+            let _guard = store.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            read(&store.path).devices
+        }
+        None => BTreeMap::new(),
+    }
+}
+
 /// Forgets `bdf` (it was handed back as found).
 pub(crate) fn remove(bdf: Bdf) {
     update(|r| {
@@ -187,6 +270,18 @@ mod tests {
                     driver: "vfio-pci".into(),
                     previous: Some("uio_pci_generic".into()),
                     previous_override: None,
+                }),
+                resume: Some(Resume {
+                    backend: crate::daemon::config::BackendKind::Sim,
+                    names: vec!["0000-01-00.0.sim-state".into()],
+                    session: Some(SessionRecord {
+                        id: "0000:01:00.0".into(),
+                        role: "vmm".into(),
+                        path: "user".into(),
+                        owner: Some(42),
+                        names: vec!["0000-01-00.0.session-conn".into()],
+                    }),
+                    held: true,
                 }),
             },
         );

@@ -11,6 +11,8 @@ use crate::daemon::client::ClientError;
 use crate::daemon::config::{BackendKind, ConfigError};
 use crate::daemon::metrics::DeviceStats;
 #[cfg(feature = "testkit")]
+use crate::daemon::protocol::SimTotals;
+#[cfg(feature = "testkit")]
 use crate::daemon::protocol::{AckReply, RaiseReply};
 use crate::daemon::protocol::{
     ErrorKind, HoldReply, LineReport, MetricsReply, PingReply, ProbeReport, Request, ResetReply,
@@ -324,20 +326,49 @@ impl Daemon {
                     })
                     .await
                 {
-                    Ok(_) => Response::ok(RaiseReply { raised: count }),
+                    Ok(_) => Response::ok(RaiseReply {
+                        raised: count,
+                        totals: self.sim_totals(bdf),
+                    }),
                     Err(r) => r,
                 }
             }
             #[cfg(feature = "testkit")]
             Request::SimAck { bdf } => match self.test_hook(bdf, |side| side.ack()).await {
-                Ok(acked) => Response::ok(AckReply { acked }),
+                Ok(acked) => Response::ok(AckReply {
+                    acked,
+                    totals: self.sim_totals(bdf),
+                }),
                 Err(r) => r,
             },
+            Request::Restart => {
+                if !peer.operator {
+                    return Response::error(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "uid {} may not restart the daemon (operators only: root, the \
+                             daemon's uid, the admin-group)",
+                            peer.uid
+                        ),
+                    );
+                }
+                self.prepare_restart().await
+            }
             Request::Session { .. } => Response::error(
                 ErrorKind::BadRequest,
                 "sessions are started on a connection of their own",
             ),
         }
+    }
+
+    /// A simulated device's totals (none for other devices).
+    #[cfg(feature = "testkit")]
+    fn sim_totals(&self, bdf: Bdf) -> Option<SimTotals> {
+        let snap = self.device(bdf)?.sim.as_ref()?.snapshot();
+        Some(SimTotals {
+            raised_total: snap.raised,
+            acked_total: snap.acked,
+        })
     }
 
     /// Refuses a VMM acting on a device that is not its session's.
@@ -410,10 +441,14 @@ impl Daemon {
             dev.release().await
         };
         match r {
-            Ok(()) => Response::ok(HoldReply {
-                bdf: dev.bdf(),
-                held: mask,
-            }),
+            Ok(()) => {
+                // An operator hold outlives the daemon's restart.
+                crate::daemon::resume::record_hold(&dev, mask);
+                Response::ok(HoldReply {
+                    bdf: dev.bdf(),
+                    held: mask,
+                })
+            }
             Err(e) => failure(&e),
         }
     }

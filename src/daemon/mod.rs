@@ -55,10 +55,12 @@ pub mod config;
 mod control;
 #[cfg(feature = "testkit")]
 mod example;
+mod fdstore;
 pub mod metrics;
 pub mod progress;
 pub mod protocol;
 mod registry;
+mod resume;
 mod rundir;
 mod server;
 pub(crate) mod service;
@@ -102,6 +104,10 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 7;
     /// The device is busy; retrying later may succeed.
     pub const BUSY: u8 = 8;
+    /// The daemon exited for a restart that keeps every device and session
+    /// (`restart`, SIGUSR2): EX_TEMPFAIL, which the unit's
+    /// `RestartForceExitStatus=` restarts with the fd store.
+    pub const RESTART: u8 = 75;
 }
 
 /// Why the daemon could not start or had to stop.
@@ -229,8 +235,18 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
     };
     let group = gid("socket-group", &config.daemon.socket_group)?;
     let admin_group = gid("admin-group", &config.daemon.admin_group)?;
-    // Before any device is touched: a second instance stops here.
-    let _lock = rundir::lock(&config.daemon.socket, nix::unistd::geteuid().as_raw())?;
+    // What systemd's fd store kept from a previous instance (none without
+    // one), checked: entries of the wrong type are closed here.
+    let mut passed = resume::Passed::take();
+    let listener = passed.listener(&config.daemon.socket);
+    // Before any device is touched: a second instance stops here. The
+    // socket path is checked too, except that a listener kept in the store
+    // is this daemon's own.
+    let _lock = rundir::lock(
+        &config.daemon.socket,
+        nix::unistd::geteuid().as_raw(),
+        listener.is_some(),
+    )?;
     // The lock's holder alone keeps the record of how devices were found.
     asfound::init(&config.daemon.socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -241,7 +257,14 @@ pub fn run(path: &Path, socket: Option<&Path>) -> Result<(), DaemonError> {
             op: "starting the async runtime",
             source,
         })?;
-    let result = runtime.block_on(main(config, group, admin_group, socket.map(Path::to_owned)));
+    let result = runtime.block_on(main(
+        config,
+        group,
+        admin_group,
+        socket.map(Path::to_owned),
+        passed,
+        listener,
+    ));
     // A reload still reading a configuration file that does not answer is
     // abandoned, not waited for.
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -253,6 +276,8 @@ async fn main(
     group: Option<u32>,
     admin_group: Option<u32>,
     socket_override: Option<PathBuf>,
+    mut passed: resume::Passed,
+    stored_listener: Option<std::os::fd::OwnedFd>,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
     let notifier = Notifier::from_env();
@@ -260,6 +285,10 @@ async fn main(
     let mut term = signals(SignalKind::terminate(), "installing the SIGTERM handler")?;
     let mut int = signals(SignalKind::interrupt(), "installing the SIGINT handler")?;
     let mut hup = signals(SignalKind::hangup(), "installing the SIGHUP handler")?;
+    let mut usr2 = signals(
+        SignalKind::user_defined2(),
+        "installing the SIGUSR2 handler",
+    )?;
     notifier.status("arming devices");
     info!(config = %config.path.display(), devices = config.devices.len(), "starting");
 
@@ -277,20 +306,57 @@ async fn main(
         socket_override,
         events: Default::default(),
         exporter_events: Default::default(),
+        restart: tokio::sync::Notify::new(),
     });
     // Before any device is touched: an address in use stops here.
     let exporter = Arc::new(tokio::sync::Mutex::new(
         metrics::Exporter::start(&daemon, &config.metrics).await?,
     ));
-    let opened = match open_devices(config.devices.clone()).await {
-        Ok(opened) => opened,
+    // Devices the store and the record let the daemon resume first (no
+    // reset, no rebind), then the leftovers of the store closed, then the
+    // rest brought up afresh (whose entries the leftovers' removal must
+    // not hit).
+    let (to_resume, mut fresh) = passed.plan(config.devices.clone());
+    let resumed_devices;
+    let pending_sessions;
+    {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = resume::resume_devices(&mut passed, to_resume);
+            (passed, r)
+        })
+        .await;
+        let joined = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                exporter.lock().await.stop().await;
+                return Err(DaemonError::Runtime {
+                    op: "resuming devices",
+                    source: io::Error::other(e),
+                });
+            }
+        };
+        let (mut rest, (opened, sessions, failed, held)) = joined;
+        rest.close_rest();
+        resumed_devices = opened.len();
+        daemon.insert(opened);
+        resume::restore_holds(&daemon, held).await;
+        pending_sessions = sessions;
+        fresh.extend(failed);
+    }
+    let opened = match open_devices(fresh).await {
+        Ok(o) => o,
         Err(e) => {
             exporter.lock().await.stop().await;
+            daemon.shutdown().await;
             return Err(e.into());
         }
     };
     daemon.insert(opened);
-    let listener = match server::bind(&config.daemon.socket, config.daemon.socket_mode, group) {
+    let listener = match stored_listener {
+        Some(fd) => server::listener_from(fd, &config.daemon.socket),
+        None => server::bind(&config.daemon.socket, config.daemon.socket_mode, group),
+    };
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             exporter.lock().await.stop().await;
@@ -298,11 +364,17 @@ async fn main(
             return Err(e);
         }
     };
+    let resumed_sessions = resume::resume_sessions(&daemon, pending_sessions).await;
     let server = tokio::spawn(server::serve(listener, Arc::clone(&daemon)));
     if let Some(guest) = &config.example_guest {
         daemon.start_example(guest).await;
     }
-    let status = daemon.status_line();
+    let mut status = daemon.status_line();
+    if resumed_devices > 0 || resumed_sessions > 0 {
+        status = format!(
+            "resumed {resumed_devices} device(s) and {resumed_sessions} session(s) from the fd store; {status}"
+        );
+    }
     info!(elapsed = ?started.elapsed(), "{status}");
     daemon.notifier.ready(&status);
 
@@ -340,6 +412,15 @@ async fn main(
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = usr2.recv() => {
+                match daemon.prepare_restart().await {
+                    crate::daemon::protocol::Response::Ok { .. } => restart(&daemon),
+                    crate::daemon::protocol::Response::Error { message, .. } => {
+                        warn!("SIGUSR2: not restarting: {message}");
+                    }
+                }
+            }
+            () = daemon.restart.notified() => restart(&daemon),
             _ = hup.recv() => {
                 if reload_tx.try_send(()).is_err() {
                     info!("SIGHUP: a reload is under way; one more follows it");
@@ -360,6 +441,14 @@ async fn main(
     exporter.lock().await.stop().await;
     let socket = daemon.config().daemon.socket.clone();
     let failed = daemon.shutdown().await;
+    // A stop: nothing is to be resumed.
+    fdstore::remove_all();
+    if !tokio::task::spawn_blocking(|| fdstore::flush(Duration::from_secs(1)))
+        .await
+        .unwrap_or(false)
+    {
+        warn!("the service manager did not take every fd store removal; it drops the store at the stop anyway");
+    }
     if let Err(e) = std::fs::remove_file(&socket) {
         warn!(socket = %socket.display(), error = %e, "removing the control socket failed");
     }
@@ -368,6 +457,25 @@ async fn main(
         return Err(DaemonError::Restore { failed });
     }
     Ok(())
+}
+
+/// Exits for a restart that keeps every device and session: no device is
+/// handed back and nothing is torn down (no destructor runs: INTx stays
+/// wired, the kernel and systemd's fd store keep the descriptors), with
+/// [`exit::RESTART`] for the service manager.
+fn restart(daemon: &registry::Daemon) -> ! {
+    info!("restarting: every device and session is kept in the fd store for the next process");
+    // An interrupt the engine masked for delivery reaches its guest before
+    // the process goes (the next one finds it masked and asserting, and
+    // takes it as delivered). The runtime's thread is here: no device task
+    // injects meanwhile.
+    for dev in daemon.all() {
+        if !dev.sink.flush(Duration::from_millis(100)) {
+            warn!(bdf = %dev.bdf(), "an interrupt for the VMM's irqfd was not written before the restart; the EOI timeout recovers it");
+        }
+    }
+    let _ = fdstore::flush(Duration::from_secs(1));
+    std::process::exit(i32::from(exit::RESTART))
 }
 
 /// Sets up logging: journald when systemd connected stderr to the journal

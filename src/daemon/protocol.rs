@@ -222,6 +222,11 @@ pub enum Request {
         #[serde(with = "bdf_wire")]
         bdf: Bdf,
     },
+    /// Operators only: restart the daemon keeping every device and session
+    /// (an upgrade): the daemon checks that systemd's fd store holds what
+    /// it needs, answers, and exits with status 75 (EX_TEMPFAIL), handing
+    /// nothing back; the service manager starts it again with the store.
+    Restart,
 }
 
 fn one() -> u64 {
@@ -253,7 +258,8 @@ impl Request {
             | Request::Stats { .. }
             | Request::Metrics
             | Request::Probe { .. }
-            | Request::Session { .. } => None,
+            | Request::Session { .. }
+            | Request::Restart => None,
         }
     }
 
@@ -574,6 +580,32 @@ pub struct HoldReply {
 pub struct RaiseReply {
     /// Interrupts raised.
     pub raised: u64,
+    /// A simulated device's totals after the raise (`count = 0` asks for
+    /// them alone): whether a raise or an acknowledgement whose answer was
+    /// lost took effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<SimTotals>,
+}
+
+/// A simulated device's interrupt totals (they survive the daemon's
+/// restart with the device's state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimTotals {
+    /// Interrupts the device raised in all.
+    pub raised_total: u64,
+    /// Interrupts the driver acknowledged in all.
+    pub acked_total: u64,
+}
+
+/// What `restart` answers (before the daemon exits with status 75).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartReply {
+    /// The process that is about to exit.
+    pub pid: u32,
+    /// Devices kept for the next process.
+    pub devices: usize,
+    /// Sessions kept for the next process.
+    pub sessions: usize,
 }
 
 /// What `sim-ack` answers.
@@ -581,6 +613,9 @@ pub struct RaiseReply {
 pub struct AckReply {
     /// Whether an interrupt was pending to acknowledge.
     pub acked: bool,
+    /// A simulated device's totals after the acknowledgement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<SimTotals>,
 }
 
 #[cfg(test)]
@@ -702,11 +737,17 @@ mod tests {
             serde_json::json!({ "text": "x" }),
         );
         same(
-            enc(&RaiseReply { raised: 3 }),
+            enc(&RaiseReply {
+                raised: 3,
+                totals: None,
+            }),
             serde_json::json!({ "raised": 3 }),
         );
         same(
-            enc(&AckReply { acked: false }),
+            enc(&AckReply {
+                acked: false,
+                totals: None,
+            }),
             serde_json::json!({ "acked": false }),
         );
     }

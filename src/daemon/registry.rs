@@ -48,6 +48,8 @@ pub struct Daemon {
     /// The metrics endpoint's and textfile's events, counted and rate
     /// limited per cause.
     pub(crate) exporter_events: crate::daemon::metrics::ExporterEvents,
+    /// A `restart` was answered: the signal loop exits for it.
+    pub(crate) restart: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Daemon {

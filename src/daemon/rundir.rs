@@ -62,9 +62,15 @@ pub(crate) struct InstanceLock {
 }
 
 /// Takes the instance lock for `socket` (checking its directory first,
-/// and what is at the socket path after); another daemon holding it is
-/// [`DaemonError::Locked`], naming its pid when the lock file says it.
-pub(crate) fn lock(socket: &Path, euid: u32) -> Result<InstanceLock, DaemonError> {
+/// and what is at the socket path after, unless `own_listener`: the fd
+/// store kept this daemon's listening socket there, which answers
+/// connections); another daemon holding it is [`DaemonError::Locked`],
+/// naming its pid when the lock file says it.
+pub(crate) fn lock(
+    socket: &Path,
+    euid: u32,
+    own_listener: bool,
+) -> Result<InstanceLock, DaemonError> {
     let dir = open_dir(socket, euid)?;
     let path = lock_path(socket);
     let fail = |op: &'static str| {
@@ -99,7 +105,9 @@ pub(crate) fn lock(socket: &Path, euid: u32) -> Result<InstanceLock, DaemonError
         .map_err(fail("writing the daemon's pid in the instance lock"))?;
     // What is at the socket path is refused now too, before any device
     // is brought up; binding checks again.
-    remove_stale(&dir, socket)?;
+    if !own_listener {
+        remove_stale(&dir, socket)?;
+    }
     Ok(InstanceLock { _file: file })
 }
 

@@ -55,7 +55,25 @@ pub(crate) fn bind(
         l.map_err(fail("binding"))?
     };
     rundir::set_owner_and_mode(&dir, path, mode, group)?;
+    crate::daemon::fdstore::store(
+        crate::daemon::fdstore::CONTROL_SOCKET.to_owned(),
+        listener.as_fd(),
+    );
     Ok(listener)
+}
+
+/// The listening socket the fd store kept (bound at `path`; checked by
+/// the caller), made non-blocking for the runtime.
+pub(crate) fn listener_from(fd: OwnedFd, path: &Path) -> Result<UnixListener, DaemonError> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(|source| DaemonError::Socket {
+            path: path.to_owned(),
+            op: "taking the stored listening socket",
+            source,
+        })
 }
 
 /// Accepts clients until the task is dropped.
@@ -336,11 +354,17 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
         } = request
         {
             let attached = attach(&daemon, bdf, vfio_device_fd, path, fds).await;
-            session(&daemon, conn, attached, permit, peer.pid, timeout).await;
+            session(&daemon, conn, attached, Some(permit), peer.pid, timeout).await;
             return;
         }
+        let restart = request == Request::Restart;
         let response = daemon.handle(request, &peer).await;
-        if send(&mut conn.stream, &response, timeout).await.is_err() {
+        let sent = send(&mut conn.stream, &response, timeout).await;
+        if restart && matches!(response, Response::Ok { .. }) {
+            // Answered (or the requester left): the signal loop exits.
+            daemon.restart.notify_one();
+        }
+        if sent.is_err() {
             return;
         }
     }
@@ -353,20 +377,36 @@ async fn connection(daemon: Arc<Daemon>, stream: UnixStream, permit: OwnedSemaph
 async fn session(
     daemon: &Arc<Daemon>,
     mut conn: Conn,
-    attached: Result<(Arc<ManagedDevice>, SessionReport), Response>,
-    permit: OwnedSemaphorePermit,
+    attached: Result<Attached, Response>,
+    permit: Option<OwnedSemaphorePermit>,
     owner: Option<i32>,
     timeout: Duration,
 ) {
     conn.max_fds = 0;
     let dev = match attached {
-        Ok((dev, report)) => {
-            if send(&mut conn.stream, &Response::ok(&report), timeout)
-                .await
-                .is_err()
-            {
-                end_session(daemon, dev).await;
-                return;
+        Ok(Attached { dev, report, keep }) => {
+            // Into the fd store and the record before the VMM hears of
+            // it: a crash before the answer is a request the VMM sees fail
+            // (and retries), never a session it believes in that the next
+            // process does not know.
+            if let Some((irqfd, resample)) = keep {
+                crate::daemon::resume::store_session(
+                    &dev,
+                    &irqfd,
+                    &resample,
+                    conn.stream.as_fd(),
+                    owner,
+                );
+            }
+            // A resumed session was answered by the previous process.
+            if let Some(report) = report {
+                if send(&mut conn.stream, &Response::ok(&report), timeout)
+                    .await
+                    .is_err()
+                {
+                    end_session(daemon, dev).await;
+                    return;
+                }
             }
             dev
         }
@@ -418,10 +458,78 @@ async fn session(
 /// disarmed, the daemon's copy of its fd closed) before this returns.
 async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
     lock(&daemon.session_owners).remove(&dev.bdf());
+    crate::daemon::resume::forget_session(&dev);
     dev.detach();
     if dev.handed_over.is_some() {
         daemon.release_handed_over(dev).await;
     }
+}
+
+/// An attached session: its device, the answer to send (none for a
+/// session resumed after a restart: the previous process answered), and
+/// the daemon's copies of its irqfd and resample eventfd for the fd store
+/// (none for a VMM's own device, whose session does not outlive the
+/// process).
+struct Attached {
+    dev: Arc<ManagedDevice>,
+    report: Option<SessionReport>,
+    keep: Option<(OwnedFd, OwnedFd)>,
+}
+
+/// Re-attaches a session kept in the fd store across the daemon's restart,
+/// on its stored connection, with its stored irqfd and resample eventfd,
+/// and starts serving it on a task of its own; whether it was attached. A
+/// VMM that died meanwhile left a connection at its end: the session ends
+/// at once, as any session whose VMM dies.
+pub(crate) async fn resume_session(
+    daemon: Arc<Daemon>,
+    dev: Arc<ManagedDevice>,
+    conn: OwnedFd,
+    irqfd: OwnedFd,
+    resample: OwnedFd,
+    owner: Option<i32>,
+) -> bool {
+    let bdf = dev.bdf();
+    let stream = std::os::unix::net::UnixStream::from(conn);
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(stream))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%bdf, error = %e, "registering a resumed session's connection failed; the session ends");
+            crate::daemon::resume::forget_session(&dev);
+            return false;
+        }
+    };
+    let attached = dev
+        .attach(sys::into_eventfd(irqfd), sys::into_eventfd(resample))
+        .await;
+    if let Err(e) = attached {
+        warn!(%bdf, error = %crate::error_chain(&e), "re-attaching a resumed session failed; it ends");
+        crate::daemon::resume::forget_session(&dev);
+        return false;
+    }
+    info!(%bdf, "VMM session resumed on its stored connection");
+    let conn = Conn {
+        stream,
+        decoder: FrameDecoder::new(),
+        fds: Foreign::default(),
+        max_fds: 0,
+        buf: vec![0; 4096],
+        last_close: LastClose::default(),
+    };
+    let timeout = daemon.config().daemon.client_timeout;
+    // Its entries are still in the store: kept, not stored again.
+    let attached = Attached {
+        dev,
+        report: None,
+        keep: None,
+    };
+    tokio::spawn(async move {
+        session(&daemon, conn, Ok(attached), None, owner, timeout).await;
+    });
+    true
 }
 
 /// Validates a session request and attaches it.
@@ -431,7 +539,7 @@ async fn attach(
     vfio_device_fd: bool,
     path: Option<PathSetting>,
     mut fds: Foreign,
-) -> Result<(Arc<ManagedDevice>, SessionReport), Response> {
+) -> Result<Attached, Response> {
     let mut next = || {
         fds.next()
             .ok_or_else(|| Response::error(ErrorKind::BadRequest, "missing descriptor"))
@@ -488,13 +596,23 @@ async fn attach(
             ));
         }
         let dev = daemon.device(bdf).ok_or_else(|| not_owned(bdf))?;
+        // The daemon's copies for the fd store, while it can still make
+        // them (a session that outlives the daemon's restart).
+        let keep = match (sys::dup(&irqfd), sys::dup(&resample)) {
+            (Ok(i), Ok(r)) if crate::daemon::fdstore::enabled() => Some((i, r)),
+            _ => None,
+        };
         dev.attach(irqfd, resample).await.map_err(attach_error)?;
         let report = SessionReport {
             bdf,
             path: dev.status().path,
             identity: None,
         };
-        return Ok((dev, report));
+        return Ok(Attached {
+            dev,
+            report: Some(report),
+            keep,
+        });
     };
     if let Some(bdf) = claimed.filter(|b| daemon.device(*b).is_some()) {
         return Err(Response::error(
@@ -515,7 +633,11 @@ async fn attach(
         path: dev.status().path,
         identity: dev.handed_over.map(|i| i.to_string()),
     };
-    Ok((dev, report))
+    Ok(Attached {
+        dev,
+        report: Some(report),
+        keep: None,
+    })
 }
 
 fn attach_error(e: AttachError) -> Response {

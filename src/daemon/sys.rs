@@ -150,3 +150,46 @@ pub(crate) fn read_eventfd_nowait(fd: &impl AsRawFd) -> io::Result<u64> {
     nix::unistd::read(fd.as_raw_fd(), &mut buf).map_err(io::Error::from)?;
     Ok(u64::from_ne_bytes(buf))
 }
+
+/// Takes ownership of a descriptor the service manager passed at exec
+/// (`LISTEN_FDS`: descriptors 3 .. 3+n), made close-on-exec.
+pub(crate) fn own_passed_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // Checked before ownership is taken: a descriptor that is not open is
+    // not ours to own (a service manager that lied about LISTEN_FDS).
+    nix::fcntl::fcntl(
+        raw,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `raw` is open (F_SETFD succeeded), and it was passed to this
+    // process at exec for it to own (LISTEN_PID named this process); it is
+    // taken once, from the parsed LISTEN_FDS range, by the only caller.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// A new anonymous memory file (`memfd_create(2)`, close-on-exec), named
+/// `name` in /proc links (`/memfd:<name>`).
+pub(crate) fn memfd(name: &str) -> io::Result<std::fs::File> {
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the
+    // call; memfd_create takes no other pointer.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor nobody else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// A close-on-exec duplicate of `fd` (for types that only expose a raw
+/// descriptor, such as an [`EventFd`]).
+pub(crate) fn dup(fd: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes no pointer; it returns a new descriptor
+    // (or -1) for an open one, or fails (EBADF) for one that is not.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl: open, and owned by nobody.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}

@@ -202,6 +202,8 @@ impl SimDeviceBuilder {
                 virq_disabled: false,
                 vfio_masked: false,
                 virqfd: None,
+                persist: None,
+                signals_due: 0,
             }),
         });
         if let Some(bus) = &self.bus {

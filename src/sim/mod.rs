@@ -32,6 +32,7 @@
 mod backend;
 mod builder;
 mod faults;
+mod image;
 mod rig;
 pub mod stress;
 
@@ -40,6 +41,7 @@ use backend::Virqfd;
 pub use builder::{SimBus, SimDeviceBuilder};
 use faults::FaultRule;
 pub use faults::{Fault, SimOp};
+pub use image::{SimImageError, IMAGE_SIZE as SIM_IMAGE_SIZE};
 pub use rig::{RigError, SimRig};
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -153,6 +155,12 @@ struct State {
     vfio_masked: bool,
     /// vfio-pci model: the unmask eventfd's servicing thread.
     virqfd: Option<Virqfd>,
+    /// Receives the device's state image after each change
+    /// ([`SimDevice::persist`]).
+    persist: Option<image::Persist>,
+    /// Host signals decided and not sent yet: sent at the end of
+    /// `update_line`, after the state is persisted.
+    signals_due: u32,
 }
 
 struct Inner {
@@ -337,8 +345,26 @@ impl Inner {
         !self.broken_masking && self.command(s) & COMMAND_INTX_DISABLE != 0
     }
 
-    /// Recomputes the gated line and signals the host on a rising edge.
+    /// Recomputes the gated line and signals the host on a rising edge;
+    /// then hands the state to its persistence, if any (every change of
+    /// the device's state ends here).
     fn update_line(&self, s: &mut State) {
+        self.update_line_only(s);
+        image::persist(s);
+        // The signals after the state that explains them: a process that
+        // keeps the state across its own death (the daemon's memfd) never
+        // finds a signal sent that its state does not show.
+        if let Some(trigger) = &s.trigger {
+            for _ in 0..std::mem::take(&mut s.signals_due) {
+                // Overflow of the eventfd counter is the only failure; the
+                // host is then due to run anyway.
+                let _ = trigger.write(1);
+            }
+        }
+        s.signals_due = 0;
+    }
+
+    fn update_line_only(&self, s: &mut State) {
         let out = self.level(s) && !self.masked(s);
         if out && !s.line_out && self.kernel == SimKernel::VfioPci {
             // vfio_intx_handler: check-and-mask unless already masked, then
@@ -351,13 +377,9 @@ impl Inner {
             }
             return;
         }
-        if out && !s.line_out {
-            if let Some(trigger) = &s.trigger {
-                // Overflow of the eventfd counter is the only failure; the
-                // host is then due to run anyway.
-                let _ = trigger.write(1);
-                s.host_signals += 1;
-            }
+        if out && !s.line_out && s.trigger.is_some() {
+            s.signals_due += 1;
+            s.host_signals += 1;
         }
         s.line_out = out;
     }
@@ -377,8 +399,8 @@ impl Inner {
         if s.virq_disabled {
             return;
         }
-        if let Some(trigger) = &s.trigger {
-            let _ = trigger.write(1);
+        if s.trigger.is_some() {
+            s.signals_due += 1;
             s.host_signals += 1;
         }
     }

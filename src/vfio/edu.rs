@@ -75,6 +75,13 @@ impl Edu {
         Ok(edu)
     }
 
+    /// Maps BAR0 of an edu a previous process of this program set up (its
+    /// restart): as [`enable`](Self::enable), but an interrupt status
+    /// pending is left pending (it is an interrupt to deliver).
+    pub fn resume(backend: &mut VfioBackend) -> Result<Self, VfioError> {
+        Self::new(backend.region(0)?)
+    }
+
     /// Raises the interrupt with status `bits`.
     pub fn raise_bits(&self, bits: u32) -> Result<(), VfioError> {
         self.bar.write_u32(Self::RAISE, bits)

@@ -352,6 +352,13 @@ impl VfioBackend {
         self.container.as_ref()
     }
 
+    /// The VFIO device fd (a daemon keeps a duplicate in systemd's fd
+    /// store, so that the device stays open, INTx wired, across its own
+    /// restart: the device fd holds its group and container).
+    pub fn device_fd(&self) -> BorrowedFd<'_> {
+        self.device.fd()
+    }
+
     /// The vfio-ioctls device (MSI/MSI-X setup, mmap of BARs, ...). `None`
     /// on a handed-over device fd.
     pub fn device(&self) -> Option<&Arc<VfioDevice>> {

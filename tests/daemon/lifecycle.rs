@@ -227,6 +227,12 @@ fn the_systemd_unit_is_hardened_to_an_exposure_of_at_most_4() {
         "DeviceAllow=char-vfio rw",
         "WatchdogSec=",
         "ExecReload=",
+        "FileDescriptorStoreMax=",
+        "FileDescriptorStorePreserve=restart",
+        "RestartForceExitStatus=75",
+        "Restart=on-failure",
+        "RuntimeDirectoryPreserve=restart",
+        "StartLimitBurst=",
     ] {
         assert!(unit_text.contains(needed), "the unit lacks {needed}");
     }

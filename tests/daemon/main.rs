@@ -12,6 +12,7 @@ mod journald;
 mod lifecycle;
 mod metrics_http;
 mod protocol_doc;
+mod restart;
 mod sessions;
 mod socket;
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 use vfio_intx::daemon::metrics::DeviceStats;
 use vfio_intx::daemon::protocol::{
     AckReply, HoldReply, MetricsReply, PingReply, ProbeReport, RaiseReply, ResetReply,
-    SessionReport,
+    RestartReply, SessionReport,
 };
 
 use super::*;
@@ -89,10 +89,11 @@ fn op(r: &Request) -> &'static str {
         Request::Session { .. } => "session",
         Request::SimRaise { .. } => "sim-raise",
         Request::SimAck { .. } => "sim-ack",
+        Request::Restart => "restart",
     }
 }
 
-const OPS: [&str; 11] = [
+const OPS: [&str; 12] = [
     "ping",
     "status",
     "stats",
@@ -104,6 +105,7 @@ const OPS: [&str; 11] = [
     "session",
     "sim-raise",
     "sim-ack",
+    "restart",
 ];
 
 /// Every error kind (a new one fails to compile until listed).
@@ -167,6 +169,7 @@ fn check_type(ty: &str, data: &Value, what: &str) {
         "SessionReport" => exact::<SessionReport>(data, what),
         "RaiseReply" => exact::<RaiseReply>(data, what),
         "AckReply" => exact::<AckReply>(data, what),
+        "RestartReply" => exact::<RestartReply>(data, what),
         other => panic!("{what}: unknown reply type {other:?}"),
     }
 }
@@ -184,6 +187,7 @@ fn reply_type(op: &str) -> &'static str {
         "session" => "SessionReport",
         "sim-raise" => "RaiseReply",
         "sim-ack" => "AckReply",
+        "restart" => "RestartReply",
         other => panic!("no reply type for {other}"),
     }
 }
@@ -277,6 +281,7 @@ fn every_error_kind_and_exit_code_is_documented() {
         exit::PERMISSION,
         exit::UNREACHABLE,
         exit::BUSY,
+        exit::RESTART,
     ] {
         assert!(
             DOC.contains(&format!("\n| {code} | ")),

@@ -145,6 +145,15 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Restarts the daemon keeping every device and session (an upgrade):
+    /// guests keep their INTx. Operators only; needs the service manager's
+    /// fd store (`systemctl restart` is a stop and a start instead: the
+    /// devices are handed back and sessions end).
+    Restart {
+        /// Output and socket options.
+        #[command(flatten)]
+        common: Common,
+    },
     /// Check configuration files (all must be valid).
     Validate {
         /// The files.
@@ -241,7 +250,8 @@ pub fn run(command: Command) -> ExitCode {
         | Command::Reset { common, .. }
         | Command::Mask { common, .. }
         | Command::Unmask { common, .. }
-        | Command::Metrics { common } => common.json,
+        | Command::Metrics { common }
+        | Command::Restart { common } => common.json,
     };
     let (op, device) = operation(&command);
     let result = match command {
@@ -271,6 +281,7 @@ pub fn run(command: Command) -> ExitCode {
             parse_bdf(&bdf).and_then(|bdf| simple(&common, Request::Unmask { bdf }, "released"))
         }
         Command::Metrics { common } => metrics(&common),
+        Command::Restart { common } => restart(&common),
         Command::Validate { configs, .. } => validate(&configs),
     };
     match result {
@@ -334,6 +345,7 @@ fn operation(command: &Command) -> (&'static str, Option<Device>) {
         Command::Mask { bdf, .. } => ("mask", Some(bdf)),
         Command::Unmask { bdf, .. } => ("unmask", Some(bdf)),
         Command::Metrics { .. } => ("metrics", None),
+        Command::Restart { .. } => ("restart", None),
         Command::Validate { .. } => ("validate", None),
     };
     let device = text.map(|t| match t.parse::<Bdf>() {
@@ -638,6 +650,16 @@ fn metrics(common: &Common) -> Result<Output, Failure> {
         .unwrap_or_default()
         .trim_end()
         .to_owned();
+    Ok(Output { json: data, text })
+}
+
+fn restart(common: &Common) -> Result<Output, Failure> {
+    let mut client = need_daemon(common)?;
+    let data = ask(&mut client, &Request::Restart)?;
+    let text = format!(
+        "daemon (pid {}) restarting with {} device(s) and {} session(s) kept",
+        data["pid"], data["devices"], data["sessions"]
+    );
     Ok(Output { json: data, text })
 }
 

@@ -10,10 +10,11 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
-use crate::backend::ConfigSpace;
-use crate::daemon::asfound::{self, BindingRecord, Found};
+use crate::backend::{ConfigSpace, PciBackend};
+use crate::daemon::asfound::{self, BindingRecord, Found, Resume};
 use crate::daemon::backend::AnyBackend;
 use crate::daemon::config::{BackendKind, DeviceConfig};
+use crate::daemon::fdstore::{self, role};
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::{IntxDevice, IntxOptions, WatchdogOptions};
 use crate::pci::intx::{read_command_status, CommandStatus};
@@ -71,6 +72,7 @@ impl ManagedDevice {
         config: DeviceConfig,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
+        let kind = config.backend;
         let sysfs = PciSysfs::default();
         // An entry means the previous instance did not hand the device back
         // (it crashed): the device is as that instance left it, and the
@@ -99,14 +101,21 @@ impl ManagedDevice {
         let found_command = recorded.as_ref().map(|f| f.command);
         let result = Self::open_bound(&sysfs, config, binding.clone(), found_command);
         match &result {
+            // The record after the store entries (sent in `open_bound`): a
+            // crash in between leaves entries the record does not explain,
+            // which the next start closes.
             Ok((dev, _)) => asfound::put(
                 bdf,
                 Found {
                     command: dev.found_command,
                     binding: binding.as_ref().and_then(BindingRecord::of),
+                    resume: dev.resume_record(),
                 },
             ),
             Err(_) => {
+                for name in stored_names(bdf, kind) {
+                    fdstore::remove(name);
+                }
                 if let Some(b) = &binding {
                     if let Err(e) = sysfs.unbind(b) {
                         warn!(error = %crate::error_chain(&e), "restoring the previous driver failed");
@@ -125,7 +134,15 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let (backend, sim) = match config.backend {
-            BackendKind::Vfio => (AnyBackend::Vfio(VfioBackend::open(bdf)?), None),
+            BackendKind::Vfio => {
+                let backend = VfioBackend::open(bdf)?;
+                if stored_names(bdf, BackendKind::Vfio)
+                    .contains(&fdstore::name(bdf, role::VFIO_DEVICE))
+                {
+                    fdstore::store(fdstore::name(bdf, role::VFIO_DEVICE), backend.device_fd());
+                }
+                (AnyBackend::Vfio(backend), None)
+            }
             BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
             #[cfg(not(feature = "testkit"))]
             BackendKind::Sim => {
@@ -146,10 +163,195 @@ impl ManagedDevice {
                 backend
                     .config_write(PCI_COMMAND, Width::Word, u32::from(config.sim_command))
                     .map_err(backend_error("setting the simulated device's COMMAND"))?;
+                // Under a service manager, the device's state outlives the
+                // process in a memfd in the fd store.
+                if fdstore::enabled() {
+                    match crate::daemon::sys::memfd("vfio-intx-sim-state") {
+                        Ok(memfd) => {
+                            use std::os::fd::AsFd;
+                            fdstore::store(fdstore::name(bdf, role::SIM_STATE), memfd.as_fd());
+                            persist_sim(&sim, memfd);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "creating the simulated device's state memfd failed; a restart cannot resume it")
+                        }
+                    }
+                }
                 (AnyBackend::Sim(backend), Some(sim))
             }
         };
-        Self::arm(sysfs, config, backend, sim, binding, None, found_command)
+        let opened = Self::arm(
+            sysfs,
+            config,
+            backend,
+            sim,
+            binding,
+            None,
+            found_command,
+            false,
+        )?;
+        if stored_names(bdf, opened.0.config.backend).contains(&fdstore::name(bdf, role::DELIVERY))
+        {
+            match crate::daemon::sys::memfd("vfio-intx-delivery") {
+                Ok(memfd) => {
+                    use std::os::fd::AsFd;
+                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
+                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
+                }
+                Err(e) => {
+                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the device")
+                }
+            }
+        }
+        Ok(opened)
+    }
+
+    /// Takes a device over again after the daemon's own restart or crash,
+    /// from its fd store entries (`fds`, by name; the ones used are taken)
+    /// and its record: no bind, no reset, no probe toggling INTX_DISABLE;
+    /// the engine re-derives the line from STATUS as after a reset (an
+    /// interrupt pending across the restart is delivered, a line is never
+    /// left masked). Blocking.
+    #[instrument(skip_all, fields(bdf = %config.bdf))]
+    pub(crate) fn resume(
+        config: DeviceConfig,
+        found: &Found,
+        fds: &mut std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
+        let bdf = config.bdf;
+        let unreadable = |what| DeviceError::Unsupported { bdf, what };
+        // `in_service`: masked and asserting, the previous process
+        // delivered it.
+        let (backend, sim, in_service, ledger) = match config.backend {
+            #[cfg(feature = "testkit")]
+            BackendKind::Sim => {
+                use std::os::unix::fs::FileExt;
+                let memfd = fds
+                    .remove(&fdstore::name(bdf, role::SIM_STATE))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no state for the simulated device",
+                    ))?;
+                let mut image = vec![0u8; crate::sim::SIM_IMAGE_SIZE];
+                memfd.read_exact_at(&mut image, 0).map_err(|_| {
+                    unreadable("the simulated device's stored state is not readable")
+                })?;
+                let sim = SimDevice::builder()
+                    .bdf(bdf)
+                    .kernel(SimKernel::from(config.sim_kernel))
+                    .build();
+                sim.load_image(&image).map_err(|_| {
+                    unreadable("the simulated device's stored state is not an image")
+                })?;
+                persist_sim(&sim, memfd);
+                let snap = sim.snapshot();
+                let delivery = fds
+                    .remove(&fdstore::name(bdf, role::DELIVERY))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no delivery ledger for the device",
+                    ))?;
+                // Masked and asserting, and the signal reached the irqfd
+                // with no EOI since.
+                let in_service = snap.asserting
+                    && snap.command & COMMAND_INTX_DISABLE != 0
+                    && super::session::Ledger::in_guest(&delivery);
+                info!(
+                    pending = snap.pending,
+                    command = format_args!("{:#06x}", snap.command),
+                    raised = snap.raised,
+                    "the simulated device's state, as the previous process left it"
+                );
+                (
+                    AnyBackend::Sim(sim.backend()),
+                    Some(sim),
+                    in_service,
+                    Some(delivery),
+                )
+            }
+            BackendKind::Vfio => {
+                let fd = fds
+                    .remove(&fdstore::name(bdf, role::VFIO_DEVICE))
+                    .ok_or(unreadable(
+                        "the fd store has no VFIO device fd for the device",
+                    ))?;
+                let delivery = fds
+                    .remove(&fdstore::name(bdf, role::DELIVERY))
+                    .map(std::fs::File::from)
+                    .ok_or(unreadable(
+                        "the fd store has no delivery ledger for the device",
+                    ))?;
+                // The same checks as a VMM's device fd: it is this device.
+                let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
+                // The previous process's kernel-bypass wiring, if any: the
+                // kernel takes one unmask eventfd per device, and the
+                // session's re-attach puts it back.
+                let _ = backend.intx_set_unmask_eventfd(None);
+                let cs =
+                    read_command_status(&mut backend).map_err(|source| DeviceError::Backend {
+                        bdf,
+                        op: "reading COMMAND and STATUS",
+                        source,
+                    })?;
+                let masked = backend.read_physical_intx_disable().unwrap_or(false);
+                let in_service =
+                    cs.asserting() && masked && super::session::Ledger::in_guest(&delivery);
+                info!(
+                    command = format_args!("{:#06x}", cs.command),
+                    status = format_args!("{:#06x}", cs.status),
+                    masked,
+                    "the device as the previous process left it"
+                );
+                (AnyBackend::Vfio(backend), None, in_service, Some(delivery))
+            }
+            _ => {
+                let _ = fds;
+                return Err(unreadable(
+                    "resuming from the fd store is implemented for simulated and VFIO devices",
+                ));
+            }
+        };
+        let binding = match (found.binding.as_ref(), config.backend.driver()) {
+            (Some(b), Some(driver)) => b.binding(bdf, driver),
+            _ => None,
+        };
+        let config = DeviceConfig {
+            reset: false,
+            ..config
+        };
+        let opened = Self::arm(
+            &PciSysfs::default(),
+            config,
+            backend,
+            sim,
+            binding,
+            None,
+            Some(found.command),
+            true,
+        )?;
+        opened
+            .0
+            .resumed_in_service
+            .store(in_service, std::sync::atomic::Ordering::SeqCst);
+        if let Some(file) = ledger {
+            opened.0.sink.set_ledger(super::session::Ledger::new(file));
+        }
+        info!(
+            in_service,
+            "resumed from the fd store: no reset, no rebind; the line re-checked"
+        );
+        Ok(opened)
+    }
+
+    /// The resume part of the device's record: its store entries.
+    fn resume_record(&self) -> Option<Resume> {
+        let names = stored_names(self.bdf(), self.config.backend);
+        (fdstore::enabled() && !names.is_empty() && self.handed_over.is_none()).then_some(Resume {
+            backend: self.config.backend,
+            names,
+            session: None,
+            held: false,
+        })
     }
 
     /// Takes over a VMM's own VFIO device fd for one session
@@ -180,10 +382,14 @@ impl ManagedDevice {
             None,
             Some(identity),
             None,
+            false,
         )
     }
 
-    /// Probes and arms an opened backend.
+    /// Probes and arms an opened backend (`resumed`: taken over again after
+    /// a restart, probed by the instance that brought it up, and nothing
+    /// is toggled now).
+    #[allow(clippy::too_many_arguments)]
     fn arm(
         sysfs: &PciSysfs,
         config: DeviceConfig,
@@ -192,6 +398,7 @@ impl ManagedDevice {
         binding: Option<Binding>,
         handed_over: Option<DeviceIdentity>,
         recorded_command: Option<u16>,
+        resumed: bool,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
@@ -200,11 +407,16 @@ impl ManagedDevice {
             .command;
         let found_command = recorded_command.unwrap_or(now);
         let edu = if config.edu_test_hooks {
-            Some(Self::edu_hooks(&mut backend)?)
+            Some(Self::edu_hooks(&mut backend, resumed)?)
         } else {
             None
         };
-        let (masking, masking_evidence) = if config.probe {
+        let (masking, masking_evidence) = if resumed {
+            (
+                "resumed after a restart (probed when first brought up)".to_owned(),
+                None,
+            )
+        } else if config.probe {
             let (supported, verdict, evidence) = match &mut backend {
                 // The daemon's own simulated device: no driver, no handler
                 // yet, so the enumeration-time toggle test is safe.
@@ -267,6 +479,7 @@ impl ManagedDevice {
                 handed_over,
                 binding: Mutex::new(binding),
                 session_ending: AtomicBool::new(false),
+                resumed_in_service: AtomicBool::new(false),
                 control,
             }),
             rx,
@@ -277,16 +490,18 @@ impl ManagedDevice {
     /// first (the edu answers BAR accesses only then). COMMAND as found is
     /// read before, and restored at shutdown.
     #[cfg(not(feature = "testkit"))]
-    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+    fn edu_hooks(backend: &mut AnyBackend, _resumed: bool) -> Result<Arc<EduHandle>, DeviceError> {
         Err(DeviceError::Unsupported {
             bdf: backend.bdf(),
             what: "edu test hooks need vfio-intx built with the testkit feature",
         })
     }
 
-    /// Maps an edu's BAR0 for the test hooks (see above).
+    /// Maps an edu's BAR0 for the test hooks (see above). `resumed`: after
+    /// the daemon's restart, where a pending interrupt status is not an
+    /// earlier user's leftover but an interrupt to deliver.
     #[cfg(feature = "testkit")]
-    fn edu_hooks(backend: &mut AnyBackend) -> Result<Arc<EduHandle>, DeviceError> {
+    fn edu_hooks(backend: &mut AnyBackend, resumed: bool) -> Result<Arc<EduHandle>, DeviceError> {
         let bdf = backend.bdf();
         let AnyBackend::Vfio(vfio) = backend else {
             return Err(DeviceError::Backend {
@@ -295,7 +510,11 @@ impl ManagedDevice {
                 source: crate::backend::BackendError::NoIntx,
             });
         };
-        let edu = crate::vfio::edu::Edu::enable(vfio)?;
+        let edu = if resumed {
+            crate::vfio::edu::Edu::resume(vfio)?
+        } else {
+            crate::vfio::edu::Edu::enable(vfio)?
+        };
         Ok(Arc::new(edu))
     }
 
@@ -340,6 +559,40 @@ impl ManagedDevice {
     }
 }
 
+/// The fd store entries a device of `kind` keeps (while the daemon is
+/// under a service manager).
+pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
+    match kind {
+        BackendKind::Sim if cfg!(feature = "testkit") && fdstore::enabled() => {
+            vec![
+                fdstore::name(bdf, role::SIM_STATE),
+                fdstore::name(bdf, role::DELIVERY),
+            ]
+        }
+        BackendKind::Vfio if fdstore::enabled() => vec![
+            fdstore::name(bdf, role::VFIO_DEVICE),
+            fdstore::name(bdf, role::DELIVERY),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// Writes each new state of the simulated device into `memfd` (one
+/// `pwrite` of the whole image, under the device's lock).
+#[cfg(feature = "testkit")]
+fn persist_sim(sim: &SimDevice, memfd: std::fs::File) {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    sim.persist(move |image| {
+        if let Err(e) = memfd.write_all_at(image, 0) {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                warn!(error = %e, "writing the simulated device's state to its memfd failed");
+            }
+        }
+    });
+}
+
 /// How long [`hand_back`] waits for the last users of the devices to let
 /// go before it restores the drivers (one bound for all the devices).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -363,6 +616,12 @@ pub(crate) fn hand_back(
         let r = dev.restore();
         if dev.handed_over.is_none() {
             recorded.push(bdf);
+            // Out of the store now: the store's copy of a VFIO device fd
+            // keeps the device open, and the driver's unbind below waits
+            // for its last close.
+            for name in stored_names(bdf, dev.config.backend) {
+                fdstore::remove(name);
+            }
         }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();

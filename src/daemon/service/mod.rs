@@ -248,6 +248,10 @@ pub struct ManagedDevice {
     /// A session's end is being processed: the VMM's irqfd is already
     /// detached but the device is not back on its own wiring yet.
     session_ending: AtomicBool,
+    /// Resumed after the daemon's restart with an interrupt in service
+    /// (the device masked and asserting): the next session attach waits
+    /// for its EOI instead of re-sending it (`session.rs`).
+    resumed_in_service: AtomicBool,
     control: mpsc::UnboundedSender<Control>,
 }
 

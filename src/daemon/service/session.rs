@@ -39,19 +39,66 @@ struct IrqfdWriter {
 struct WriterShared {
     state: Mutex<WriterState>,
     wake: Condvar,
+    /// The delivery ledger, if the device keeps one (`Ledger`).
+    ledger: Option<Arc<Ledger>>,
+}
+
+/// Where the session's last interrupt stands, in a memfd kept in systemd's
+/// fd store (`<bdf>.delivery`), one `pwrite` per step: injected for the
+/// irqfd (before the writer is told), written to it (after the write, with
+/// nothing more pending), EOIed (when the resample eventfd was read, before
+/// the EOI is processed). A daemon resumed after a kill -9 that finds the
+/// device masked and asserting knows from it whether that interrupt is in
+/// the guest's hands (written, no EOI since: it must not be sent again) or
+/// not (injected but not written, or EOIed and the crash came before the
+/// re-check: it must be).
+pub(crate) struct Ledger {
+    file: std::fs::File,
+}
+
+impl Ledger {
+    const IDLE: u64 = 0;
+    const INJECTED: u64 = 1;
+    const WRITTEN: u64 = 2;
+
+    /// A ledger in `file`, reset.
+    pub(crate) fn new(file: std::fs::File) -> Self {
+        let ledger = Self { file };
+        ledger.put(Self::IDLE);
+        ledger
+    }
+
+    /// Whether `file` records an interrupt written to the irqfd and not
+    /// EOIed since.
+    pub(crate) fn in_guest(file: &std::fs::File) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, 0).is_ok() && u64::from_le_bytes(b) == Self::WRITTEN
+    }
+
+    fn put(&self, state: u64) {
+        use std::os::unix::fs::FileExt;
+        // A failed write only weakens the resume's knowledge (it then
+        // re-checks and may re-send); not worth a log line per interrupt.
+        let _ = self.file.write_all_at(&state.to_le_bytes(), 0);
+    }
 }
 
 struct WriterState {
     signals: u64,
+    /// A write taken from `signals` is under way.
+    writing: bool,
     closed: bool,
 }
 
 impl IrqfdWriter {
-    fn spawn(irqfd: EventFd) -> io::Result<Self> {
+    fn spawn(irqfd: EventFd, ledger: Option<Arc<Ledger>>) -> io::Result<Self> {
         let unblock = irqfd.try_clone()?;
         let shared = Arc::new(WriterShared {
+            ledger,
             state: Mutex::new(WriterState {
                 signals: 0,
+                writing: false,
                 closed: false,
             }),
             wake: Condvar::new(),
@@ -66,8 +113,14 @@ impl IrqfdWriter {
     }
 
     fn signal(&self) {
-        lock(&self.shared.state).signals += 1;
-        self.shared.wake.notify_one();
+        {
+            let mut s = lock(&self.shared.state);
+            s.signals += 1;
+            if let Some(l) = &self.shared.ledger {
+                l.put(Ledger::INJECTED);
+            }
+        }
+        self.shared.wake.notify_all();
     }
 }
 
@@ -84,6 +137,7 @@ impl WriterShared {
                     return;
                 }
                 s.signals = 0;
+                s.writing = true;
             }
             match irqfd.write(1) {
                 Ok(()) => {}
@@ -97,7 +151,32 @@ impl WriterShared {
                     }
                 }
             }
+            let mut s = lock(&self.state);
+            if let (Some(l), 0) = (&self.ledger, s.signals) {
+                l.put(Ledger::WRITTEN);
+            }
+            s.writing = false;
+            drop(s);
+            self.wake.notify_all();
         }
+    }
+
+    /// Waits up to `timeout` for every signal to be written.
+    fn flush(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        while s.signals > 0 || s.writing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || s.closed {
+                return false;
+            }
+            s = self
+                .wake
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 }
 
@@ -113,6 +192,12 @@ impl Drop for IrqfdWriter {
 
 struct SinkState {
     irqfd: Option<IrqfdWriter>,
+    /// The delivery ledger each session's writer keeps.
+    ledger: Option<Arc<Ledger>>,
+    /// The session is on the kernel bypass: the kernel signals its irqfd
+    /// (the backend's trigger) itself, also when the engine's re-check
+    /// finds the device still asserting (vfio-pci's unmask re-sends).
+    bypass: bool,
     parked: bool,
     in_service_since: Option<std::time::Instant>,
 }
@@ -130,10 +215,36 @@ impl SessionSink {
         Self {
             state: Mutex::new(SinkState {
                 irqfd: None,
+                ledger: None,
+                bypass: false,
                 parked: false,
                 in_service_since: None,
             }),
             metrics,
+        }
+    }
+
+    /// Waits up to `timeout` for the interrupts injected so far to be
+    /// written to the session's irqfd (before the daemon exits for a
+    /// restart: an interrupt the engine masked for delivery is delivered).
+    pub(crate) fn flush(&self, timeout: std::time::Duration) -> bool {
+        let shared = match &lock(&self.state).irqfd {
+            Some(w) => Arc::clone(&w.shared),
+            None => return true,
+        };
+        shared.flush(timeout)
+    }
+
+    /// Keeps the delivery ledger in `ledger` from the next session on.
+    pub(crate) fn set_ledger(&self, ledger: Ledger) {
+        lock(&self.state).ledger = Some(Arc::new(ledger));
+    }
+
+    /// The guest EOIed (the resample eventfd was read): in the ledger
+    /// before the EOI is processed.
+    pub(super) fn note_eoi(&self) {
+        if let Some(l) = &lock(&self.state).ledger {
+            l.put(Ledger::IDLE);
         }
     }
 
@@ -142,25 +253,27 @@ impl SessionSink {
         lock(&self.state).irqfd.is_some()
     }
 
-    /// Attaches `irqfd`. On the user-space path an interrupt parked
-    /// meanwhile is delivered now; on the kernel bypass the engine's
-    /// re-check has the kernel signal it instead.
-    pub(super) fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<()> {
-        let irqfd = IrqfdWriter::spawn(irqfd)?;
+    /// Attaches `irqfd`. Returns whether an interrupt was parked meanwhile
+    /// on the user-space path: the caller re-checks it with the device
+    /// (delivered if the device still asserts); on the kernel bypass the
+    /// engine's re-check has the kernel signal it instead.
+    pub(super) fn attach(&self, irqfd: EventFd, bypass: bool) -> io::Result<bool> {
+        let ledger = lock(&self.state).ledger.clone();
+        let irqfd = IrqfdWriter::spawn(irqfd, ledger)?;
         let mut s = lock(&self.state);
-        if std::mem::take(&mut s.parked) && !bypass {
-            irqfd.signal();
-        }
+        let parked = std::mem::take(&mut s.parked) && !bypass;
         if bypass {
             s.in_service_since = None;
         }
+        s.bypass = bypass;
         s.irqfd = Some(irqfd);
-        Ok(())
+        Ok(parked)
     }
 
     pub(super) fn detach(&self) -> bool {
         let mut s = lock(&self.state);
         s.irqfd = None;
+        s.bypass = false;
         s.in_service_since.is_some()
     }
 
@@ -178,6 +291,10 @@ impl InterruptSink for SessionSink {
         let mut s = lock(&self.state);
         s.in_service_since = Some(std::time::Instant::now());
         match &s.irqfd {
+            // The kernel signalled the irqfd itself; a second signal from
+            // the writer thread could land after the guest's EOI of the
+            // first, and be a second delivery.
+            Some(_) if s.bypass => Ok(()),
             Some(fd) => {
                 fd.signal();
                 Ok(())
@@ -215,6 +332,10 @@ impl Task {
         if bypass && self.holding() {
             return Err(AttachError::Held { bdf });
         }
+        if self.dev.resumed_in_service.swap(false, Ordering::SeqCst) {
+            return self.attach_in_service(resample, irqfd, fd, bypass);
+        }
+        let mut fell_back = false;
         if bypass {
             let wiring = (
                 irqfd.try_clone().map_err(register)?,
@@ -248,19 +369,116 @@ impl Task {
                 }
                 Err(e) => {
                     self.dev.sink.detach();
+                    // The engine's fallback re-check may have injected
+                    // into the sink meanwhile: re-checked below.
+                    fell_back = true;
                     warn!(error = %crate::error_chain(&e), "the kernel bypass could not be wired; the session takes the user-space path");
                 }
             }
         }
         let fd = crate::intx::sys::async_eventfd(fd).map_err(register)?;
-        self.dev.sink.attach(irqfd, false).map_err(register)?;
+        let parked = self.dev.sink.attach(irqfd, false).map_err(register)?;
         *resample = Some(fd);
+        if parked || fell_back {
+            // Re-checked, not replayed: the device may have stopped
+            // asserting since it parked (its driver acknowledged it — a
+            // guest's ISR that ran while the daemon restarted — and the
+            // guest EOIed), and a replay would then be a second delivery.
+            // As at an EOI: delivered if it still asserts, else unmasked.
+            self.dev.sink.take_in_service();
+            if let Err(e) = self.dev.engine.on_guest_eoi() {
+                self.report(&e);
+            }
+        }
         self.dev
             .metrics
             .sessions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!("session attached on the user-space EOI path");
         Ok(())
+    }
+
+    /// Re-attaches a session resumed after the daemon's restart while the
+    /// device was found masked and asserting: the previous process had
+    /// delivered that interrupt (it masks, records, then signals; a
+    /// restart flushes the signals before it exits) and the guest may be
+    /// in its handler. A second signal now is not harmless: KVM applies a
+    /// resample irqfd's signal from a work queue, so one written while the
+    /// guest is in its handler can land after its EOI, as a second
+    /// delivery (seen in the restart test). So nothing is re-sent: the
+    /// engine stays in service and waits for the guest's EOI on the
+    /// user-space path (one counted in the resample eventfd while the
+    /// daemon was away is read at once; a delivery a kill -9 lost between
+    /// the mask and the signal is recovered by the EOI timeout), and a
+    /// session that was on the kernel bypass is wired onto it again once
+    /// the line is idle.
+    fn attach_in_service(
+        &mut self,
+        resample: &mut Option<AsyncFd<EventFd>>,
+        irqfd: EventFd,
+        fd: EventFd,
+        bypass: bool,
+    ) -> Result<(), AttachError> {
+        let bdf = self.dev.bdf();
+        let register = |source| AttachError::Register { bdf, source };
+        if bypass {
+            self.bypass_later = Some((
+                irqfd.try_clone().map_err(register)?,
+                fd.try_clone().map_err(register)?,
+            ));
+        }
+        let fd = crate::intx::sys::async_eventfd(fd).map_err(register)?;
+        // The parked interrupt is the one in service: not replayed.
+        let _ = self.dev.sink.attach(irqfd, false).map_err(register)?;
+        *resample = Some(fd);
+        self.dev
+            .metrics
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            bypass_after_eoi = bypass,
+            "session resumed with an interrupt in service: waiting for the guest's EOI, nothing re-sent"
+        );
+        Ok(())
+    }
+
+    /// Wires a resumed session back onto the kernel bypass once its
+    /// interrupt in service was EOIed (the line idle).
+    pub(super) async fn rewire_bypass(&mut self, resample: &mut Option<AsyncFd<EventFd>>) {
+        if self.bypass_later.is_none() || self.holding() {
+            return;
+        }
+        let engine = Arc::clone(&self.dev.engine);
+        let idle = tokio::task::spawn_blocking(move || {
+            engine.line_state() == crate::intx::LineState::Idle
+        })
+        .await;
+        if !matches!(idle, Ok(true)) {
+            return;
+        }
+        let Some((irqfd, fd)) = self.bypass_later.take() else {
+            return;
+        };
+        let sink_irqfd = match irqfd.try_clone() {
+            Ok(i) => i,
+            Err(e) => {
+                self.report(&e);
+                return;
+            }
+        };
+        self.dev.sink.detach();
+        if let Err(e) = self.dev.sink.attach(sink_irqfd, true) {
+            self.report(&e);
+            return;
+        }
+        *resample = None;
+        let engine = Arc::clone(&self.dev.engine);
+        match tokio::task::spawn_blocking(move || engine.set_kernel_bypass(Some((irqfd, fd)))).await
+        {
+            Ok(Ok(())) => info!("resumed session back on the kernel bypass"),
+            Ok(Err(e)) => self.report(&e),
+            Err(e) => self.report(&e),
+        }
     }
 
     pub(super) async fn detach(&mut self) {

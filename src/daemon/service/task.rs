@@ -29,6 +29,9 @@ pub(super) struct Task {
     pub(super) health: Health,
     errors: LogLimiter,
     eoi_log: LogLimiter,
+    /// A resumed session's kernel-bypass wiring (irqfd, resample), put
+    /// back once its interrupt in service is EOIed (`session.rs`).
+    pub(super) bypass_later: Option<(EventFd, EventFd)>,
 }
 
 /// Waits until `fd` is readable; never, without an fd.
@@ -55,6 +58,7 @@ impl Task {
             health: Health::new(config, now.into_std()),
             errors: rate_limit(),
             eoi_log: rate_limit(),
+            bypass_later: None,
         }
     }
 
@@ -77,6 +81,7 @@ impl Task {
                     }
                     Some(Control::Detach) => {
                         resample = None;
+                        self.bypass_later = None;
                         self.detach().await;
                     }
                     Some(Control::Hold { reply }) => {
@@ -128,11 +133,13 @@ impl Task {
                                 continue;
                             }
                         }
+                        self.dev.sink.note_eoi();
                         if let Some(t) = self.dev.sink.take_in_service() {
                             self.dev.metrics.round_trip.record(t.elapsed());
                         }
                         let r = self.dev.engine.on_guest_eoi();
                         self.after_event(r).await;
+                        self.rewire_bypass(&mut resample).await;
                     }
                     Err(e) => {
                         warn!(error = %e, "polling the resample eventfd failed; detaching the session");
@@ -140,7 +147,10 @@ impl Task {
                         self.detach().await;
                     }
                 },
-                _ = tokio::time::sleep_until(self.next_tick), if !holding => self.tick().await,
+                _ = tokio::time::sleep_until(self.next_tick), if !holding => {
+                    self.tick().await;
+                    self.rewire_bypass(&mut resample).await;
+                }
             }
         }
         debug!("service task stopped");
@@ -255,6 +265,7 @@ impl Task {
                         "interrupt in service with no EOI from the guest; recovering as if EOIed"
                     );
                 }
+                self.dev.sink.note_eoi();
                 self.dev.sink.take_in_service();
                 self.dev.engine.on_guest_eoi()?;
                 Ok(())
