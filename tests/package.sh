@@ -132,7 +132,18 @@ fi
 grep -B3 'deb-systemd-helper enable' "$tmp/control/postinst" | has 'was-enabled' ||
     ! grep -q 'deb-systemd-helper enable' "$tmp/control/postinst" ||
     fail "postinst enables the service on a fresh install"
-ok "conffile /etc/vfio-intx/daemon.toml; the maintainer scripts neither enable nor start the service"
+# An upgrade keeps the guests' INTx: a running daemon is restarted with
+# `vfio-intx restart` (devices and sessions kept), never stopped by prerm nor
+# restarted by systemctl (a stop and a start hand every device back).
+grep -q '/usr/bin/vfio-intx restart' "$tmp/control/postinst" ||
+    fail "postinst does not upgrade a running daemon with vfio-intx restart"
+if grep -nE '(try-)?restart vfio-intx.service|deb-systemd-invoke (try-)?restart' "$tmp/control/postinst"; then
+    fail "postinst restarts the service through systemd (a stop: devices handed back)"
+fi
+grep -q '"$1" = remove' "$tmp/control/prerm" || fail "prerm stops the service on upgrade, not only on removal"
+grep -q 'systemctl --system daemon-reload' "$tmp/control/postinst" || fail "postinst does not reload systemd's units"
+sh -n "$tmp/control/postinst" || fail "postinst is not valid sh"
+ok "conffile /etc/vfio-intx/daemon.toml; the maintainer scripts neither enable nor start the service; an upgrade uses vfio-intx restart"
 
 # dpkg itself takes it: unpacked into a throwaway root's database (no
 # maintainer script runs at --unpack, and this package has no preinst;

@@ -228,7 +228,6 @@ fn the_systemd_unit_is_hardened_to_an_exposure_of_at_most_4() {
         "WatchdogSec=",
         "ExecReload=",
         "FileDescriptorStoreMax=",
-        "FileDescriptorStorePreserve=restart",
         "RestartForceExitStatus=75",
         "Restart=on-failure",
         "RuntimeDirectoryPreserve=restart",
