@@ -1654,6 +1654,7 @@ fn kvm_guest_restarts(path: &str) {
     let mut fds_first = None;
     let mut windows = Vec::new(); // (signalled, READY=1)
     let mut holds = Vec::new(); // (absent from, absent until)
+    let mut phases = Vec::new(); // (signalled, exited, started again, READY=1)
     for i in 0..RESTARTS {
         std::thread::sleep(Duration::from_millis(300));
         raiser.check(|| diagnose(&sup));
@@ -1674,12 +1675,18 @@ fn kvm_guest_restarts(path: &str) {
             std::thread::sleep(HOLD);
             holds.push((absent, Instant::now()));
         }
+        let exited = holds
+            .last()
+            .filter(|_| i % 2 == 1)
+            .map_or_else(Instant::now, |h| h.0);
+        let spawned = Instant::now();
         sup.restart().unwrap();
         ready.push(
             sup.wait_ready(Duration::from_secs(60))
                 .unwrap_or_else(|e| panic!("{e}; {}", diagnose(&sup))),
         );
         windows.push((t0, Instant::now()));
+        phases.push((t0, exited, spawned, Instant::now()));
         // The store as it was: the same entries after every restart.
         let names = sup.store_names();
         let size = *store_size.get_or_insert(names.len());
@@ -1842,6 +1849,48 @@ fn kvm_guest_restarts(path: &str) {
                 .unwrap_or_default()
         })
         .collect();
+    // Where in a restart the longest waits fall: the old process stopping
+    // (signal -> exit), no process (exit -> start again), the new one
+    // resuming (start -> READY=1).
+    let longest_in = |from: Instant, until: Instant| {
+        deliveries
+            .iter()
+            .filter(|d| d.raised < until && d.delivered > from)
+            .map(|d| d.delivered - d.raised)
+            .max()
+            .unwrap_or_default()
+    };
+    let mut stopping: Vec<_> = phases.iter().map(|p| longest_in(p.0, p.1)).collect();
+    let mut away: Vec<_> = phases.iter().map(|p| longest_in(p.1, p.2)).collect();
+    let mut resuming: Vec<_> = phases.iter().map(|p| longest_in(p.2, p.3)).collect();
+    stopping.sort();
+    away.sort();
+    resuming.sort();
+    let delivered_resuming = phases
+        .iter()
+        .map(|p| {
+            deliveries
+                .iter()
+                .filter(|d| d.delivered >= p.2 && d.delivered < p.3)
+                .count()
+        })
+        .sum::<usize>();
+    let user_path_attaches = log()
+        .matches("session attached on the user-space EOI path")
+        .count();
+    eprintln!(
+        "{KVM_RESTART_TEST} ({wired}): the longest raise -> ISR per restart, by phase (p50 / \
+         max): stopping {:?} / {:?}; no daemon process {:?} / {:?}; the new process resuming \
+         (exec -> READY=1) {:?} / {:?}, {delivered_resuming} interrupts delivered while it \
+         resumed; sessions attached on the user-space path: {} (log)",
+        percentile(&stopping, 0.5),
+        stopping.last().copied().unwrap_or_default(),
+        percentile(&away, 0.5),
+        away.last().copied().unwrap_or_default(),
+        percentile(&resuming, 0.5),
+        resuming.last().copied().unwrap_or_default(),
+        user_path_attaches,
+    );
     let mut all: Vec<Duration> = deliveries.iter().map(|d| d.delivered - d.raised).collect();
     normal.sort();
     per_restart.sort();
@@ -1850,6 +1899,18 @@ fn kvm_guest_restarts(path: &str) {
     waited.sort();
     ready.sort();
     let fds_first = fds_first.unwrap();
+    // The last resume as the daemon logged it (its timestamps place the
+    // rewiring in the new process's start).
+    let text = log();
+    let lines: Vec<&str> = text.lines().collect();
+    let last_start = lines
+        .iter()
+        .rposition(|l| l.contains("resumed from the fd store"))
+        .unwrap_or(0);
+    eprintln!(
+        "{KVM_RESTART_TEST} ({wired}): the last resume, from the daemon's log:\n{}",
+        lines[last_start.saturating_sub(8)..(last_start + 8).min(lines.len())].join("\n")
+    );
     let pid = sup.pid().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while fd_count(pid) > fds_first && Instant::now() < deadline {
