@@ -13,7 +13,11 @@
 //! `vfio-intx` shell wrapper on the loops' PATH calls it. The daemon owns the
 //! edu's VFIO group, so the test makes the edu interrupt and acknowledges it
 //! through the daemon's `test-raise`/`test-ack` hooks (`edu-test-hooks`),
-//! which write its BAR0 under the device's gate.
+//! which write its BAR0 under the device's gate — except in the restart test
+//! with a real KVM guest (`kvm_guest_restarts`), where the test is the
+//! guest's VMM and raises and acknowledges the edu through a dup of the
+//! daemon's device fd taken from the fd store, so that interrupts go on
+//! while the daemon is away.
 //!
 //! harness = false: `--list` names the one test for scripts/tier3.sh;
 //! outside the guest it prints a SKIP line and passes.
