@@ -1553,6 +1553,20 @@ fn kvm_guest_restarts(path: &str) {
         Path::new("/dev/kvm").exists(),
         "no /dev/kvm inside the guest: the guest's init loads kvm"
     );
+    // An instant as the daemon's log shows the time of day (UTC).
+    let anchor = (Instant::now(), std::time::SystemTime::now());
+    let clock = |i: Instant| {
+        let t = anchor.1 + i.saturating_duration_since(anchor.0);
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let s = d.as_secs() % 86_400;
+        format!(
+            "{:02}:{:02}:{:02}.{:06}",
+            s / 3600,
+            s / 60 % 60,
+            s % 60,
+            d.subsec_micros()
+        )
+    };
     let bdf = guest_var("VFIO_INTX_EDU_RESET");
     let this = std::env::current_exe().unwrap();
     let dir = PathBuf::from("/tmp/vfio-intx-daemon-kvm-restart");
@@ -1903,18 +1917,47 @@ fn kvm_guest_restarts(path: &str) {
     waited.sort();
     ready.sort();
     let fds_first = fds_first.unwrap();
-    // The last resume as the daemon logged it (its timestamps place the
-    // rewiring in the new process's start).
-    let text = log();
-    let lines: Vec<&str> = text.lines().collect();
-    let last_start = lines
+    // The longest wait while a new process resumed, placed among the
+    // resume's steps as the daemon logged them (UTC, as its log).
+    let longest = phases
         .iter()
-        .rposition(|l| l.contains("resumed from the fd store"))
-        .unwrap_or(0);
-    eprintln!(
-        "{KVM_RESTART_TEST} ({wired}): the last resume, from the daemon's log:\n{}",
-        lines[last_start.saturating_sub(8)..(last_start + 8).min(lines.len())].join("\n")
-    );
+        .flat_map(|p| {
+            deliveries
+                .iter()
+                .filter(move |d| d.raised < p.3 && d.delivered > p.2)
+        })
+        .max_by_key(|d| d.delivered - d.raised);
+    if let Some(d) = longest {
+        let (from, until) = (
+            clock(d.raised - Duration::from_millis(300)),
+            clock(d.delivered + Duration::from_millis(50)),
+        );
+        let text = log();
+        let steps: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.get(11..26)
+                    .is_some_and(|t| t >= from.as_str() && t <= until.as_str())
+                    && [
+                        "as the previous process left it",
+                        "INTx armed",
+                        "session attached",
+                        "back on the kernel bypass",
+                        "VMM session resumed",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        eprintln!(
+            "{KVM_RESTART_TEST} ({wired}): the longest wait while a new process resumed: raised \
+             {}, in the guest's ISR {} ({:?}); the resume's steps then:\n{}",
+            clock(d.raised),
+            clock(d.delivered),
+            d.delivered - d.raised,
+            steps.join("\n")
+        );
+    }
     let pid = sup.pid().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while fd_count(pid) > fds_first && Instant::now() < deadline {
