@@ -13,7 +13,11 @@
 //! `vfio-intx` shell wrapper on the loops' PATH calls it. The daemon owns the
 //! edu's VFIO group, so the test makes the edu interrupt and acknowledges it
 //! through the daemon's `test-raise`/`test-ack` hooks (`edu-test-hooks`),
-//! which write its BAR0 under the device's gate.
+//! which write its BAR0 under the device's gate — except in the restart test
+//! with a real KVM guest (`kvm_guest_restarts`), where the test is the
+//! guest's VMM and raises and acknowledges the edu through a dup of the
+//! daemon's device fd taken from the fd store, so that interrupts go on
+//! while the daemon is away.
 //!
 //! harness = false: `--list` names the one test for scripts/tier3.sh;
 //! outside the guest it prints a SKIP line and passes.
@@ -49,6 +53,8 @@ const REATTACH_TEST: &str =
     "a_new_bypass_session_attached_while_the_edu_asserts_keeps_interrupts_flowing_after_a_reset";
 const RESTART_TEST: &str =
     "the_daemon_restarts_and_crashes_while_the_edu_interrupts_and_no_interrupt_is_lost";
+const KVM_RESTART_TEST: &str =
+    "a_kvm_guest_gets_every_edu_interrupt_exactly_once_while_the_daemon_restarts_or_is_away";
 /// Restarts per path in the restart test (half `restart`, half kill -9).
 const RESTARTS: usize = 10;
 /// Interrupts raised into the KVM guest per path in the handover test.
@@ -81,6 +87,7 @@ fn main() -> ExitCode {
         println!("{HANDOVER_TEST}: test");
         println!("{REATTACH_TEST}: test");
         println!("{RESTART_TEST}: test");
+        println!("{KVM_RESTART_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if !common::in_guest(TEST, "real vfio-pci") {
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
         println!("test {HANDOVER_TEST} ... ok (skipped)");
         println!("test {REATTACH_TEST} ... ok (skipped)");
         println!("test {RESTART_TEST} ... ok (skipped)");
+        println!("test {KVM_RESTART_TEST} ... ok (skipped)");
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == RESTART_TEST) {
@@ -98,13 +106,19 @@ fn main() -> ExitCode {
         println!("test {RESTART_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
+    if args.iter().any(|a| a == KVM_RESTART_TEST) {
+        kvm_guest_restarts("auto");
+        kvm_guest_restarts("userspace");
+        println!("test {KVM_RESTART_TEST} ... ok");
+        return ExitCode::SUCCESS;
+    }
     if args.iter().any(|a| a == REATTACH_TEST) {
         // Run just this one (guest/run.sh ... -- BINARY NAME).
         reattach_while_asserting();
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 6 tests");
+    println!("running 7 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -122,7 +136,10 @@ fn main() -> ExitCode {
     restarts("userspace");
     restarts("auto");
     println!("test {RESTART_TEST} ... ok");
-    println!("\ntest result: ok. 6 passed; 0 failed");
+    kvm_guest_restarts("auto");
+    kvm_guest_restarts("userspace");
+    println!("test {KVM_RESTART_TEST} ... ok");
+    println!("\ntest result: ok. 7 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -1397,6 +1414,626 @@ fn restarts(path: &str) {
         .unwrap();
     assert_eq!(exit.code(), Some(0), "{}", log());
     assert!(log().contains("device restored"), "{}", log());
+    assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
+}
+
+/// One interrupt of the KVM restart test: raised at `raised`, its ISR's
+/// acknowledgement seen at `delivered`.
+#[derive(Clone, Copy)]
+struct Delivery {
+    raised: Instant,
+    delivered: Instant,
+}
+
+/// The raiser of the KVM restart test: it writes the edu's BAR0 through the
+/// VMM's own access (a dup of the device fd from the store), never through
+/// the daemon, and raises only once the guest acknowledged the previous one.
+#[derive(Default)]
+struct Raiser {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    idle: AtomicBool,
+    raised: AtomicU64,
+    log: Mutex<Vec<Delivery>>,
+    failure: Mutex<Option<String>>,
+}
+
+/// Pause between one interrupt's acknowledgement and the next raise: keeps a
+/// path's run at a few thousand interrupts (see TEST-LAB.md: very long runs
+/// hang the emulated SVM layer now and then).
+const RAISE_PACE: Duration = Duration::from_millis(5);
+/// How long a kill -9 is left without a restart.
+const HOLD: Duration = Duration::from_millis(500);
+
+impl Raiser {
+    /// Raises one interrupt and waits up to `timeout` for the guest's
+    /// acknowledgement.
+    fn one(
+        &self,
+        edu: &vfio_intx::vfio::edu::Edu,
+        control: &vfio_intx::kvm::testvm::VmControl,
+        timeout: Duration,
+    ) -> Result<Delivery, String> {
+        use vfio_intx::kvm::assign::DeviceSide;
+        let n = self.raised.fetch_add(1, Ordering::SeqCst) + 1;
+        let raised = Instant::now();
+        edu.raise();
+        while control.acked() < n {
+            if raised.elapsed() > timeout {
+                return Err(format!(
+                    "interrupt {n} was not acknowledged by the guest within {timeout:?} \
+                     (acked {}, ISR runs {}, empty {}; edu status {:?})",
+                    control.acked(),
+                    control.isr_runs(),
+                    control.empty_isr_runs(),
+                    edu.status()
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let d = Delivery {
+            raised,
+            delivered: Instant::now(),
+        };
+        self.log.lock().unwrap().push(d);
+        Ok(d)
+    }
+
+    fn run(&self, edu: &vfio_intx::vfio::edu::Edu, control: &vfio_intx::kvm::testvm::VmControl) {
+        while !self.stop.load(Ordering::SeqCst) {
+            if self.pause.load(Ordering::SeqCst) {
+                self.idle.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            self.idle.store(false, Ordering::SeqCst);
+            if let Err(e) = self.one(edu, control, Duration::from_secs(30)) {
+                *self.failure.lock().unwrap() = Some(e);
+                return;
+            }
+            std::thread::sleep(RAISE_PACE);
+        }
+    }
+
+    fn pause(&self) {
+        self.idle.store(false, Ordering::SeqCst);
+        self.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.idle.load(Ordering::SeqCst) && self.failure.lock().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the raiser did not pause");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn check(&self, what: impl Fn() -> String) {
+        if let Some(e) = self.failure.lock().unwrap().as_ref() {
+            panic!("{e}; {}", what());
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+/// All fds of `pid`.
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Issue 14 tier 3 with a real KVM guest: the daemon owns the edu on the
+/// real vfio-pci under a test-owned service manager with systemd's fd store
+/// (`Supervisor`); a tiny KVM guest (this test is its VMM) gets the edu's
+/// INTx through a session on its irqfd and resample eventfd, and its ISR
+/// acknowledges the edu itself (a trapped `out` the VMM turns into a BAR0
+/// write through a dup of the device fd taken from the store). The test
+/// raises the edu through that same dup, never through the daemon, so
+/// interrupts keep being raised while the daemon is away. The daemon is
+/// restarted RESTARTS times (half `vfio-intx restart`, half kill -9);
+/// after each kill -9 the restart is held back for HOLD: on the kernel
+/// bypass every interrupt raised then reaches the guest with no daemon
+/// process at all; on the user path the one raised waits for the new
+/// process and is delivered once. Then one more kill -9 while the seed's
+/// two sysfs reset loops run. Every raise is acknowledged by exactly one
+/// ISR run; the daemon's fds and the store's size stay as they were.
+fn kvm_guest_restarts(path: &str) {
+    use vfio_intx::fdstore_harness::{ServiceCommand, StoreOptions, Supervisor};
+    use vfio_intx::kvm::assign::DeviceSide;
+    use vfio_intx::kvm::testvm::{kick_until_finished, pic_state, TinyVm, VmControl};
+    use vfio_intx::kvm::{Irqchip, ResampleIrqfd};
+    use vfio_intx::vfio::{edu::Edu, VfioBackend};
+    const GSI: u8 = 5;
+    const DEVFN: u8 = 3 << 3;
+
+    eprintln!("{KVM_RESTART_TEST}: path = {path:?}");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "no /dev/kvm inside the guest: the guest's init loads kvm"
+    );
+    // An instant as the daemon's log shows the time of day (UTC).
+    let anchor = (Instant::now(), std::time::SystemTime::now());
+    let clock = |i: Instant| {
+        let t = anchor.1 + i.saturating_duration_since(anchor.0);
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let s = d.as_secs() % 86_400;
+        format!(
+            "{:02}:{:02}:{:02}.{:06}",
+            s / 3600,
+            s / 60 % 60,
+            s % 60,
+            d.subsec_micros()
+        )
+    };
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-kvm-restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let config = dir.join("daemon.toml");
+    // edu-test-hooks: the daemon turns the edu's memory decoding on through
+    // its gate (as a guest's firmware would); its test-raise/test-ack hooks
+    // are not used here.
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
+             [[device]]\nbdf = \"{bdf}\"\nbackend = \"vfio\"\npath = \"{path}\"\nprobe = true\n\
+             reset = true\nedu-test-hooks = true\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("daemon.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let cmd = ServiceCommand::new(&this)
+        .args(["cli", "daemon", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::os::fd::OwnedFd::from(log_file));
+    let mut sup = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut ready = vec![sup
+        .wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()))];
+
+    // The VMM's access to the edu: a dup of the daemon's device fd from
+    // the store (the daemon holds the group; its fd is the device).
+    let device_name = format!("{}.vfio-device", bdf.replace(':', "-"));
+    let stored = sup
+        .store()
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == device_name)
+        .unwrap_or_else(|| panic!("no {device_name} in the store {:?}", sup.store_names()));
+    let mut backend = VfioBackend::from_device_fd(stored.fd, Some(bdf.parse().unwrap()))
+        .unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)));
+    let edu = Arc::new(
+        Edu::resume(&mut backend).unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e))),
+    );
+    assert_eq!(edu.status().unwrap(), 0, "the edu has an interrupt pending");
+
+    let mut vm = TinyVm::new(GSI, DEVFN, Irqchip::Full).unwrap();
+    let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(GSI)).unwrap();
+    let vm_fd = Arc::clone(vm.vm());
+    let mut session = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let r = session
+        .request_with_fds(
+            &Request::session(bdf.parse().unwrap()),
+            &[irqfd.trigger().as_raw_fd(), irqfd.resample().as_raw_fd()],
+        )
+        .unwrap();
+    let Response::Ok { data } = r else {
+        panic!("{r:?}\nlog:\n{}", log())
+    };
+    let wired = data["path"].as_str().unwrap_or_default().to_owned();
+    let bypass = path == "auto";
+    assert_eq!(wired.starts_with("kernel bypass"), bypass, "{wired}");
+
+    let control = Arc::new(VmControl::default());
+    let chipset = VmmEdu {
+        backend: Mutex::new(backend),
+        edu: Arc::clone(&edu),
+    };
+    let vcpu = {
+        let control = Arc::clone(&control);
+        std::thread::spawn(move || {
+            let r = vm.run(DEVFN, &chipset, &control);
+            (r, vm, chipset)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !control.ready() {
+        assert!(Instant::now() < deadline, "the KVM guest did not come up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let raiser = Arc::new(Raiser::default());
+    let raising = {
+        let (raiser, edu, control) = (Arc::clone(&raiser), Arc::clone(&edu), Arc::clone(&control));
+        std::thread::spawn(move || raiser.run(&edu, &control))
+    };
+    let diagnose = |sup: &Supervisor| {
+        format!(
+            "daemon pid {:?}; edu status {:?}; line asserting {}; guest {}; store {:?}; log:\n{}",
+            sup.pid(),
+            edu.status(),
+            phys_asserting(bdf.parse().unwrap()),
+            pic_state(&vm_fd),
+            sup.store_names(),
+            log()
+        )
+    };
+
+    // Restarts while the edu interrupts; a kill -9 is held back.
+    let mut store_size = None;
+    let mut fds_first = None;
+    let mut windows = Vec::new(); // (signalled, READY=1)
+    let mut holds = Vec::new(); // (absent from, absent until)
+    let mut phases = Vec::new(); // (signalled, exited, started again, READY=1)
+    for i in 0..RESTARTS {
+        std::thread::sleep(Duration::from_millis(300));
+        raiser.check(|| diagnose(&sup));
+        let t0 = Instant::now();
+        if i % 2 == 0 {
+            let out = Command::new(&this)
+                .args(["cli", "restart", "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+            assert_eq!(exit.code(), Some(75), "{}", diagnose(&sup));
+        } else {
+            sup.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+            sup.wait_exit(Duration::from_secs(30)).unwrap();
+            let absent = Instant::now();
+            std::thread::sleep(HOLD);
+            holds.push((absent, Instant::now()));
+        }
+        let exited = holds
+            .last()
+            .filter(|_| i % 2 == 1)
+            .map_or_else(Instant::now, |h| h.0);
+        let spawned = Instant::now();
+        sup.restart().unwrap();
+        ready.push(
+            sup.wait_ready(Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{e}; {}", diagnose(&sup))),
+        );
+        windows.push((t0, Instant::now()));
+        phases.push((t0, exited, spawned, Instant::now()));
+        // The store as it was: the same entries after every restart.
+        let names = sup.store_names();
+        let size = *store_size.get_or_insert(names.len());
+        assert_eq!(
+            names.len(),
+            size,
+            "the store after restart {}: {names:?}",
+            i + 1
+        );
+        if fds_first.is_none() {
+            // The reference for the leak check: the first new process's
+            // fds once its start has settled.
+            std::thread::sleep(Duration::from_millis(200));
+            fds_first = Some(fd_count(sup.pid().unwrap()));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    raiser.check(|| diagnose(&sup));
+
+    // One more kill -9 while the seed's two sysfs reset loops run; the
+    // raiser is paused (a reset while the edu's interrupt is pending drops
+    // the line: edu's quirk, see tier3_vfio), then one interrupt is raised
+    // by hand, raised again (the same one, or a new one if the reset
+    // dropped the raise) while nothing came and the line is low.
+    raiser.pause();
+    raiser.check(|| diagnose(&sup));
+    let loop_stop = AtomicBool::new(false);
+    let loop_resets = AtomicU64::new(0);
+    let during = std::thread::scope(|scope| {
+        let loops: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    common::sysfs_reset_loop(bdf.parse().unwrap(), &loop_stop, || {
+                        loop_resets.fetch_add(1, Ordering::SeqCst);
+                    })
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+        let exec_ready = sup
+            .wait_ready(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}; {}", diagnose(&sup)));
+        let down = t0.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        loop_stop.store(true, Ordering::SeqCst);
+        for l in loops {
+            let r = l.join().unwrap();
+            assert!(r.resets > 0, "a reset loop did not reset: {r:?}");
+        }
+        (down, exec_ready)
+    });
+    ready.push(during.1);
+    let before = control.acked();
+    let n = raiser.raised.fetch_add(1, Ordering::SeqCst) + 1;
+    assert_eq!(
+        before + 1,
+        n,
+        "interrupts outstanding before the reset loops"
+    );
+    let t0 = Instant::now();
+    edu.raise();
+    let mut again = 0;
+    while control.acked() == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no interrupt after the restart under the reset loops; {}",
+            diagnose(&sup)
+        );
+        if t0.elapsed() > Duration::from_secs(1 + again) && !phys_asserting(bdf.parse().unwrap()) {
+            again += 1;
+            edu.raise_lost();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let after_loops = t0.elapsed();
+    // Flowing again on the last process.
+    raiser.pause.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(2));
+    raiser.stop.store(true, Ordering::SeqCst);
+    raising.join().unwrap();
+    raiser.check(|| diagnose(&sup));
+    // Let a last acknowledgement settle, then count.
+    std::thread::sleep(Duration::from_millis(200));
+    let raised = raiser.raised.load(Ordering::SeqCst);
+    let names = sup.store_names();
+    assert_eq!(
+        Some(names.len()),
+        store_size,
+        "the store at the end: {names:?}"
+    );
+
+    // Exactly once: as many acknowledging ISR runs as raises, and no ISR run
+    // that found nothing (an injection for an interrupt already handled).
+    assert_eq!(control.acked(), raised, "{}", diagnose(&sup));
+    assert_eq!(
+        control.empty_isr_runs(),
+        0,
+        "an ISR run found nothing pending: an interrupt delivered twice; {}",
+        diagnose(&sup)
+    );
+    let deliveries = raiser.log.lock().unwrap().clone();
+
+    // The holds: what happened while no daemon process existed.
+    let mut absent_latency = Vec::new();
+    let mut waited = Vec::new();
+    for (k, &(from, until)) in holds.iter().enumerate() {
+        let inside: Vec<_> = deliveries
+            .iter()
+            .filter(|d| d.raised >= from && d.raised < until)
+            .collect();
+        if bypass {
+            let during: Vec<_> = inside.iter().filter(|d| d.delivered < until).collect();
+            assert!(
+                during.len() >= 5,
+                "hold {k}: only {} of {} interrupts raised while the daemon was away reached the \
+                 guest before its restart",
+                during.len(),
+                inside.len()
+            );
+            // Only the one raised at the very end may finish after it.
+            let late = inside
+                .iter()
+                .filter(|d| d.delivered >= until && until - d.raised > Duration::from_millis(100))
+                .count();
+            assert_eq!(late, 0, "hold {k}: interrupts waited for the restart");
+            absent_latency.extend(during.iter().map(|d| d.delivered - d.raised));
+        } else {
+            // Nothing raised while the daemon was away reaches the guest
+            // before the new process takes the line over ...
+            let early = inside.iter().filter(|d| d.delivered < until).count();
+            assert_eq!(
+                early, 0,
+                "hold {k}: an interrupt reached the guest with no daemon on the user path"
+            );
+            // ... and the one outstanding then is delivered after it.
+            let pending: Vec<_> = deliveries
+                .iter()
+                .filter(|d| d.raised < until && d.delivered >= until)
+                .collect();
+            assert_eq!(
+                pending.len(),
+                1,
+                "hold {k}: none was waiting for the restart"
+            );
+            waited.push(pending[0].delivered - until);
+        }
+    }
+    let in_window = |d: &Delivery, w: &(Instant, Instant)| d.raised < w.1 && d.delivered > w.0;
+    let mut normal: Vec<Duration> = deliveries
+        .iter()
+        .filter(|d| !windows.iter().any(|w| in_window(d, w)))
+        .map(|d| d.delivered - d.raised)
+        .collect();
+    let mut per_restart: Vec<Duration> = windows
+        .iter()
+        .map(|w| {
+            deliveries
+                .iter()
+                .filter(|d| in_window(d, w))
+                .map(|d| d.delivered - d.raised)
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    // Where in a restart the longest waits fall: the old process stopping
+    // (signal -> exit), no process (exit -> start again), the new one
+    // resuming (start -> READY=1).
+    let longest_in = |from: Instant, until: Instant| {
+        deliveries
+            .iter()
+            .filter(|d| d.raised < until && d.delivered > from)
+            .map(|d| d.delivered - d.raised)
+            .max()
+            .unwrap_or_default()
+    };
+    let mut stopping: Vec<_> = phases.iter().map(|p| longest_in(p.0, p.1)).collect();
+    let mut away: Vec<_> = phases.iter().map(|p| longest_in(p.1, p.2)).collect();
+    let mut resuming: Vec<_> = phases.iter().map(|p| longest_in(p.2, p.3)).collect();
+    stopping.sort();
+    away.sort();
+    resuming.sort();
+    let delivered_resuming = phases
+        .iter()
+        .map(|p| {
+            deliveries
+                .iter()
+                .filter(|d| d.delivered >= p.2 && d.delivered < p.3)
+                .count()
+        })
+        .sum::<usize>();
+    let user_path_attaches = log()
+        .matches("session attached on the user-space EOI path")
+        .count();
+    eprintln!(
+        "{KVM_RESTART_TEST} ({wired}): the longest raise -> ISR per restart, by phase (p50 / \
+         max): stopping {:?} / {:?}; no daemon process {:?} / {:?}; the new process resuming \
+         (exec -> READY=1) {:?} / {:?}, {delivered_resuming} interrupts delivered while it \
+         resumed; sessions attached on the user-space path: {} (log)",
+        percentile(&stopping, 0.5),
+        stopping.last().copied().unwrap_or_default(),
+        percentile(&away, 0.5),
+        away.last().copied().unwrap_or_default(),
+        percentile(&resuming, 0.5),
+        resuming.last().copied().unwrap_or_default(),
+        user_path_attaches,
+    );
+    let mut all: Vec<Duration> = deliveries.iter().map(|d| d.delivered - d.raised).collect();
+    normal.sort();
+    per_restart.sort();
+    all.sort();
+    absent_latency.sort();
+    waited.sort();
+    ready.sort();
+    let fds_first = fds_first.unwrap();
+    // The longest wait while a new process resumed, placed among the
+    // resume's steps as the daemon logged them (UTC, as its log).
+    let longest = phases
+        .iter()
+        .flat_map(|p| {
+            deliveries
+                .iter()
+                .filter(move |d| d.raised < p.3 && d.delivered > p.2)
+        })
+        .max_by_key(|d| d.delivered - d.raised);
+    if let Some(d) = longest {
+        let (from, until) = (
+            clock(d.raised - Duration::from_millis(300)),
+            clock(d.delivered + Duration::from_millis(50)),
+        );
+        let text = log();
+        let steps: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.get(11..26)
+                    .is_some_and(|t| t >= from.as_str() && t <= until.as_str())
+                    && [
+                        "as the previous process left it",
+                        "INTx armed",
+                        "session attached",
+                        "back on the kernel bypass",
+                        "VMM session resumed",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect();
+        eprintln!(
+            "{KVM_RESTART_TEST} ({wired}): the longest wait while a new process resumed: raised \
+             {}, in the guest's ISR {} ({:?}); the resume's steps then:\n{}",
+            clock(d.raised),
+            clock(d.delivered),
+            d.delivered - d.raised,
+            steps.join("\n")
+        );
+    }
+    let pid = sup.pid().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fd_count(pid) > fds_first && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let fds_now = fd_count(pid);
+    eprintln!(
+        "{KVM_RESTART_TEST} ({wired}): {raised} interrupts into the KVM guest across {RESTARTS} \
+         restarts ({} kill -9 held {HOLD:?}) + 1 kill -9 under two sysfs reset loops ({} resets), \
+         each acknowledged by exactly one ISR run (ISR runs {}, empty 0); raise -> ISR: normal \
+         p50 {:?} max {:?}; per restart the longest p50 {:?} max {:?}; overall max {:?}",
+        holds.len(),
+        loop_resets.load(Ordering::SeqCst),
+        control.isr_runs(),
+        percentile(&normal, 0.5),
+        normal.last().copied().unwrap_or_default(),
+        percentile(&per_restart, 0.5),
+        per_restart.last().copied().unwrap_or_default(),
+        all.last().copied().unwrap_or_default(),
+    );
+    if bypass {
+        eprintln!(
+            "{KVM_RESTART_TEST} ({wired}): while no daemon process existed: {} interrupts \
+             delivered, raise -> ISR p50 {:?} max {:?} (normal p50 {:?})",
+            absent_latency.len(),
+            percentile(&absent_latency, 0.5),
+            absent_latency.last().copied().unwrap_or_default(),
+            percentile(&normal, 0.5),
+        );
+    } else {
+        eprintln!(
+            "{KVM_RESTART_TEST} ({wired}): the interrupt raised while no daemon process existed \
+             waited for the new one, then was delivered once: exec -> delivery p50 {:?} max {:?}",
+            percentile(&waited, 0.5),
+            waited.last().copied().unwrap_or_default(),
+        );
+    }
+    eprintln!(
+        "{KVM_RESTART_TEST} ({wired}): exec -> READY=1 p50 {:?} max {:?}; under the reset loops \
+         down {:?}, next interrupt after {after_loops:?} ({again} raised again); daemon fds \
+         {fds_first} after the first restart, {fds_now} at the end; store {} entries throughout",
+        percentile(&ready, 0.5),
+        ready.last().copied().unwrap_or_default(),
+        during.0,
+        store_size.unwrap(),
+    );
+    assert!(
+        fds_now <= fds_first,
+        "the daemon's fds: {fds_now} at the end, {fds_first} after the first restart"
+    );
+
+    control.request_stop();
+    assert!(
+        kick_until_finished(&vcpu, Duration::from_secs(10)),
+        "the vCPU did not stop"
+    );
+    let (r, vm, chipset) = vcpu.join().unwrap();
+    r.unwrap();
+    let mut c = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    assert!(status.devices[0].session, "the session did not survive");
+    drop(c);
+    session.end_session().unwrap();
+    // The VMM's dup of the device fd goes before the stop: the daemon hands
+    // the device back when the last fd of it closes.
+    drop((chipset, edu, irqfd, vm, vm_fd));
+    let exit = sup
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", log());
+    assert!(log().contains("device restored"), "{}", log());
+    assert!(!log().contains("panicked"), "{}", log());
     assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
 }
 
