@@ -2008,6 +2008,20 @@ fn kvm_guest_restarts(path: &str) {
         during.0,
         store_size.unwrap(),
     );
+    if bypass {
+        // The kernel keeps delivering while the daemon is away, and the new
+        // process adopts its wiring: no wait while it resumes beyond what
+        // a normal delivery takes.
+        let normal_p50 = percentile(&normal, 0.5);
+        let bound = normal_p50 * 3 + Duration::from_millis(10);
+        let worst = resuming.last().copied().unwrap_or_default();
+        assert!(
+            worst <= bound,
+            "{KVM_RESTART_TEST} ({wired}): a new process's resume made an interrupt wait {worst:?} \
+             (the bound: 3 x the normal raise -> ISR p50 {normal_p50:?} + 10 ms = {bound:?}); the \
+             resume must adopt the kernel bypass, not re-wire it"
+        );
+    }
     assert!(
         fds_now <= fds_first,
         "the daemon's fds: {fds_now} at the end, {fds_first} after the first restart"
