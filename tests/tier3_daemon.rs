@@ -49,8 +49,12 @@ const REATTACH_TEST: &str =
     "a_new_bypass_session_attached_while_the_edu_asserts_keeps_interrupts_flowing_after_a_reset";
 const RESTART_TEST: &str =
     "the_daemon_restarts_and_crashes_while_the_edu_interrupts_and_no_interrupt_is_lost";
+const UIO_RESTART_TEST: &str =
+    "a_uio_device_and_its_session_survive_the_daemons_restarts_and_crashes_every_interrupt_once";
 /// Restarts per path in the restart test (half `restart`, half kill -9).
 const RESTARTS: usize = 10;
+/// Restarts in the uio restart test (mixed `restart` and kill -9).
+const UIO_RESTARTS: usize = 5;
 /// Interrupts raised into the KVM guest per path in the handover test.
 const HANDOVER_INTERRUPTS: u64 = 120;
 /// Interrupts raised during the reset loops, at least.
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         println!("{HANDOVER_TEST}: test");
         println!("{REATTACH_TEST}: test");
         println!("{RESTART_TEST}: test");
+        println!("{UIO_RESTART_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if !common::in_guest(TEST, "real vfio-pci") {
@@ -90,6 +95,12 @@ fn main() -> ExitCode {
         println!("test {HANDOVER_TEST} ... ok (skipped)");
         println!("test {REATTACH_TEST} ... ok (skipped)");
         println!("test {RESTART_TEST} ... ok (skipped)");
+        println!("test {UIO_RESTART_TEST} ... ok (skipped)");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == UIO_RESTART_TEST) {
+        uio_restarts();
+        println!("test {UIO_RESTART_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == RESTART_TEST) {
@@ -104,7 +115,7 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 6 tests");
+    println!("running 7 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -122,7 +133,9 @@ fn main() -> ExitCode {
     restarts("userspace");
     restarts("auto");
     println!("test {RESTART_TEST} ... ok");
-    println!("\ntest result: ok. 6 passed; 0 failed");
+    uio_restarts();
+    println!("test {UIO_RESTART_TEST} ... ok");
+    println!("\ntest result: ok. 7 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -1398,6 +1411,222 @@ fn restarts(path: &str) {
     assert_eq!(exit.code(), Some(0), "{}", log());
     assert!(log().contains("device restored"), "{}", log());
     assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
+}
+
+/// Issue 14 for uio_pci_generic: the daemon owns the uio edu with a VMM
+/// session (user-space EOI path: uio has no kernel bypass) and is restarted
+/// [`UIO_RESTARTS`] times (`restart` and kill -9 in turn) while the edu
+/// interrupts. The raises and the ISR's acknowledgements go straight to the
+/// edu's BAR0, so they go on while the daemon is away: the kernel's uio
+/// handler masks and counts, and the resumed daemon must deliver what is
+/// pending exactly once and unmask. Every raise is delivered exactly once
+/// (each waits for the previous acknowledgement, so edu never merges
+/// two), the daemon's fds and the store do not grow, and the session ends
+/// cleanly afterwards with the device handed back.
+fn uio_restarts() {
+    use common::{EDU_ACK, EDU_RAISE, EDU_STATUS};
+    use vfio_intx::backend::ConfigSpace;
+    use vfio_intx::fdstore_harness::{ServiceCommand, StoreOptions, Supervisor};
+    use vfio_intx::pci::intx::read_command_status;
+    use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
+    use vfio_intx::pci::sysfs::{PciSysfs, SysfsConfig};
+    use vfio_intx::pci::{Bdf, Width};
+
+    let bdf_s = guest_var("VFIO_INTX_EDU_UIO");
+    let bdf: Bdf = bdf_s.parse().unwrap();
+    assert_eq!(driver_of(&bdf_s).as_deref(), Some("uio_pci_generic"));
+    let mut config = SysfsConfig::open(&PciSysfs::default(), bdf).unwrap();
+    let command = read_command_status(&mut config).unwrap().command;
+    let found = (command | COMMAND_MEMORY) & !COMMAND_INTX_DISABLE;
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    let bar = Arc::new(common::Bar0::map(bdf));
+    let pending = bar.read(EDU_STATUS);
+    if pending != 0 {
+        bar.write(EDU_ACK, pending);
+    }
+
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-uio-restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let daemon_toml = dir.join("daemon.toml");
+    std::fs::write(
+        &daemon_toml,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
+             [[device]]\nbdf = \"{bdf_s}\"\nbackend = \"uio\"\nreset = false\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("daemon.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let cmd = ServiceCommand::new(&this)
+        .args(["cli", "daemon", "--config"])
+        .arg(&daemon_toml)
+        .env("RUST_LOG", "info")
+        .stderr(std::os::fd::OwnedFd::from(log_file));
+    let mut sup = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    sup.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut session = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let r = session
+        .request_with_fds(
+            &Request::session(bdf),
+            &[irqfd.as_raw_fd(), resample.as_raw_fd()],
+        )
+        .unwrap();
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    let fds_of = |pid: Option<i32>| {
+        std::fs::read_dir(format!("/proc/{}/fd", pid.unwrap()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let fds_before = fds_of(sup.pid());
+    let mut store_before = sup.store_names();
+    store_before.sort();
+
+    // The VMM's ISR: acknowledge what the edu has pending, then EOI.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let empty = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let vmm = {
+        let (delivered, acked, empty, stop, bar) = (
+            Arc::clone(&delivered),
+            Arc::clone(&acked),
+            Arc::clone(&empty),
+            Arc::clone(&stop),
+            Arc::clone(&bar),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match irqfd.read() {
+                    Ok(_) => {
+                        delivered.fetch_add(1, Ordering::SeqCst);
+                        let pending = bar.read(EDU_STATUS);
+                        if pending != 0 {
+                            bar.write(EDU_ACK, pending);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            empty.fetch_add(1, Ordering::SeqCst);
+                        }
+                        resample.write(1).unwrap();
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            (irqfd, resample)
+        })
+    };
+
+    let done = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (done, this, socket) = (Arc::clone(&done), this.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut downs = Vec::new();
+            for i in 0..UIO_RESTARTS {
+                std::thread::sleep(Duration::from_millis(300));
+                let t0 = Instant::now();
+                if i % 2 == 0 {
+                    let out = Command::new(&this)
+                        .args(["cli", "restart", "--socket"])
+                        .arg(&socket)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+                    assert_eq!(exit.code(), Some(75));
+                    sup.restart().unwrap();
+                } else {
+                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+                }
+                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                downs.push(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            done.store(true, Ordering::SeqCst);
+            (sup, downs)
+        })
+    };
+    let mut gaps = Vec::new();
+    let mut raises = 0u64;
+    while !done.load(Ordering::SeqCst) || raises < 50 {
+        let t0 = Instant::now();
+        bar.write(EDU_RAISE, 1);
+        raises += 1;
+        while delivered.load(Ordering::SeqCst) < raises
+            || acked.load(Ordering::SeqCst) + empty.load(Ordering::SeqCst) < raises
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "interrupt {raises} was not delivered and acknowledged within 30 s (delivered \
+                 {}, acknowledged {}, line asserting {}); log:\n{}",
+                delivered.load(Ordering::SeqCst),
+                acked.load(Ordering::SeqCst),
+                phys_asserting(bdf),
+                log()
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        gaps.push(t0.elapsed());
+    }
+    let (mut sup, mut downs) = restarter.join().unwrap();
+    // Anything sent twice would arrive by now.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let _ = vmm.join().unwrap();
+    let fds_after = fds_of(sup.pid());
+    let mut store_after = sup.store_names();
+    store_after.sort();
+    gaps.sort();
+    downs.sort();
+    eprintln!(
+        "{UIO_RESTART_TEST}: {raises} interrupts across {UIO_RESTARTS} restarts: delivered {}, \
+         acknowledged {}, found nothing {}; raise -> ISR p50 {:?}, max {:?}; daemon down p50 \
+         {:?}, max {:?}; daemon fds {fds_before} -> {fds_after}; store {} -> {} entries",
+        delivered.load(Ordering::SeqCst),
+        acked.load(Ordering::SeqCst),
+        empty.load(Ordering::SeqCst),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1],
+        downs[downs.len() / 2],
+        downs[downs.len() - 1],
+        store_before.len(),
+        store_after.len(),
+    );
+    assert_eq!(delivered.load(Ordering::SeqCst), raises, "{}", log());
+    assert_eq!(empty.load(Ordering::SeqCst), 0, "{}", log());
+    assert!(fds_after <= fds_before, "{fds_before} -> {fds_after}");
+    assert_eq!(store_before, store_after);
+    let log_now = log();
+    assert_eq!(
+        log_now
+            .matches("resumed from the fd store: no reset")
+            .count(),
+        UIO_RESTARTS,
+        "{log_now}"
+    );
+    session.end_session().unwrap();
+    let exit = sup
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    let after = read_command_status(&mut config).unwrap();
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", log());
+    assert!(log().contains("device restored"), "{}", log());
+    assert_eq!(after.command, found, "{}", log());
+    assert_eq!(driver_of(&bdf_s).as_deref(), Some("uio_pci_generic"));
 }
 
 /// `r` on `c` (connected on demand), sent again on a new connection when a

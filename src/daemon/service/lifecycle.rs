@@ -143,7 +143,15 @@ impl ManagedDevice {
                 }
                 (AnyBackend::Vfio(backend), None)
             }
-            BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
+            BackendKind::Uio => {
+                let backend = UioBackend::open(bdf)?;
+                if fdstore::enabled() {
+                    let [uio, config] = backend.kept_fds();
+                    fdstore::store(fdstore::name(bdf, role::UIO), uio);
+                    fdstore::store(fdstore::name(bdf, role::UIO_CONFIG), config);
+                }
+                (AnyBackend::Uio(backend), None)
+            }
             #[cfg(not(feature = "testkit"))]
             BackendKind::Sim => {
                 return Err(DeviceError::Unsupported {
@@ -304,10 +312,44 @@ impl ManagedDevice {
                 );
                 (AnyBackend::Vfio(backend), None, in_service, Some(delivery))
             }
-            _ => {
+            BackendKind::Uio => {
+                let mut take = |r, what| fds.remove(&fdstore::name(bdf, r)).ok_or(unreadable(what));
+                let uio = take(role::UIO, "the fd store has no uio fd for the device")?;
+                let config = take(
+                    role::UIO_CONFIG,
+                    "the fd store has no sysfs config fd for the device",
+                )?;
+                let delivery = std::fs::File::from(take(
+                    role::DELIVERY,
+                    "the fd store has no delivery ledger for the device",
+                )?);
+                // INTX_DISABLE is the physical mask: the previous process's
+                // own (in service: delivered, no EOI since) or the kernel
+                // handler's check-and-mask while nobody ran; the latter is
+                // lifted by the engine's first check that finds the line low.
+                let in_guest = super::session::Ledger::in_guest(&delivery);
+                let mut backend =
+                    UioBackend::resume_with(&PciSysfs::default(), bdf, uio, config, in_guest)?;
+                let cs =
+                    read_command_status(&mut backend).map_err(|source| DeviceError::Backend {
+                        bdf,
+                        op: "reading COMMAND and STATUS",
+                        source,
+                    })?;
+                let in_service = cs.asserting() && cs.masked() && in_guest;
+                info!(
+                    command = format_args!("{:#06x}", cs.command),
+                    status = format_args!("{:#06x}", cs.status),
+                    in_guest,
+                    "the device as the previous process left it (uio)"
+                );
+                (AnyBackend::Uio(backend), None, in_service, Some(delivery))
+            }
+            #[cfg(not(feature = "testkit"))]
+            BackendKind::Sim => {
                 let _ = fds;
                 return Err(unreadable(
-                    "resuming from the fd store is implemented for simulated and VFIO devices",
+                    "simulated devices need vfio-intx built with the testkit feature",
                 ));
             }
         };
@@ -571,6 +613,11 @@ pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
         }
         BackendKind::Vfio if fdstore::enabled() => vec![
             fdstore::name(bdf, role::VFIO_DEVICE),
+            fdstore::name(bdf, role::DELIVERY),
+        ],
+        BackendKind::Uio if fdstore::enabled() => vec![
+            fdstore::name(bdf, role::UIO),
+            fdstore::name(bdf, role::UIO_CONFIG),
             fdstore::name(bdf, role::DELIVERY),
         ],
         _ => Vec::new(),
