@@ -58,6 +58,21 @@ pub(crate) struct Resume {
     /// An operator hold (`mask`) is in force.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) held: bool,
+    /// A VMM's own VFIO device fd, taken over for its session (not a
+    /// configured device): resumed only with that session, never brought
+    /// up afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) vmm_device: Option<VmmDevice>,
+}
+
+/// A VMM's own device in the record: what the hand-over was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VmmDevice {
+    /// The address the VMM claimed (checked against the fd again at
+    /// resume), if it claimed one.
+    pub(crate) claimed: Option<String>,
+    /// The EOI path the VMM asked for.
+    pub(crate) path: crate::daemon::config::PathSetting,
 }
 
 /// A VMM session in the record.
@@ -282,6 +297,7 @@ mod tests {
                         names: vec!["0000-01-00.0.session-conn".into()],
                     }),
                     held: true,
+                    vmm_device: None,
                 }),
             },
         );

@@ -228,6 +228,10 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let unreadable = |what| DeviceError::Unsupported { bdf, what };
+        // A VMM's own device fd, kept with its session: resumed as the
+        // hand-over took it (identified again, never written at start).
+        let vmm = found.resume.as_ref().and_then(|r| r.vmm_device.as_ref());
+        let mut handed_over = None;
         // `in_service`: masked and asserting, the previous process
         // delivered it.
         let (backend, sim, in_service, ledger) = match config.backend {
@@ -291,6 +295,9 @@ impl ManagedDevice {
                     ))?;
                 // The same checks as a VMM's device fd: it is this device.
                 let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
+                if vmm.is_some() {
+                    handed_over = backend.identity();
+                }
                 // The previous process's kernel-bypass wiring, if any: the
                 // kernel takes one unmask eventfd per device, and the
                 // session's re-attach puts it back.
@@ -357,17 +364,32 @@ impl ManagedDevice {
             (Some(b), Some(driver)) => b.binding(bdf, driver),
             _ => None,
         };
-        let config = DeviceConfig {
-            reset: false,
-            ..config
+        if vmm.is_some() && handed_over.is_none() {
+            return Err(unreadable(
+                "the kept VMM device fd is not identified as the hand-over identified it",
+            ));
+        }
+        let config = match vmm {
+            Some(v) => DeviceConfig {
+                bind: false,
+                reset: false,
+                edu_test_hooks: false,
+                path: v.path,
+                ..config
+            },
+            None => DeviceConfig {
+                reset: false,
+                ..config
+            },
         };
+        let binding = binding.filter(|_| vmm.is_none());
         let opened = Self::arm(
             &PciSysfs::default(),
             config,
             backend,
             sim,
             binding,
-            None,
+            handed_over,
             Some(found.command),
             true,
         )?;
@@ -393,6 +415,7 @@ impl ManagedDevice {
             names,
             session: None,
             held: false,
+            vmm_device: None,
         })
     }
 
@@ -416,7 +439,7 @@ impl ManagedDevice {
             edu_test_hooks: false,
             ..config
         };
-        Self::arm(
+        let opened = Self::arm(
             &PciSysfs::default(),
             config,
             AnyBackend::Vfio(backend),
@@ -425,7 +448,24 @@ impl ManagedDevice {
             Some(identity),
             None,
             false,
-        )
+        )?;
+        // Its session outlives the daemon's restart (kept in the fd store
+        // with the device fd when the session starts): the delivery ledger
+        // from the first interrupt on.
+        if fdstore::enabled() {
+            let bdf = opened.0.bdf();
+            match crate::daemon::sys::memfd("vfio-intx-delivery") {
+                Ok(memfd) => {
+                    use std::os::fd::AsFd;
+                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
+                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
+                }
+                Err(e) => {
+                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the session")
+                }
+            }
+        }
+        Ok(opened)
     }
 
     /// Probes and arms an opened backend (`resumed`: taken over again after
@@ -624,6 +664,15 @@ pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
     }
 }
 
+/// The fd store entries of a VMM's own device fd kept with its session:
+/// the daemon's copy of the device fd and the delivery ledger.
+pub(crate) fn vmm_device_names(bdf: Bdf) -> Vec<String> {
+    vec![
+        fdstore::name(bdf, role::VFIO_DEVICE),
+        fdstore::name(bdf, role::DELIVERY),
+    ]
+}
+
 /// Writes each new state of the simulated device into `memfd` (one
 /// `pwrite` of the whole image, under the device's lock).
 #[cfg(feature = "testkit")]
@@ -661,14 +710,18 @@ pub(crate) fn hand_back(
     for dev in devs {
         let bdf = dev.bdf();
         let r = dev.restore();
-        if dev.handed_over.is_none() {
-            recorded.push(bdf);
-            // Out of the store now: the store's copy of a VFIO device fd
-            // keeps the device open, and the driver's unbind below waits
-            // for its last close.
-            for name in stored_names(bdf, dev.config.backend) {
-                fdstore::remove(name);
-            }
+        recorded.push(bdf);
+        // Out of the store now: the store's copy of a VFIO device fd
+        // keeps the device open, and the driver's unbind below waits for
+        // its last close (a VMM's own device: the copy kept with its
+        // session goes with the session).
+        let names = if dev.handed_over.is_none() {
+            stored_names(bdf, dev.config.backend)
+        } else {
+            vmm_device_names(bdf)
+        };
+        for name in names {
+            fdstore::remove(name);
         }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();
