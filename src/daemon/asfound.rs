@@ -301,7 +301,36 @@ mod tests {
                 }),
             },
         );
+        // A VMM's own device fd with its session.
+        r.devices.insert(
+            "0000:02:00.0".into(),
+            Found {
+                command: 0x0507,
+                binding: None,
+                resume: Some(Resume {
+                    backend: crate::daemon::config::BackendKind::Vfio,
+                    names: vec![
+                        "0000-02-00.0.vfio-device".into(),
+                        "0000-02-00.0.delivery".into(),
+                    ],
+                    session: Some(SessionRecord {
+                        id: "0000:02:00.0".into(),
+                        role: "vmm-device".into(),
+                        path: "bypass".into(),
+                        owner: Some(43),
+                        names: vec!["0000-02-00.0.session-conn".into()],
+                    }),
+                    held: false,
+                    vmm_device: Some(VmmDevice {
+                        claimed: Some("0000:02:00.0".into()),
+                        path: crate::daemon::config::PathSetting::Auto,
+                    }),
+                }),
+            },
+        );
         write(&path, &r).unwrap_or_else(|e| unreachable!("{e}"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(text.contains("\"vmm-device\""), "{text}");
         let back = read(&path);
         assert_eq!(back.devices, r.devices);
         std::fs::write(&path, b"{\"devices\": {\"0000:01:00.0\": {\"comm")

@@ -174,3 +174,30 @@ impl ConfigSpace for SysfsConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_config_fd_is_taken_only_for_its_own_device() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let sysfs = PciSysfs::with_root(dir.path());
+        let bdfs = ["0000:01:00.0", "0000:02:00.0"].map(|b| {
+            let bdf: Bdf = b.parse().unwrap_or_else(|_| unreachable!());
+            let dev = sysfs.device_dir(bdf);
+            std::fs::create_dir_all(&dev).unwrap_or_else(|e| unreachable!("{e}"));
+            std::fs::write(dev.join("config"), [0u8; 256]).unwrap_or_else(|e| unreachable!("{e}"));
+            bdf
+        });
+        let open = |bdf| {
+            File::open(sysfs.device_dir(bdf).join("config")).unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        assert!(SysfsConfig::from_file(&sysfs, bdfs[0], open(bdfs[0])).is_ok());
+        let other = SysfsConfig::from_file(&sysfs, bdfs[0], open(bdfs[1]));
+        assert!(
+            matches!(&other, Err(SysfsError::Parse { content, .. }) if content.contains("0000:02:00.0")),
+            "{other:?}"
+        );
+    }
+}
