@@ -55,8 +55,14 @@ const RESTART_TEST: &str =
     "the_daemon_restarts_and_crashes_while_the_edu_interrupts_and_no_interrupt_is_lost";
 const KVM_RESTART_TEST: &str =
     "a_kvm_guest_gets_every_edu_interrupt_exactly_once_while_the_daemon_restarts_or_is_away";
+const UIO_RESTART_TEST: &str =
+    "a_uio_device_and_its_session_survive_the_daemons_restarts_and_crashes_every_interrupt_once";
+const HANDOVER_RESTART_TEST: &str =
+    "a_session_on_a_vmms_own_device_fd_survives_the_daemons_restarts_and_crashes";
 /// Restarts per path in the restart test (half `restart`, half kill -9).
 const RESTARTS: usize = 10;
+/// Restarts in the uio restart test (mixed `restart` and kill -9).
+const UIO_RESTARTS: usize = 5;
 /// Interrupts raised into the KVM guest per path in the handover test.
 const HANDOVER_INTERRUPTS: u64 = 120;
 /// Interrupts raised during the reset loops, at least.
@@ -88,6 +94,8 @@ fn main() -> ExitCode {
         println!("{REATTACH_TEST}: test");
         println!("{RESTART_TEST}: test");
         println!("{KVM_RESTART_TEST}: test");
+        println!("{UIO_RESTART_TEST}: test");
+        println!("{HANDOVER_RESTART_TEST}: test");
         return ExitCode::SUCCESS;
     }
     if !common::in_guest(TEST, "real vfio-pci") {
@@ -98,6 +106,19 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok (skipped)");
         println!("test {RESTART_TEST} ... ok (skipped)");
         println!("test {KVM_RESTART_TEST} ... ok (skipped)");
+        println!("test {UIO_RESTART_TEST} ... ok (skipped)");
+        println!("test {HANDOVER_RESTART_TEST} ... ok (skipped)");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == HANDOVER_RESTART_TEST) {
+        handover_restarts("userspace");
+        handover_restarts("auto");
+        println!("test {HANDOVER_RESTART_TEST} ... ok");
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == UIO_RESTART_TEST) {
+        uio_restarts();
+        println!("test {UIO_RESTART_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == RESTART_TEST) {
@@ -118,7 +139,7 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 7 tests");
+    println!("running 9 tests");
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -139,7 +160,12 @@ fn main() -> ExitCode {
     kvm_guest_restarts("auto");
     kvm_guest_restarts("userspace");
     println!("test {KVM_RESTART_TEST} ... ok");
-    println!("\ntest result: ok. 7 passed; 0 failed");
+    uio_restarts();
+    println!("test {UIO_RESTART_TEST} ... ok");
+    handover_restarts("userspace");
+    handover_restarts("auto");
+    println!("test {HANDOVER_RESTART_TEST} ... ok");
+    println!("\ntest result: ok. 9 passed; 0 failed");
     ExitCode::SUCCESS
 }
 
@@ -2066,6 +2092,509 @@ fn kvm_guest_restarts(path: &str) {
     assert!(log().contains("device restored"), "{}", log());
     assert!(!log().contains("panicked"), "{}", log());
     assert_eq!(driver_of(&bdf).as_deref(), Some("vfio-pci"));
+}
+
+/// Issue 14 for uio_pci_generic: the daemon owns the uio edu with a VMM
+/// session (user-space EOI path: uio has no kernel bypass) and is restarted
+/// [`UIO_RESTARTS`] times (`restart` and kill -9 in turn) while the edu
+/// interrupts. The raises and the ISR's acknowledgements go straight to the
+/// edu's BAR0, so they go on while the daemon is away: the kernel's uio
+/// handler masks and counts, and the resumed daemon must deliver what is
+/// pending exactly once and unmask. Every raise is delivered exactly once
+/// (each waits for the previous acknowledgement, so edu never merges
+/// two), the daemon's fds and the store do not grow, and the session ends
+/// cleanly afterwards with the device handed back.
+fn uio_restarts() {
+    use common::{EDU_ACK, EDU_RAISE, EDU_STATUS};
+    use vfio_intx::backend::ConfigSpace;
+    use vfio_intx::fdstore_harness::{ServiceCommand, StoreOptions, Supervisor};
+    use vfio_intx::pci::intx::read_command_status;
+    use vfio_intx::pci::regs::{COMMAND_INTX_DISABLE, COMMAND_MEMORY, PCI_COMMAND};
+    use vfio_intx::pci::sysfs::{PciSysfs, SysfsConfig};
+    use vfio_intx::pci::{Bdf, Width};
+
+    let bdf_s = guest_var("VFIO_INTX_EDU_UIO");
+    let bdf: Bdf = bdf_s.parse().unwrap();
+    assert_eq!(driver_of(&bdf_s).as_deref(), Some("uio_pci_generic"));
+    let mut config = SysfsConfig::open(&PciSysfs::default(), bdf).unwrap();
+    let command = read_command_status(&mut config).unwrap().command;
+    let found = (command | COMMAND_MEMORY) & !COMMAND_INTX_DISABLE;
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    let bar = Arc::new(common::Bar0::map(bdf));
+    let pending = bar.read(EDU_STATUS);
+    if pending != 0 {
+        bar.write(EDU_ACK, pending);
+    }
+
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-uio-restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let daemon_toml = dir.join("daemon.toml");
+    std::fs::write(
+        &daemon_toml,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n\n\
+             [[device]]\nbdf = \"{bdf_s}\"\nbackend = \"uio\"\nreset = false\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("daemon.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let cmd = ServiceCommand::new(&this)
+        .args(["cli", "daemon", "--config"])
+        .arg(&daemon_toml)
+        .env("RUST_LOG", "info")
+        .stderr(std::os::fd::OwnedFd::from(log_file));
+    let mut sup = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    sup.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+
+    let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+    let resample = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut session = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let r = session
+        .request_with_fds(
+            &Request::session(bdf),
+            &[irqfd.as_raw_fd(), resample.as_raw_fd()],
+        )
+        .unwrap();
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    let fds_of = |pid: Option<i32>| {
+        std::fs::read_dir(format!("/proc/{}/fd", pid.unwrap()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let fds_before = fds_of(sup.pid());
+    let mut store_before = sup.store_names();
+    store_before.sort();
+
+    // The VMM's ISR: acknowledge what the edu has pending, then EOI.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
+    let empty = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let vmm = {
+        let (delivered, acked, empty, stop, bar) = (
+            Arc::clone(&delivered),
+            Arc::clone(&acked),
+            Arc::clone(&empty),
+            Arc::clone(&stop),
+            Arc::clone(&bar),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match irqfd.read() {
+                    Ok(_) => {
+                        delivered.fetch_add(1, Ordering::SeqCst);
+                        let pending = bar.read(EDU_STATUS);
+                        if pending != 0 {
+                            bar.write(EDU_ACK, pending);
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            empty.fetch_add(1, Ordering::SeqCst);
+                        }
+                        resample.write(1).unwrap();
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(100)),
+                }
+            }
+            (irqfd, resample)
+        })
+    };
+
+    let done = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (done, this, socket) = (Arc::clone(&done), this.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut downs = Vec::new();
+            for i in 0..UIO_RESTARTS {
+                std::thread::sleep(Duration::from_millis(300));
+                let t0 = Instant::now();
+                if i % 2 == 0 {
+                    let out = Command::new(&this)
+                        .args(["cli", "restart", "--socket"])
+                        .arg(&socket)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+                    assert_eq!(exit.code(), Some(75));
+                    sup.restart().unwrap();
+                } else {
+                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+                }
+                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                downs.push(t0.elapsed());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            done.store(true, Ordering::SeqCst);
+            (sup, downs)
+        })
+    };
+    let mut gaps = Vec::new();
+    let mut raises = 0u64;
+    while !done.load(Ordering::SeqCst) || raises < 50 {
+        let t0 = Instant::now();
+        bar.write(EDU_RAISE, 1);
+        raises += 1;
+        while delivered.load(Ordering::SeqCst) < raises
+            || acked.load(Ordering::SeqCst) + empty.load(Ordering::SeqCst) < raises
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "interrupt {raises} was not delivered and acknowledged within 30 s (delivered \
+                 {}, acknowledged {}, line asserting {}); log:\n{}",
+                delivered.load(Ordering::SeqCst),
+                acked.load(Ordering::SeqCst),
+                phys_asserting(bdf),
+                log()
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        gaps.push(t0.elapsed());
+    }
+    let (mut sup, mut downs) = restarter.join().unwrap();
+    // Anything sent twice would arrive by now.
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    let _ = vmm.join().unwrap();
+    let fds_after = fds_of(sup.pid());
+    let mut store_after = sup.store_names();
+    store_after.sort();
+    gaps.sort();
+    downs.sort();
+    eprintln!(
+        "{UIO_RESTART_TEST}: {raises} interrupts across {UIO_RESTARTS} restarts: delivered {}, \
+         acknowledged {}, found nothing {}; raise -> ISR p50 {:?}, max {:?}; daemon down p50 \
+         {:?}, max {:?}; daemon fds {fds_before} -> {fds_after}; store {} -> {} entries",
+        delivered.load(Ordering::SeqCst),
+        acked.load(Ordering::SeqCst),
+        empty.load(Ordering::SeqCst),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1],
+        downs[downs.len() / 2],
+        downs[downs.len() - 1],
+        store_before.len(),
+        store_after.len(),
+    );
+    assert_eq!(delivered.load(Ordering::SeqCst), raises, "{}", log());
+    assert_eq!(empty.load(Ordering::SeqCst), 0, "{}", log());
+    assert!(fds_after <= fds_before, "{fds_before} -> {fds_after}");
+    assert_eq!(store_before, store_after);
+    let log_now = log();
+    assert_eq!(
+        log_now
+            .matches("resumed from the fd store: no reset")
+            .count(),
+        UIO_RESTARTS,
+        "{log_now}"
+    );
+    session.end_session().unwrap();
+    let exit = sup
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    let after = read_command_status(&mut config).unwrap();
+    bar.write(EDU_ACK, bar.read(EDU_STATUS));
+    config
+        .config_write(PCI_COMMAND, Width::Word, u32::from(found))
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", log());
+    assert!(log().contains("device restored"), "{}", log());
+    assert_eq!(after.command, found, "{}", log());
+    assert_eq!(driver_of(&bdf_s).as_deref(), Some("uio_pci_generic"));
+}
+
+/// Issue 14 for a session on a VMM's own VFIO device fd: this test is the
+/// VMM (its own VFIO open, a tiny KVM guest with the edu's INTx at GSI 5)
+/// and hands the daemon, which owns no device, its device fd under the
+/// test-owned service manager with the fd store. The daemon is restarted
+/// [`UIO_RESTARTS`] times (`restart` and kill -9 in turn) while the edu
+/// interrupts: every raise reaches the guest exactly once, the daemon's
+/// fds and the store do not grow, the session is the same one (the VMM
+/// sees no difference), and when it ends the daemon lets go of every copy
+/// of the fd and removes its entries; the VMM's COMMAND is as it left it.
+fn handover_restarts(path: &str) {
+    use vfio_intx::backend::ConfigSpace;
+    use vfio_intx::fdstore_harness::{ServiceCommand, StoreOptions, Supervisor};
+    use vfio_intx::kvm::assign::DeviceSide;
+    use vfio_intx::kvm::testvm::{kick_until_finished, pic_state, TinyVm, VmControl};
+    use vfio_intx::kvm::{Irqchip, ResampleIrqfd};
+    use vfio_intx::pci::regs::PCI_COMMAND;
+    use vfio_intx::pci::Width;
+    use vfio_intx::vfio::{edu::Edu, VfioBackend};
+    const GSI: u8 = 5;
+    const DEVFN: u8 = 3 << 3;
+
+    eprintln!("{HANDOVER_RESTART_TEST}: path = {path:?}");
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "no /dev/kvm inside the guest: the guest's init loads kvm"
+    );
+    let bdf = guest_var("VFIO_INTX_EDU_RESET");
+    let this = std::env::current_exe().unwrap();
+    let dir = PathBuf::from("/tmp/vfio-intx-daemon-handover-restart");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("control.sock");
+    let daemon_toml = dir.join("daemon.toml");
+    std::fs::write(
+        &daemon_toml,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nstatus-interval-ms = 5000\nclient-timeout-ms = 60000\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.join("daemon.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let cmd = ServiceCommand::new(&this)
+        .args(["cli", "daemon", "--config"])
+        .arg(&daemon_toml)
+        .env("RUST_LOG", "info")
+        .stderr(std::os::fd::OwnedFd::from(log_file));
+    let mut sup = Supervisor::start(cmd, StoreOptions::default().with_max(64)).unwrap();
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    sup.wait_ready(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", log()));
+    let store_empty = sup.store_names();
+
+    // The VMM's side: its own VFIO open, decoding on as firmware would.
+    let mut backend = VfioBackend::open(bdf.parse().unwrap())
+        .unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e)));
+    let edu = Arc::new(
+        Edu::enable(&mut backend).unwrap_or_else(|e| panic!("{}", vfio_intx::error_chain(&e))),
+    );
+    let command_before = backend.config_read(PCI_COMMAND, Width::Word).unwrap();
+    let device_fd = backend
+        .device()
+        .expect("opened through its group")
+        .as_raw_fd();
+    let mut vm = TinyVm::new(GSI, DEVFN, Irqchip::Full).unwrap();
+    let irqfd = ResampleIrqfd::register(Arc::clone(vm.vm()), u32::from(GSI)).unwrap();
+    let vm_fd = Arc::clone(vm.vm());
+    let fds = [
+        device_fd,
+        irqfd.trigger().as_raw_fd(),
+        irqfd.resample().as_raw_fd(),
+    ];
+    let setting: vfio_intx::daemon::config::PathSetting =
+        serde_json::from_value(serde_json::Value::String(path.into())).unwrap();
+    let mut session = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let r = session
+        .request_with_fds(
+            &Request::device_fd_session(Some(bdf.parse().unwrap()), Some(setting)),
+            &fds,
+        )
+        .unwrap();
+    let Response::Ok { data } = r else {
+        panic!("{r:?}\nlog:\n{}", log())
+    };
+    let wired = data["path"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        wired.starts_with("kernel bypass"),
+        path == "auto",
+        "{wired}"
+    );
+    let fds_of = |pid: Option<i32>| fd_targets(pid.unwrap());
+    let fds_before = fds_of(sup.pid());
+    let mut store_before = sup.store_names();
+    store_before.sort();
+
+    let control = Arc::new(VmControl::default());
+    let chipset = VmmEdu {
+        backend: Mutex::new(backend),
+        edu: Arc::clone(&edu),
+    };
+    let vcpu = {
+        let control = Arc::clone(&control);
+        std::thread::spawn(move || {
+            let r = vm.run(DEVFN, &chipset, &control);
+            (r, vm, chipset)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !control.ready() {
+        assert!(Instant::now() < deadline, "the KVM guest did not come up");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let done = Arc::new(AtomicBool::new(false));
+    let restarter = {
+        let (done, this, socket) = (Arc::clone(&done), this.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut downs = Vec::new();
+            let mut counts = Vec::new();
+            for i in 0..UIO_RESTARTS {
+                std::thread::sleep(Duration::from_millis(300));
+                let t0 = Instant::now();
+                if i % 2 == 0 {
+                    let out = Command::new(&this)
+                        .args(["cli", "restart", "--socket"])
+                        .arg(&socket)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{out:?}");
+                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+                    assert_eq!(exit.code(), Some(75));
+                    sup.restart().unwrap();
+                } else {
+                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+                }
+                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                downs.push(t0.elapsed());
+                counts.push(fd_targets(sup.pid().unwrap()).len());
+                eprintln!(
+                    "{HANDOVER_RESTART_TEST}: restart {i} serving again after {:?}",
+                    t0.elapsed()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            done.store(true, Ordering::SeqCst);
+            (sup, downs, counts)
+        })
+    };
+    let mut gaps = Vec::new();
+    let mut raises = 0u64;
+    while !done.load(Ordering::SeqCst) || raises < 50 {
+        let t0 = Instant::now();
+        edu.raise();
+        raises += 1;
+        while control.acked() < raises {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "interrupt {raises} did not reach the guest within 30 s (acked {}, empty ISR \
+                 runs {}, edu status {:?}, guest {}); log:\n{}",
+                control.acked(),
+                control.empty_isr_runs(),
+                edu.status(),
+                pic_state(&vm_fd),
+                log()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        gaps.push(t0.elapsed());
+    }
+    eprintln!("{HANDOVER_RESTART_TEST}: {raises} raised, waiting for the restarts to end");
+    let (mut sup, mut downs, counts) = restarter.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let fds_after = fds_of(sup.pid());
+    let mut store_after = sup.store_names();
+    store_after.sort();
+    control.request_stop();
+    assert!(
+        kick_until_finished(&vcpu, Duration::from_secs(10)),
+        "the vCPU did not stop"
+    );
+    let (r, vm, chipset) = vcpu.join().unwrap();
+    r.unwrap();
+    gaps.sort();
+    downs.sort();
+    eprintln!(
+        "{HANDOVER_RESTART_TEST} ({wired}): {raises} interrupts across {UIO_RESTARTS} restarts: \
+         {} reached the guest, {} empty ISR runs; raise -> ISR p50 {:?}, max {:?}; daemon down \
+         p50 {:?}, max {:?}; daemon fds {} -> {} (after each restart: {counts:?}); store {} -> {} \
+         entries",
+        control.acked(),
+        control.empty_isr_runs(),
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1],
+        downs[downs.len() / 2],
+        downs[downs.len() - 1],
+        fds_before.len(),
+        fds_after.len(),
+        store_before.len(),
+        store_after.len(),
+    );
+    assert_eq!(control.acked(), raises, "{}", log());
+    assert_eq!(control.empty_isr_runs(), 0, "{}", log());
+    // The same descriptors, but for the read-only sysfs config file the
+    // resumed process opened for the physical INTX_DISABLE (a lazily opened
+    // cache, one per device; the first process had not needed it yet).
+    let lasting = |t: &Vec<String>| -> Vec<String> {
+        t.iter()
+            .filter(|t| !(t.starts_with("/sys/") && t.ends_with("/config")))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        lasting(&fds_before),
+        lasting(&fds_after),
+        "{fds_before:?} -> {fds_after:?}"
+    );
+    assert_eq!(store_before, store_after);
+    let mut c = Client::connect(&socket, Duration::from_secs(60)).unwrap();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    let [dev] = &status.devices[..] else {
+        panic!("{status:?}")
+    };
+    assert!(dev.session && dev.handed_over.is_some(), "{status:?}");
+
+    // The VMM ends the session (on the connection it opened before the
+    // restarts): the daemon lets go of every copy and removes the entries.
+    eprintln!("{HANDOVER_RESTART_TEST}: ending the session");
+    session.end_session().unwrap();
+    let status: DaemonStatus = serde_json::from_value(ask(&mut c, &Request::Status)).unwrap();
+    assert!(status.devices.is_empty(), "not released: {status:?}");
+    assert_eq!(
+        vfio_device_fds(sup.pid().unwrap() as u32),
+        0,
+        "the daemon kept the VMM's device fd"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut names = sup.store_names();
+        names.sort();
+        if names == store_empty {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries left in the store: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let backend = chipset.backend.into_inner().unwrap();
+    let mut backend = backend;
+    let command_after = backend.config_read(PCI_COMMAND, Width::Word).unwrap();
+    assert_eq!(
+        command_after, command_before,
+        "COMMAND not as the VMM left it"
+    );
+    drop(c);
+    drop((irqfd, vm, vm_fd, edu, backend));
+    let exit = sup
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", log());
+    assert!(!log().contains(" ERROR "), "{}", log());
+}
+
+/// What each fd of process `pid` is (its /proc link), sorted.
+fn fd_targets(pid: i32) -> Vec<String> {
+    let mut t: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|t| {
+                    let t = t.display().to_string();
+                    // Socket and pipe inode numbers differ between processes.
+                    t.split(':').next().unwrap_or_default().to_owned()
+                        + if t.starts_with("anon_inode") || t.starts_with('/') {
+                            &t[t.find(':').map_or(t.len(), |i| i)..]
+                        } else {
+                            ""
+                        }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    t.sort();
+    t
 }
 
 /// `r` on `c` (connected on demand), sent again on a new connection when a

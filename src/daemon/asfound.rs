@@ -58,6 +58,21 @@ pub(crate) struct Resume {
     /// An operator hold (`mask`) is in force.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) held: bool,
+    /// A VMM's own VFIO device fd, taken over for its session (not a
+    /// configured device): resumed only with that session, never brought
+    /// up afresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) vmm_device: Option<VmmDevice>,
+}
+
+/// A VMM's own device in the record: what the hand-over was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct VmmDevice {
+    /// The address the VMM claimed (checked against the fd again at
+    /// resume), if it claimed one.
+    pub(crate) claimed: Option<String>,
+    /// The EOI path the VMM asked for.
+    pub(crate) path: crate::daemon::config::PathSetting,
 }
 
 /// A VMM session in the record.
@@ -282,10 +297,40 @@ mod tests {
                         names: vec!["0000-01-00.0.session-conn".into()],
                     }),
                     held: true,
+                    vmm_device: None,
+                }),
+            },
+        );
+        // A VMM's own device fd with its session.
+        r.devices.insert(
+            "0000:02:00.0".into(),
+            Found {
+                command: 0x0507,
+                binding: None,
+                resume: Some(Resume {
+                    backend: crate::daemon::config::BackendKind::Vfio,
+                    names: vec![
+                        "0000-02-00.0.vfio-device".into(),
+                        "0000-02-00.0.delivery".into(),
+                    ],
+                    session: Some(SessionRecord {
+                        id: "0000:02:00.0".into(),
+                        role: "vmm-device".into(),
+                        path: "bypass".into(),
+                        owner: Some(43),
+                        names: vec!["0000-02-00.0.session-conn".into()],
+                    }),
+                    held: false,
+                    vmm_device: Some(VmmDevice {
+                        claimed: Some("0000:02:00.0".into()),
+                        path: crate::daemon::config::PathSetting::Auto,
+                    }),
                 }),
             },
         );
         write(&path, &r).unwrap_or_else(|e| unreachable!("{e}"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(text.contains("\"vmm-device\""), "{text}");
         let back = read(&path);
         assert_eq!(back.devices, r.devices);
         std::fs::write(&path, b"{\"devices\": {\"0000:01:00.0\": {\"comm")

@@ -18,12 +18,13 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::daemon::asfound::{self, Found, SessionRecord};
-use crate::daemon::config::DeviceConfig;
+use crate::daemon::asfound::{self, Found, Resume, SessionRecord, VmmDevice};
+use crate::daemon::backend::AnyBackend;
+use crate::daemon::config::{BackendKind, DeviceConfig};
 use crate::daemon::fdstore::{self, role, FdKind, CONTROL_SOCKET};
 use crate::daemon::protocol::{ErrorKind, Response, RestartReply};
 use crate::daemon::registry::{Daemon, Opened};
-use crate::daemon::service::ManagedDevice;
+use crate::daemon::service::{vmm_device_names, ManagedDevice};
 use crate::pci::Bdf;
 
 /// How long a restart waits for the service manager to take every queued
@@ -43,8 +44,10 @@ fn session_names(bdf: Bdf) -> Vec<String> {
 }
 
 /// Stores a new session's irqfd, resample eventfd and connection, then
-/// records it. A VMM's own device fd's session is not kept (the device is
-/// the VMM's; its session ends with the process).
+/// records it. A session on a VMM's own device fd keeps the daemon's copy
+/// of that fd too (its delivery ledger was stored when it was adopted),
+/// and its record is the device's whole record: role `vmm-device`, the
+/// address, the EOI path.
 pub(crate) fn store_session(
     dev: &ManagedDevice,
     irqfd: &OwnedFd,
@@ -52,7 +55,7 @@ pub(crate) fn store_session(
     conn: BorrowedFd<'_>,
     owner: Option<i32>,
 ) {
-    if dev.handed_over.is_some() || !fdstore::enabled() {
+    if !fdstore::enabled() {
         return;
     }
     let bdf = dev.bdf();
@@ -65,28 +68,63 @@ pub(crate) fn store_session(
     } else {
         "user"
     };
-    asfound::set_session(
+    let role = if dev.handed_over.is_some() {
+        "vmm-device"
+    } else {
+        "vmm"
+    };
+    let session = SessionRecord {
+        id: bdf.to_string(),
+        role: role.to_owned(),
+        path: path.to_owned(),
+        owner,
+        names,
+    };
+    if dev.handed_over.is_none() {
+        asfound::set_session(bdf, Some(session));
+        return;
+    }
+    let device = fdstore::name(bdf, role::VFIO_DEVICE);
+    dev.engine.with_backend(|b| {
+        if let AnyBackend::Vfio(v) = b {
+            fdstore::store(device, v.device_fd());
+        }
+    });
+    asfound::put(
         bdf,
-        Some(SessionRecord {
-            id: bdf.to_string(),
-            role: "vmm".to_owned(),
-            path: path.to_owned(),
-            owner,
-            names,
-        }),
+        Found {
+            command: dev.found_command,
+            binding: None,
+            resume: Some(Resume {
+                backend: BackendKind::Vfio,
+                names: vmm_device_names(bdf),
+                session: Some(session),
+                held: false,
+                vmm_device: Some(VmmDevice {
+                    claimed: Some(bdf.to_string()),
+                    path: dev.config.path,
+                }),
+            }),
+        },
     );
 }
 
-/// A session ended: out of the record, then out of the store.
+/// A session ended: out of the record, then out of the store. A VMM's own
+/// device leaves the record with it (its device fd's copy and ledger leave
+/// the store when it is handed back).
 pub(crate) fn forget_session(dev: &ManagedDevice) {
     // A resumed session that is not re-attached leaves its adopted bypass
     // to the next session's attach to re-wire, not to take as it is.
     dev.resumed_on_bypass
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    if dev.handed_over.is_some() || !fdstore::enabled() {
+    if !fdstore::enabled() {
         return;
     }
-    asfound::set_session(dev.bdf(), None);
+    if dev.handed_over.is_some() {
+        asfound::remove(dev.bdf());
+    } else {
+        asfound::set_session(dev.bdf(), None);
+    }
     for name in session_names(dev.bdf()) {
         fdstore::remove(name);
     }
@@ -293,6 +331,32 @@ impl Passed {
                 None => fresh.push(config),
             }
         }
+        // VMMs' own device fds kept with their sessions: resumed with the
+        // session, never brought up afresh (the device is the VMM's).
+        for (addr, found) in records {
+            let Some(r) = found.resume.as_ref().filter(|r| r.vmm_device.is_some()) else {
+                continue;
+            };
+            let Ok(bdf) = addr.parse::<Bdf>() else {
+                continue;
+            };
+            let complete = r.names.iter().all(|n| self.fds.contains_key(n))
+                && r.session
+                    .as_ref()
+                    .is_some_and(|s| s.names.iter().all(|n| self.fds.contains_key(n)));
+            if complete && !resume.iter().any(|(c, _)| c.bdf == bdf) {
+                let config = DeviceConfig {
+                    bind: false,
+                    reset: false,
+                    edu_test_hooks: false,
+                    ..DeviceConfig::defaults(bdf, BackendKind::Vfio)
+                };
+                resume.push((config, found));
+            } else {
+                info!(%bdf, "the record's session on a VMM's own device fd has fd store entries missing; it is not resumed (its VMM sees its connection close)");
+                asfound::remove(bdf);
+            }
+        }
         (resume, fresh)
     }
 
@@ -353,6 +417,16 @@ pub(crate) fn resume_devices(
                 if resume.held {
                     held.push(bdf);
                 }
+            }
+            Err(e) if resume.vmm_device.is_some() => {
+                // The VMM's device: not the daemon's to bring up; the
+                // session ends (its entries, left untaken, are closed).
+                warn!(%bdf, error = %crate::error_chain(&e), "resuming the session on a VMM's own device fd failed; the session ends (its VMM sees its connection close)");
+                asfound::remove(bdf);
+                for name in &resume.names {
+                    fdstore::remove(name.clone());
+                }
+                continue;
             }
             Err(e) => {
                 warn!(%bdf, error = %crate::error_chain(&e), "resuming the device failed; it is brought up afresh");

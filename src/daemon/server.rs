@@ -468,8 +468,7 @@ async fn end_session(daemon: &Arc<Daemon>, dev: Arc<ManagedDevice>) {
 /// An attached session: its device, the answer to send (none for a
 /// session resumed after a restart: the previous process answered), and
 /// the daemon's copies of its irqfd and resample eventfd for the fd store
-/// (none for a VMM's own device, whose session does not outlive the
-/// process).
+/// (none without a store, and for a resumed session, whose are there).
 struct Attached {
     dev: Arc<ManagedDevice>,
     report: Option<SessionReport>,
@@ -624,6 +623,12 @@ async fn attach(
         ));
     }
     let dev = adopt(daemon, device, claimed, path.unwrap_or_default()).await?;
+    // The daemon's copies for the fd store: the session on the VMM's own
+    // device fd outlives the daemon's restart too.
+    let keep = match (sys::dup(&irqfd), sys::dup(&resample)) {
+        (Ok(i), Ok(r)) if crate::daemon::fdstore::enabled() => Some((i, r)),
+        _ => None,
+    };
     if let Err(e) = dev.attach(irqfd, resample).await {
         daemon.release_handed_over(dev).await;
         return Err(attach_error(e));
@@ -636,7 +641,7 @@ async fn attach(
     Ok(Attached {
         dev,
         report: Some(report),
-        keep: None,
+        keep,
     })
 }
 

@@ -199,6 +199,69 @@ impl UioBackend {
         Ok(this)
     }
 
+    /// Takes a device over again from the fds a previous process kept open
+    /// (the daemon's restart): `uio`, its /dev/uioN, and `config`, its
+    /// sysfs `config` file, each checked to be this device's as sysfs
+    /// shows it now. Nothing is written: the open uio fd still holds the
+    /// event count it last reported, so events the kernel's handler counted
+    /// meanwhile (each one a check-and-mask) are forwarded at
+    /// [`PciBackend::intx_enable`]. `engine_masked`: whether a set
+    /// INTX_DISABLE is the previous process's own mask (an interrupt in
+    /// service); otherwise a set bit is the kernel's automask, lifted by the
+    /// first check that finds the device no longer asserting.
+    pub fn resume_with(
+        sysfs: &PciSysfs,
+        bdf: Bdf,
+        uio: std::os::fd::OwnedFd,
+        config: std::os::fd::OwnedFd,
+        engine_masked: bool,
+    ) -> Result<Self, UioError> {
+        let driver = sysfs.driver(bdf)?;
+        if driver.as_deref() != Some(UIO_PCI_GENERIC) {
+            return Err(UioError::NotUio { bdf, driver });
+        }
+        let uio_path = sysfs
+            .uio_device(bdf)?
+            .ok_or_else(|| UioError::NoUioDevice {
+                bdf,
+                path: sysfs.device_dir(bdf).join("uio"),
+            })?;
+        let uio = File::from(uio);
+        let named = std::fs::read_link(format!("/proc/self/fd/{}", uio.as_raw_fd()));
+        if named.as_deref().ok() != Some(uio_path.as_path()) {
+            return Err(UioError::Open {
+                bdf,
+                path: uio_path,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the kept uio fd is {named:?}, not this device's node"),
+                ),
+            });
+        }
+        let config = SysfsConfig::from_file(sysfs, bdf, File::from(config))?;
+        let has_irq = sysfs.irq(bdf)?.is_some();
+        let this = Self {
+            bdf,
+            config,
+            uio,
+            uio_path,
+            device_dir: sysfs.device_dir(bdf),
+            has_irq,
+            forwarder: None,
+            failure: Arc::new(Mutex::new(None)),
+            engine_mask: engine_masked,
+        };
+        debug!(%bdf, uio = %this.uio_path.display(), engine_masked, "uio device resumed from kept fds");
+        Ok(this)
+    }
+
+    /// The fds to keep for a resume after the daemon's restart: the uio
+    /// device node and the sysfs `config` file ([`UioBackend::resume_with`]).
+    pub fn kept_fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd;
+        [self.uio.as_fd(), self.config.file().as_fd()]
+    }
+
     /// The uio device node, e.g. `/dev/uio0`.
     pub fn uio_path(&self) -> &Path {
         &self.uio_path

@@ -144,7 +144,15 @@ impl ManagedDevice {
                 }
                 (AnyBackend::Vfio(backend), None)
             }
-            BackendKind::Uio => (AnyBackend::Uio(UioBackend::open(bdf)?), None),
+            BackendKind::Uio => {
+                let backend = UioBackend::open(bdf)?;
+                if fdstore::enabled() {
+                    let [uio, config] = backend.kept_fds();
+                    fdstore::store(fdstore::name(bdf, role::UIO), uio);
+                    fdstore::store(fdstore::name(bdf, role::UIO_CONFIG), config);
+                }
+                (AnyBackend::Uio(backend), None)
+            }
             #[cfg(not(feature = "testkit"))]
             BackendKind::Sim => {
                 return Err(DeviceError::Unsupported {
@@ -226,6 +234,10 @@ impl ManagedDevice {
         let mut adopt = None;
         // The device fd again, for re-wiring if adopting fails.
         let mut spare = None;
+        // A VMM's own device fd, kept with its session: resumed as the
+        // hand-over took it (identified again, never written at start).
+        let vmm = found.resume.as_ref().and_then(|r| r.vmm_device.as_ref());
+        let mut handed_over = None;
         // `in_service`: masked and asserting, the previous process
         // delivered it.
         let (backend, sim, in_service, ledger) = match config.backend {
@@ -290,12 +302,21 @@ impl ManagedDevice {
                 spare = fd.try_clone().ok();
                 // The same checks as a VMM's device fd: it is this device.
                 let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
+                if vmm.is_some() {
+                    handed_over = backend.identity();
+                }
                 // The previous process's kernel-bypass wiring: adopted as
                 // the kernel has it (it kept delivering while no process
                 // was here), or, where the record and the store do not
-                // confirm it, removed (the kernel takes one unmask eventfd
-                // per device) and put back by the session's re-attach.
-                match bypass_to_adopt(&config, found, fds) {
+                // confirm it (and for a VMM's own device, whose wiring is
+                // put back by its session's re-attach), removed (the kernel
+                // takes one unmask eventfd per device) and put back by the
+                // session's re-attach.
+                let plan = match vmm {
+                    None => bypass_to_adopt(&config, found, fds),
+                    Some(_) => Err(None),
+                };
+                match plan {
                     Ok(wiring) => adopt = Some(wiring),
                     Err(why) => {
                         if let Some(why) = why {
@@ -321,10 +342,44 @@ impl ManagedDevice {
                 );
                 (AnyBackend::Vfio(backend), None, in_service, Some(delivery))
             }
-            _ => {
+            BackendKind::Uio => {
+                let mut take = |r, what| fds.remove(&fdstore::name(bdf, r)).ok_or(unreadable(what));
+                let uio = take(role::UIO, "the fd store has no uio fd for the device")?;
+                let config = take(
+                    role::UIO_CONFIG,
+                    "the fd store has no sysfs config fd for the device",
+                )?;
+                let delivery = std::fs::File::from(take(
+                    role::DELIVERY,
+                    "the fd store has no delivery ledger for the device",
+                )?);
+                // INTX_DISABLE is the physical mask: the previous process's
+                // own (in service: delivered, no EOI since) or the kernel
+                // handler's check-and-mask while nobody ran; the latter is
+                // lifted by the engine's first check that finds the line low.
+                let in_guest = super::session::Ledger::in_guest(&delivery);
+                let mut backend =
+                    UioBackend::resume_with(&PciSysfs::default(), bdf, uio, config, in_guest)?;
+                let cs =
+                    read_command_status(&mut backend).map_err(|source| DeviceError::Backend {
+                        bdf,
+                        op: "reading COMMAND and STATUS",
+                        source,
+                    })?;
+                let in_service = cs.asserting() && cs.masked() && in_guest;
+                info!(
+                    command = format_args!("{:#06x}", cs.command),
+                    status = format_args!("{:#06x}", cs.status),
+                    in_guest,
+                    "the device as the previous process left it (uio)"
+                );
+                (AnyBackend::Uio(backend), None, in_service, Some(delivery))
+            }
+            #[cfg(not(feature = "testkit"))]
+            BackendKind::Sim => {
                 let _ = fds;
                 return Err(unreadable(
-                    "resuming from the fd store is implemented for simulated and VFIO devices",
+                    "simulated devices need vfio-intx built with the testkit feature",
                 ));
             }
         };
@@ -332,18 +387,33 @@ impl ManagedDevice {
             (Some(b), Some(driver)) => b.binding(bdf, driver),
             _ => None,
         };
-        let config = DeviceConfig {
-            reset: false,
-            ..config
+        if vmm.is_some() && handed_over.is_none() {
+            return Err(unreadable(
+                "the kept VMM device fd is not identified as the hand-over identified it",
+            ));
+        }
+        let config = match vmm {
+            Some(v) => DeviceConfig {
+                bind: false,
+                reset: false,
+                edu_test_hooks: false,
+                path: v.path,
+                ..config
+            },
+            None => DeviceConfig {
+                reset: false,
+                ..config
+            },
         };
         let adopting = adopt.is_some();
+        let binding = binding.filter(|_| vmm.is_none());
         let armed = Self::arm(
             &PciSysfs::default(),
             config.clone(),
             backend,
             sim,
             binding.clone(),
-            None,
+            handed_over,
             Some(found.command),
             true,
             adopt,
@@ -404,6 +474,7 @@ impl ManagedDevice {
             names,
             session: None,
             held: false,
+            vmm_device: None,
         })
     }
 
@@ -427,7 +498,7 @@ impl ManagedDevice {
             edu_test_hooks: false,
             ..config
         };
-        Self::arm(
+        let opened = Self::arm(
             &PciSysfs::default(),
             config,
             AnyBackend::Vfio(backend),
@@ -437,7 +508,24 @@ impl ManagedDevice {
             None,
             false,
             None,
-        )
+        )?;
+        // Its session outlives the daemon's restart (kept in the fd store
+        // with the device fd when the session starts): the delivery ledger
+        // from the first interrupt on.
+        if fdstore::enabled() {
+            let bdf = opened.0.bdf();
+            match crate::daemon::sys::memfd("vfio-intx-delivery") {
+                Ok(memfd) => {
+                    use std::os::fd::AsFd;
+                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
+                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
+                }
+                Err(e) => {
+                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the session")
+                }
+            }
+        }
+        Ok(opened)
     }
 
     /// Probes and arms an opened backend (`resumed`: taken over again after
@@ -685,8 +773,22 @@ pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
             fdstore::name(bdf, role::VFIO_DEVICE),
             fdstore::name(bdf, role::DELIVERY),
         ],
+        BackendKind::Uio if fdstore::enabled() => vec![
+            fdstore::name(bdf, role::UIO),
+            fdstore::name(bdf, role::UIO_CONFIG),
+            fdstore::name(bdf, role::DELIVERY),
+        ],
         _ => Vec::new(),
     }
+}
+
+/// The fd store entries of a VMM's own device fd kept with its session:
+/// the daemon's copy of the device fd and the delivery ledger.
+pub(crate) fn vmm_device_names(bdf: Bdf) -> Vec<String> {
+    vec![
+        fdstore::name(bdf, role::VFIO_DEVICE),
+        fdstore::name(bdf, role::DELIVERY),
+    ]
 }
 
 /// Writes each new state of the simulated device into `memfd` (one
@@ -726,14 +828,18 @@ pub(crate) fn hand_back(
     for dev in devs {
         let bdf = dev.bdf();
         let r = dev.restore();
-        if dev.handed_over.is_none() {
-            recorded.push(bdf);
-            // Out of the store now: the store's copy of a VFIO device fd
-            // keeps the device open, and the driver's unbind below waits
-            // for its last close.
-            for name in stored_names(bdf, dev.config.backend) {
-                fdstore::remove(name);
-            }
+        recorded.push(bdf);
+        // Out of the store now: the store's copy of a VFIO device fd
+        // keeps the device open, and the driver's unbind below waits for
+        // its last close (a VMM's own device: the copy kept with its
+        // session goes with the session).
+        let names = if dev.handed_over.is_none() {
+            stored_names(bdf, dev.config.backend)
+        } else {
+            vmm_device_names(bdf)
+        };
+        for name in names {
+            fdstore::remove(name);
         }
         let binding = lock(&dev.binding).take().filter(Binding::changed);
         let handed_over = dev.handed_over.is_some();

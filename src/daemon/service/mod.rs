@@ -17,7 +17,7 @@ mod task;
 
 /// A device's state for `status` (a wire type, in the protocol).
 pub use crate::daemon::protocol::DeviceStatus;
-pub(crate) use lifecycle::hand_back;
+pub(crate) use lifecycle::{hand_back, vmm_device_names};
 pub use session::SessionSink;
 
 use std::io;

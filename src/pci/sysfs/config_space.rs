@@ -40,17 +40,61 @@ impl SysfsConfig {
 
     fn open_mode(sysfs: &PciSysfs, bdf: Bdf, write: bool) -> Result<Self, SysfsError> {
         let path = sysfs.existing_device_dir(bdf)?.join("config");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&path)
+            .map_err(|source| SysfsError::Io {
+                bdf,
+                op: "opening the config file",
+                path: path.clone(),
+                source,
+            })?;
+        Self::with_file(bdf, file, path)
+    }
+
+    /// Takes over an open `config` file of `bdf` (one kept across the
+    /// daemon's restart), after checking that it is that device's `config`
+    /// file: the path the open file names is the device's, as `sysfs`
+    /// shows it now.
+    pub fn from_file(sysfs: &PciSysfs, bdf: Bdf, file: File) -> Result<Self, SysfsError> {
+        let path = sysfs.existing_device_dir(bdf)?.join("config");
         let io = |op, source| SysfsError::Io {
             bdf,
             op,
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(&path)
-            .map_err(|e| io("opening the config file", e))?;
+        let expected =
+            std::fs::canonicalize(&path).map_err(|e| io("resolving the config file", e))?;
+        let named = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ))
+        .map_err(|e| io("reading which file the kept config fd is", e))?;
+        if named != expected {
+            return Err(SysfsError::Parse {
+                bdf,
+                op: "checking the kept config fd",
+                path,
+                content: format!("the fd is {}", named.display()),
+            });
+        }
+        Self::with_file(bdf, file, path)
+    }
+
+    /// The open `config` file (to keep it across a restart).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn with_file(bdf: Bdf, file: File, path: std::path::PathBuf) -> Result<Self, SysfsError> {
+        let io = |op, source| SysfsError::Io {
+            bdf,
+            op,
+            path: path.clone(),
+            source,
+        };
         let len = file
             .metadata()
             .map_err(|e| io("reading the config file's size", e))?
@@ -128,5 +172,32 @@ impl ConfigSpace for SysfsConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_config_fd_is_taken_only_for_its_own_device() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
+        let sysfs = PciSysfs::with_root(dir.path());
+        let bdfs = ["0000:01:00.0", "0000:02:00.0"].map(|b| {
+            let bdf: Bdf = b.parse().unwrap_or_else(|_| unreachable!());
+            let dev = sysfs.device_dir(bdf);
+            std::fs::create_dir_all(&dev).unwrap_or_else(|e| unreachable!("{e}"));
+            std::fs::write(dev.join("config"), [0u8; 256]).unwrap_or_else(|e| unreachable!("{e}"));
+            bdf
+        });
+        let open = |bdf| {
+            File::open(sysfs.device_dir(bdf).join("config")).unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        assert!(SysfsConfig::from_file(&sysfs, bdfs[0], open(bdfs[0])).is_ok());
+        let other = SysfsConfig::from_file(&sysfs, bdfs[0], open(bdfs[1]));
+        assert!(
+            matches!(&other, Err(SysfsError::Parse { content, .. }) if content.contains("0000:02:00.0")),
+            "{other:?}"
+        );
     }
 }
