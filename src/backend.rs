@@ -140,6 +140,19 @@ pub trait PciBackend: ConfigSpace + Send {
     /// [`std::io::ErrorKind::Unsupported`] as an [`BackendError::Os`].
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError>;
 
+    /// Takes over INTx exactly as the kernel has it wired already, touching
+    /// nothing: the kernel signals `trigger` and checks-and-unmasks at each
+    /// signal of `unmask` (the kernel bypass a previous owner of the same
+    /// device file set up, e.g. this daemon's previous process: its wiring
+    /// outlives the process while the fd store keeps the device file open).
+    /// Afterwards the backend behaves as after [`intx_enable`](Self::intx_enable)
+    /// and [`intx_set_unmask_eventfd`](Self::intx_set_unmask_eventfd) with
+    /// these eventfds. Backends without an unmask eventfd
+    /// ([`Capabilities::unmask_eventfd`]) return
+    /// [`std::io::ErrorKind::Unsupported`] as an [`BackendError::Os`]; one
+    /// whose kernel shows the wiring is not in place refuses it.
+    fn intx_adopt(&mut self, trigger: &EventFd, unmask: &EventFd) -> Result<(), BackendError>;
+
     /// Resets the function. Called only while the gate is blocked; the caller
     /// saves and restores config state around it and then re-establishes the
     /// INTx mask from the device's STATUS. A backend whose kernel keeps its

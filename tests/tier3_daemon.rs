@@ -2034,6 +2034,37 @@ fn kvm_guest_restarts(path: &str) {
         during.0,
         store_size.unwrap(),
     );
+    if bypass {
+        // The kernel keeps delivering while the daemon is away, and the new
+        // process adopts its wiring as it is: its resume adds no wait of its
+        // own. Judged on the per-restart p50 (a re-wiring costs every
+        // restart its tens of ms); the max is printed above, as single
+        // waits of any phase (and of normal delivery) reach tens of ms when
+        // the TCG guest's host is busy.
+        let normal_p50 = percentile(&normal, 0.5);
+        let bound = normal_p50 * 3 + Duration::from_millis(10);
+        let resume_p50 = percentile(&resuming, 0.5);
+        let adopted = log()
+            .matches("session resumed on the adopted kernel bypass")
+            .count();
+        eprintln!(
+            "{KVM_RESTART_TEST} ({wired}): resumes that adopted the kernel's bypass as wired: \
+             {adopted}; the resume's longest wait per restart p50 {resume_p50:?} (bound {bound:?})"
+        );
+        assert!(
+            resume_p50 <= bound,
+            "{KVM_RESTART_TEST} ({wired}): a new process's resume made interrupts wait \
+             {resume_p50:?} (p50 per restart; the bound: 3 x the normal raise -> ISR p50 \
+             {normal_p50:?} + 10 ms = {bound:?}); the resume must adopt the kernel bypass, not \
+             re-wire it"
+        );
+        assert!(
+            adopted >= RESTARTS,
+            "{KVM_RESTART_TEST} ({wired}): {adopted} of {RESTARTS}+ resumes adopted the kernel \
+             bypass as wired:\n{}",
+            log()
+        );
+    }
     assert!(
         fds_now <= fds_first,
         "the daemon's fds: {fds_now} at the end, {fds_first} after the first restart"

@@ -128,6 +128,9 @@ impl PciBackend for AnyBackend {
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
         each!(self, b => b.intx_set_unmask_eventfd(fd))
     }
+    fn intx_adopt(&mut self, trigger: &EventFd, unmask: &EventFd) -> Result<(), BackendError> {
+        each!(self, b => b.intx_adopt(trigger, unmask))
+    }
     fn reset(&mut self) -> Result<(), BackendError> {
         each!(self, b => b.reset())
     }

@@ -113,6 +113,10 @@ pub(crate) fn store_session(
 /// device leaves the record with it (its device fd's copy and ledger leave
 /// the store when it is handed back).
 pub(crate) fn forget_session(dev: &ManagedDevice) {
+    // A resumed session that is not re-attached leaves its adopted bypass
+    // to the next session's attach to re-wire, not to take as it is.
+    dev.resumed_on_bypass
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     if !fdstore::enabled() {
         return;
     }
@@ -123,6 +127,30 @@ pub(crate) fn forget_session(dev: &ManagedDevice) {
     }
     for name in session_names(dev.bdf()) {
         fdstore::remove(name);
+    }
+}
+
+/// Records the EOI path `bdf`'s session's wiring is on now (the kernel
+/// bypass or not), for the next process, which adopts a bypass the record
+/// names as the kernel has it: it must never name one the kernel does not
+/// have. Nothing without a recorded session.
+pub(crate) fn record_path(bdf: Bdf, bypass: bool) {
+    if !fdstore::enabled() {
+        return;
+    }
+    let path = if bypass { "bypass" } else { "user" };
+    let recorded = asfound::all()
+        .remove(&bdf.to_string())
+        .and_then(|f| f.resume)
+        .and_then(|r| r.session);
+    if let Some(session) = recorded.filter(|s| s.path != path) {
+        asfound::set_session(
+            bdf,
+            Some(SessionRecord {
+                path: path.to_owned(),
+                ..session
+            }),
+        );
     }
 }
 

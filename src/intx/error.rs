@@ -25,6 +25,8 @@ pub enum Operation {
     ReadCapabilities,
     /// Registering or removing the kernel unmask eventfd.
     SetUnmaskEventfd,
+    /// Adopting the kernel bypass as the kernel has it wired.
+    Adopt,
     /// Saving config state before a reset.
     SaveState,
     /// Resetting the function.
@@ -58,6 +60,7 @@ impl fmt::Display for Operation {
             Operation::Disable => f.write_str("disabling INTx"),
             Operation::ReadCapabilities => f.write_str("reading the capability list"),
             Operation::SetUnmaskEventfd => f.write_str("wiring the kernel unmask eventfd"),
+            Operation::Adopt => f.write_str("adopting the kernel bypass as wired"),
             Operation::SaveState => f.write_str("saving config state before reset"),
             Operation::Reset => f.write_str("reset"),
             Operation::RestoreState => f.write_str("restoring config state"),

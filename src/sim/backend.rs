@@ -242,6 +242,7 @@ impl PciBackend for SimBackend {
     }
 
     fn intx_set_unmask_eventfd(&mut self, fd: Option<&EventFd>) -> Result<(), BackendError> {
+        self.op(SimOp::SetUnmaskEventfd, "INTx unmask eventfd")?;
         if !self.inner.kernel.unmask_eventfd() {
             return Err(BackendError::os(
                 "registering an unmask eventfd",
@@ -266,6 +267,29 @@ impl PciBackend for SimBackend {
         let virqfd = Virqfd::start(Arc::clone(&self.inner), fd)
             .map_err(|e| BackendError::os("starting the unmask eventfd thread", e))?;
         self.inner.lock().virqfd = Some(virqfd);
+        Ok(())
+    }
+
+    /// The vfio-pci model keeps its trigger and unmask eventfd thread in
+    /// the device's state, beyond any one backend (as the kernel keeps them
+    /// beyond the process that set them while the device file stays open):
+    /// adopted as they are, nothing changed, if both are in place; refused
+    /// (EINVAL) otherwise.
+    fn intx_adopt(&mut self, _trigger: &EventFd, _unmask: &EventFd) -> Result<(), BackendError> {
+        self.op(SimOp::IntxAdopt, "INTx adopt")?;
+        if !self.inner.kernel.unmask_eventfd() {
+            return Err(BackendError::os(
+                "adopting a kernel bypass",
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
+        let s = self.inner.lock();
+        if s.trigger.is_none() || s.virqfd.is_none() {
+            return Err(BackendError::os(
+                "adopting a kernel bypass (the kernel has no trigger or unmask eventfd)",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
         Ok(())
     }
 

@@ -22,11 +22,15 @@ pub enum SimOp {
     Mask,
     /// `reset`.
     Reset,
+    /// `intx_set_unmask_eventfd`.
+    SetUnmaskEventfd,
+    /// `intx_adopt`.
+    IntxAdopt,
 }
 
 impl SimOp {
     /// Every operation, for tests that fault each one in turn.
-    pub const ALL: [SimOp; 8] = [
+    pub const ALL: [SimOp; 10] = [
         SimOp::ConfigRead,
         SimOp::ConfigWrite,
         SimOp::IntxEnable,
@@ -35,6 +39,8 @@ impl SimOp {
         SimOp::CheckAndUnmask,
         SimOp::Mask,
         SimOp::Reset,
+        SimOp::SetUnmaskEventfd,
+        SimOp::IntxAdopt,
     ];
 
     pub(super) fn index(self) -> usize {

@@ -519,6 +519,13 @@ impl PciBackend for UioBackend {
         ))
     }
 
+    fn intx_adopt(&mut self, _trigger: &EventFd, _unmask: &EventFd) -> Result<(), BackendError> {
+        Err(BackendError::os(
+            "adopting a kernel bypass (uio has no kernel-side unmask)",
+            io::Error::from(io::ErrorKind::Unsupported),
+        ))
+    }
+
     /// Writes "1" to the sysfs `reset` attribute: `pci_reset_function`, which
     /// locks the device, saves its config state, resets it with the first
     /// working method in `reset_method`, and restores the state. A device

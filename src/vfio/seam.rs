@@ -182,6 +182,17 @@ impl PciBackend for VfioBackend {
         )
     }
 
+    /// No ioctl: vfio-pci keeps INTx enabled with its trigger and unmask
+    /// eventfd for as long as the device file is open, and VFIO has no call
+    /// that reads them back, so the caller vouches for them (its record of
+    /// the wiring on this same device file). From here on the backend
+    /// treats INTx as enabled (masks after a reset, disables on drop).
+    fn intx_adopt(&mut self, _trigger: &EventFd, _unmask: &EventFd) -> Result<(), BackendError> {
+        self.require_intx()?;
+        self.intx_enabled = true;
+        Ok(())
+    }
+
     /// `VFIO_DEVICE_RESET`. Without `VFIO_DEVICE_FLAGS_RESET` the ioctl is
     /// not attempted: [`BackendError::NoResetMethod`], as for EINVAL. EAGAIN
     /// and EBUSY (another reset holds the device) are returned for the

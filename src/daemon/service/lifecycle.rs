@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{lock, Control, DeviceError, EduHandle, ManagedDevice, SessionSink, SimHandle};
 use crate::backend::{ConfigSpace, PciBackend};
 use crate::daemon::asfound::{self, BindingRecord, Found, Resume};
 use crate::daemon::backend::AnyBackend;
-use crate::daemon::config::{BackendKind, DeviceConfig};
+use crate::daemon::config::{BackendKind, DeviceConfig, PathSetting};
 use crate::daemon::fdstore::{self, role};
 use crate::daemon::metrics::DeviceMetrics;
 use crate::intx::{IntxDevice, IntxOptions, WatchdogOptions};
@@ -197,6 +198,7 @@ impl ManagedDevice {
             None,
             found_command,
             false,
+            None,
         )?;
         if stored_names(bdf, opened.0.config.backend).contains(&fdstore::name(bdf, role::DELIVERY))
         {
@@ -228,6 +230,10 @@ impl ManagedDevice {
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let unreadable = |what| DeviceError::Unsupported { bdf, what };
+        // The kernel bypass the previous process left, to adopt as wired.
+        let mut adopt = None;
+        // The device fd again, for re-wiring if adopting fails.
+        let mut spare = None;
         // A VMM's own device fd, kept with its session: resumed as the
         // hand-over took it (identified again, never written at start).
         let vmm = found.resume.as_ref().and_then(|r| r.vmm_device.as_ref());
@@ -293,15 +299,32 @@ impl ManagedDevice {
                     .ok_or(unreadable(
                         "the fd store has no delivery ledger for the device",
                     ))?;
+                spare = fd.try_clone().ok();
                 // The same checks as a VMM's device fd: it is this device.
                 let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
                 if vmm.is_some() {
                     handed_over = backend.identity();
                 }
-                // The previous process's kernel-bypass wiring, if any: the
-                // kernel takes one unmask eventfd per device, and the
-                // session's re-attach puts it back.
-                let _ = backend.intx_set_unmask_eventfd(None);
+                // The previous process's kernel-bypass wiring: adopted as
+                // the kernel has it (it kept delivering while no process
+                // was here), or, where the record and the store do not
+                // confirm it (and for a VMM's own device, whose wiring is
+                // put back by its session's re-attach), removed (the kernel
+                // takes one unmask eventfd per device) and put back by the
+                // session's re-attach.
+                let plan = match vmm {
+                    None => bypass_to_adopt(&config, found, fds),
+                    Some(_) => Err(None),
+                };
+                match plan {
+                    Ok(wiring) => adopt = Some(wiring),
+                    Err(why) => {
+                        if let Some(why) = why {
+                            info!("the previous process's kernel bypass is wired afresh: {why}");
+                        }
+                        let _ = backend.intx_set_unmask_eventfd(None);
+                    }
+                }
                 let cs =
                     read_command_status(&mut backend).map_err(|source| DeviceError::Backend {
                         bdf,
@@ -382,28 +405,64 @@ impl ManagedDevice {
                 ..config
             },
         };
+        let adopting = adopt.is_some();
         let binding = binding.filter(|_| vmm.is_none());
-        let opened = Self::arm(
+        let armed = Self::arm(
             &PciSysfs::default(),
-            config,
+            config.clone(),
             backend,
             sim,
-            binding,
+            binding.clone(),
             handed_over,
             Some(found.command),
             true,
-        )?;
+            adopt,
+        );
+        let opened = match (armed, spare) {
+            (Err(e), Some(fd)) if adopting => {
+                warn!(error = %crate::error_chain(&e), "adopting the kernel bypass as wired failed; it is wired afresh when the session re-attaches");
+                let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
+                let _ = backend.intx_set_unmask_eventfd(None);
+                Self::arm(
+                    &PciSysfs::default(),
+                    config,
+                    AnyBackend::Vfio(backend),
+                    None,
+                    binding,
+                    None,
+                    Some(found.command),
+                    true,
+                    None,
+                )?
+            }
+            (armed, _) => armed?,
+        };
+        // On the adopted bypass the kernel takes the guest's EOI of an
+        // interrupt in service: the engine never waits for it.
+        let adopted = opened.0.engine.is_kernel_bypass();
+        if !adopted {
+            // Until the session's re-attach wires it again.
+            crate::daemon::resume::record_path(bdf, false);
+        }
+        opened
+            .0
+            .resumed_on_bypass
+            .store(adopted, std::sync::atomic::Ordering::SeqCst);
         opened
             .0
             .resumed_in_service
-            .store(in_service, std::sync::atomic::Ordering::SeqCst);
+            .store(in_service && !adopted, std::sync::atomic::Ordering::SeqCst);
         if let Some(file) = ledger {
             opened.0.sink.set_ledger(super::session::Ledger::new(file));
         }
-        info!(
-            in_service,
-            "resumed from the fd store: no reset, no rebind; the line re-checked"
-        );
+        if adopted {
+            info!("resumed from the fd store: no reset, no rebind; the kernel bypass adopted as wired, the kernel kept delivering");
+        } else {
+            info!(
+                in_service,
+                "resumed from the fd store: no reset, no rebind; the line re-checked"
+            );
+        }
         Ok(opened)
     }
 
@@ -448,6 +507,7 @@ impl ManagedDevice {
             Some(identity),
             None,
             false,
+            None,
         )?;
         // Its session outlives the daemon's restart (kept in the fd store
         // with the device fd when the session starts): the delivery ledger
@@ -481,6 +541,7 @@ impl ManagedDevice {
         handed_over: Option<DeviceIdentity>,
         recorded_command: Option<u16>,
         resumed: bool,
+        adopt: Option<(EventFd, EventFd)>,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Control>), DeviceError> {
         let bdf = config.bdf;
         let backend_error = |op| move |source| DeviceError::Backend { bdf, op, source };
@@ -533,11 +594,16 @@ impl ManagedDevice {
             },
             ..IntxOptions::default()
         };
-        let engine = Arc::new(IntxDevice::with_options(
-            backend,
-            Arc::clone(&sink),
-            options,
-        )?);
+        let engine = Arc::new(match adopt {
+            Some((irqfd, resample)) => IntxDevice::with_adopted_bypass(
+                backend,
+                Arc::clone(&sink),
+                irqfd,
+                resample,
+                options,
+            )?,
+            None => IntxDevice::with_options(backend, Arc::clone(&sink), options)?,
+        });
         if config.reset {
             crate::daemon::progress::after_slow(
                 crate::daemon::progress::SLOW,
@@ -562,6 +628,7 @@ impl ManagedDevice {
                 binding: Mutex::new(binding),
                 session_ending: AtomicBool::new(false),
                 resumed_in_service: AtomicBool::new(false),
+                resumed_on_bypass: AtomicBool::new(false),
                 control,
             }),
             rx,
@@ -643,6 +710,57 @@ impl ManagedDevice {
 
 /// The fd store entries a device of `kind` keeps (while the daemon is
 /// under a service manager).
+/// The kernel-bypass wiring a resumed device's session had, as the record
+/// and the store confirm it: the session's irqfd and resample eventfd
+/// (duplicates; the session's re-attach takes the entries), for the engine
+/// to adopt. `Err(None)`: no session on the bypass to adopt; `Err(Some)`:
+/// why one is not adopted.
+fn bypass_to_adopt(
+    config: &DeviceConfig,
+    found: &Found,
+    fds: &std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+) -> Result<(EventFd, EventFd), Option<String>> {
+    let bdf = config.bdf;
+    let resume = found.resume.as_ref().ok_or(None)?;
+    let session = resume.session.as_ref().ok_or(None)?;
+    if session.path != "bypass" {
+        return Err(None);
+    }
+    if config.path == PathSetting::Userspace {
+        return Err(Some(
+            "the configuration asks for the user-space path now".to_owned(),
+        ));
+    }
+    if resume.held {
+        return Err(Some("an operator hold was in force".to_owned()));
+    }
+    let entry = |r| {
+        let name = fdstore::name(bdf, r);
+        if session.names.contains(&name) {
+            fds.get(&name)
+        } else {
+            None
+        }
+    };
+    let (Some(irqfd), Some(resample), Some(_)) = (
+        entry(role::SESSION_IRQFD),
+        entry(role::SESSION_RESAMPLE),
+        entry(role::SESSION_CONN),
+    ) else {
+        return Err(Some(
+            "the fd store lacks the session's irqfd, resample eventfd or connection".to_owned(),
+        ));
+    };
+    let dup = |fd: &std::os::fd::OwnedFd| {
+        fd.try_clone()
+            .map(crate::daemon::sys::into_eventfd)
+            .map_err(|e| Some(format!("duplicating the session's eventfds failed: {e}")))
+    };
+    // Both are eventfds: the store's entries were checked against their
+    // roles when they were passed.
+    Ok((dup(irqfd)?, dup(resample)?))
+}
+
 pub(crate) fn stored_names(bdf: Bdf, kind: BackendKind) -> Vec<String> {
     match kind {
         BackendKind::Sim if cfg!(feature = "testkit") && fdstore::enabled() => {

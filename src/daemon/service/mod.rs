@@ -252,6 +252,11 @@ pub struct ManagedDevice {
     /// (the device masked and asserting): the next session attach waits
     /// for its EOI instead of re-sending it (`session.rs`).
     resumed_in_service: AtomicBool,
+    /// Resumed after the daemon's restart on the kernel bypass as the
+    /// kernel had it wired ([`crate::intx::IntxDevice::with_adopted_bypass`]): the
+    /// resumed session's attach takes that wiring as it is (`session.rs`).
+    /// Cleared when that session is forgotten instead.
+    pub(crate) resumed_on_bypass: AtomicBool,
     control: mpsc::UnboundedSender<Control>,
 }
 

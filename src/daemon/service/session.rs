@@ -332,6 +332,22 @@ impl Task {
         if bypass && self.holding() {
             return Err(AttachError::Held { bdf });
         }
+        if self.dev.resumed_on_bypass.swap(false, Ordering::SeqCst)
+            && bypass
+            && self.dev.engine.is_kernel_bypass()
+        {
+            // The session resumed after the daemon's restart: the engine
+            // adopted its kernel bypass as the kernel kept it (the same
+            // irqfd and resample eventfd, from the store). Nothing is
+            // re-wired; the kernel never stopped delivering.
+            self.dev.sink.attach(irqfd, true).map_err(register)?;
+            self.dev
+                .metrics
+                .sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            info!("session resumed on the adopted kernel bypass: nothing re-wired");
+            return Ok(());
+        }
         if self.dev.resumed_in_service.swap(false, Ordering::SeqCst) {
             return self.attach_in_service(resample, irqfd, fd, bypass);
         }
@@ -354,6 +370,7 @@ impl Task {
                 })?;
             match wired {
                 Ok(()) => {
+                    crate::daemon::resume::record_path(bdf, true);
                     self.dev
                         .metrics
                         .sessions
@@ -422,6 +439,7 @@ impl Task {
         let bdf = self.dev.bdf();
         let register = |source| AttachError::Register { bdf, source };
         if bypass {
+            crate::daemon::resume::record_path(bdf, false);
             self.bypass_later = Some((
                 irqfd.try_clone().map_err(register)?,
                 fd.try_clone().map_err(register)?,
@@ -475,7 +493,10 @@ impl Task {
         let engine = Arc::clone(&self.dev.engine);
         match tokio::task::spawn_blocking(move || engine.set_kernel_bypass(Some((irqfd, fd)))).await
         {
-            Ok(Ok(())) => info!("resumed session back on the kernel bypass"),
+            Ok(Ok(())) => {
+                crate::daemon::resume::record_path(self.dev.bdf(), true);
+                info!("resumed session back on the kernel bypass")
+            }
             Ok(Err(e)) => self.report(&e),
             Err(e) => self.report(&e),
         }

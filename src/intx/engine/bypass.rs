@@ -5,12 +5,54 @@ use std::sync::atomic::Ordering;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use tracing::instrument;
+
 use crate::backend::PciBackend;
 use crate::intx::error::{IntxError, Operation};
+use crate::intx::sink::InterruptSink;
 
-use super::{Bypass, Device, During, IntxDevice, LineState};
+use super::{Bypass, Device, During, IntxDevice, IntxOptions, LineState};
 
 impl<B: PciBackend> IntxDevice<B> {
+    /// Takes over `backend`'s INTx on the kernel bypass exactly as the
+    /// kernel has it wired already: it signals `irqfd` and runs its
+    /// check-and-unmask at each signal of `resample` (KVM's resample
+    /// eventfd, as its unmask eventfd) — the wiring a previous owner of the
+    /// same device file left in place, e.g. this daemon's previous process
+    /// (the fd store kept the device file and the eventfds open, so the
+    /// kernel kept delivering while no process served the device).
+    ///
+    /// Nothing is re-wired, masked or unmasked ([`PciBackend::intx_adopt`]),
+    /// so delivery goes on without a gap; the device is read (COMMAND, the
+    /// capability list, the header kept for resets) as at any arming. From
+    /// then on the engine is on the bypass as after
+    /// [`with_kernel_bypass`](Self::with_kernel_bypass) or
+    /// [`set_kernel_bypass`](Self::set_kernel_bypass): never in service,
+    /// re-checks end in the kernel's check-and-unmask, resets and the
+    /// watchdog follow the bypass's rules (the watchdog recovers a line the
+    /// previous owner left masked). `sink` receives what the engine itself
+    /// delivers on the bypass (a re-check that finds the device asserting).
+    ///
+    /// The caller vouches that the wiring is `irqfd` and `resample` (the
+    /// kernel has no call that reads it back); a backend that can tell it
+    /// is not in place refuses, and then nothing is armed.
+    #[instrument(skip_all, fields(bdf = %backend.bdf()))]
+    pub fn with_adopted_bypass(
+        backend: B,
+        sink: impl InterruptSink + 'static,
+        irqfd: EventFd,
+        resample: EventFd,
+        options: IntxOptions,
+    ) -> Result<Self, IntxError> {
+        Self::build(
+            backend,
+            Box::new(sink),
+            Some(Bypass { irqfd, resample }),
+            true,
+            options,
+        )
+    }
+
     /// Whether the kernel bypass carries this device's EOIs.
     pub fn is_kernel_bypass(&self) -> bool {
         self.bypass_active.load(Ordering::SeqCst)

@@ -210,7 +210,7 @@ impl<B: PciBackend> IntxDevice<B> {
         sink: impl InterruptSink + 'static,
         options: IntxOptions,
     ) -> Result<Self, IntxError> {
-        Self::build(backend, Box::new(sink), None, options)
+        Self::build(backend, Box::new(sink), None, false, options)
     }
 
     /// Takes over `backend`'s INTx on the kernel-bypass path: the backend
@@ -235,14 +235,17 @@ impl<B: PciBackend> IntxDevice<B> {
             backend,
             Box::new(sink),
             Some(Bypass { irqfd, resample }),
+            false,
             options,
         )
     }
 
+    /// `adopt`: `bypass` is the kernel's wiring already ([`arm`](Self::arm)).
     fn build(
         backend: B,
         sink: Box<dyn InterruptSink>,
         bypass: Option<Bypass>,
+        adopt: bool,
         options: IntxOptions,
     ) -> Result<Self, IntxError> {
         let bdf = backend.bdf();
@@ -284,8 +287,13 @@ impl<B: PciBackend> IntxDevice<B> {
             reset_log: Mutex::new(LogLimiter::new(Duration::from_secs(5), 3)),
             hold_reason: Mutex::new(None),
         };
-        this.arm()?;
-        info!(?disable_bit, bypass = bypassed, "INTx armed");
+        this.arm(adopt)?;
+        info!(
+            ?disable_bit,
+            bypass = bypassed,
+            adopted = adopt,
+            "INTx armed"
+        );
         Ok(this)
     }
 
@@ -300,7 +308,10 @@ impl<B: PciBackend> IntxDevice<B> {
         }
     }
 
-    fn arm(&self) -> Result<(), IntxError> {
+    /// Reads the device and wires INTx: the user-space path, or the kernel
+    /// bypass, enabled afresh or (`adopt`) taken over as the kernel has it
+    /// (see [`with_adopted_bypass`](Self::with_adopted_bypass)).
+    fn arm(&self, adopt: bool) -> Result<(), IntxError> {
         let mut dev = self.gate.access();
         let ctx = self.ctx();
         let mut found = None;
@@ -328,6 +339,22 @@ impl<B: PciBackend> IntxDevice<B> {
                     .backend
                     .intx_enable(&self.wake.trigger)
                     .during(Operation::Enable)?,
+                Some(Bypass { irqfd, resample }) if adopt => {
+                    d.backend
+                        .intx_adopt(irqfd, resample)
+                        .during(Operation::Adopt)?;
+                    // Nothing to re-derive: on the bypass the kernel masks
+                    // only an interrupt it signalled to the irqfd and
+                    // unmasks at the guest's EOI (KVM's resample eventfd),
+                    // so its state is whole. A re-check now would be its
+                    // UNMASK, which re-signals a line the guest may be
+                    // servicing: KVM applies that signal from a work queue,
+                    // possibly after the EOI, as a second delivery. What
+                    // the previous owner could not finish is the
+                    // watchdog's, as after any unannounced change.
+                    ctx.generation.advance();
+                    return Ok(());
+                }
                 Some(Bypass { irqfd, resample }) => {
                     d.backend.intx_enable(irqfd).during(Operation::Enable)?;
                     d.backend.intx_mask().during(Operation::Mask)?;
