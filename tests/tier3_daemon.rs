@@ -1264,20 +1264,7 @@ fn restarts(path: &str) {
             for i in 0..RESTARTS {
                 std::thread::sleep(Duration::from_millis(300));
                 let t0 = Instant::now();
-                if i % 2 == 0 {
-                    let out = Command::new(&this)
-                        .args(["cli", "restart", "--socket"])
-                        .arg(&socket)
-                        .output()
-                        .unwrap();
-                    assert!(out.status.success(), "{out:?}");
-                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
-                    assert_eq!(exit.code(), Some(75));
-                    sup.restart().unwrap();
-                } else {
-                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
-                }
-                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                restart_daemon(&mut sup, &this, &socket, i);
                 downs.push(t0.elapsed());
             }
             // Interrupts keep flowing a while on the last process.
@@ -2216,20 +2203,7 @@ fn uio_restarts() {
             for i in 0..UIO_RESTARTS {
                 std::thread::sleep(Duration::from_millis(300));
                 let t0 = Instant::now();
-                if i % 2 == 0 {
-                    let out = Command::new(&this)
-                        .args(["cli", "restart", "--socket"])
-                        .arg(&socket)
-                        .output()
-                        .unwrap();
-                    assert!(out.status.success(), "{out:?}");
-                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
-                    assert_eq!(exit.code(), Some(75));
-                    sup.restart().unwrap();
-                } else {
-                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
-                }
-                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                restart_daemon(&mut sup, &this, &socket, i);
                 downs.push(t0.elapsed());
             }
             std::thread::sleep(Duration::from_secs(1));
@@ -2433,20 +2407,7 @@ fn handover_restarts(path: &str) {
             for i in 0..UIO_RESTARTS {
                 std::thread::sleep(Duration::from_millis(300));
                 let t0 = Instant::now();
-                if i % 2 == 0 {
-                    let out = Command::new(&this)
-                        .args(["cli", "restart", "--socket"])
-                        .arg(&socket)
-                        .output()
-                        .unwrap();
-                    assert!(out.status.success(), "{out:?}");
-                    let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
-                    assert_eq!(exit.code(), Some(75));
-                    sup.restart().unwrap();
-                } else {
-                    sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
-                }
-                sup.wait_ready(Duration::from_secs(60)).unwrap();
+                restart_daemon(&mut sup, &this, &socket, i);
                 downs.push(t0.elapsed());
                 counts.push(fd_targets(sup.pid().unwrap()).len());
                 eprintln!(
@@ -2595,6 +2556,32 @@ fn fd_targets(pid: i32) -> Vec<String> {
         .unwrap_or_default();
     t.sort();
     t
+}
+
+/// Restart `i` of a restart test: an even one is `vfio-intx restart` (the
+/// daemon exits 75 and is started again on its fd store), an odd one a
+/// kill -9 and a start on the store; returns once the new process said
+/// READY=1.
+fn restart_daemon(
+    sup: &mut vfio_intx::fdstore_harness::Supervisor,
+    this: &Path,
+    socket: &Path,
+    i: usize,
+) {
+    if i % 2 == 0 {
+        let out = Command::new(this)
+            .args(["cli", "restart", "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let exit = sup.wait_exit(Duration::from_secs(30)).unwrap();
+        assert_eq!(exit.code(), Some(75));
+        sup.restart().unwrap();
+    } else {
+        sup.kill9_and_restart(Duration::from_secs(30)).unwrap();
+    }
+    sup.wait_ready(Duration::from_secs(60)).unwrap();
 }
 
 /// `r` on `c` (connected on demand), sent again on a new connection when a

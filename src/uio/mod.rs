@@ -137,6 +137,19 @@ impl std::fmt::Debug for UioBackend {
     }
 }
 
+/// The /dev/uioN node of a device bound to uio_pci_generic, as sysfs shows
+/// it now.
+fn uio_node(sysfs: &PciSysfs, bdf: Bdf) -> Result<PathBuf, UioError> {
+    let driver = sysfs.driver(bdf)?;
+    if driver.as_deref() != Some(UIO_PCI_GENERIC) {
+        return Err(UioError::NotUio { bdf, driver });
+    }
+    sysfs.uio_device(bdf)?.ok_or_else(|| UioError::NoUioDevice {
+        bdf,
+        path: sysfs.device_dir(bdf).join("uio"),
+    })
+}
+
 impl UioBackend {
     /// uio_pci_generic has no kernel-side unmask eventfd, so a uio device
     /// never takes the kernel bypass: what a configuration may assume
@@ -151,16 +164,7 @@ impl UioBackend {
     /// Opens a device bound to uio_pci_generic, with sysfs and /dev where
     /// `sysfs` says.
     pub fn open_with(sysfs: &PciSysfs, bdf: Bdf) -> Result<Self, UioError> {
-        let driver = sysfs.driver(bdf)?;
-        if driver.as_deref() != Some(UIO_PCI_GENERIC) {
-            return Err(UioError::NotUio { bdf, driver });
-        }
-        let uio_path = sysfs
-            .uio_device(bdf)?
-            .ok_or_else(|| UioError::NoUioDevice {
-                bdf,
-                path: sysfs.device_dir(bdf).join("uio"),
-            })?;
+        let uio_path = uio_node(sysfs, bdf)?;
         // Non-blocking: the forwarder reads only after epoll says readable,
         // and must never sleep in read() where the stop eventfd cannot
         // reach it.
@@ -216,16 +220,7 @@ impl UioBackend {
         config: std::os::fd::OwnedFd,
         engine_masked: bool,
     ) -> Result<Self, UioError> {
-        let driver = sysfs.driver(bdf)?;
-        if driver.as_deref() != Some(UIO_PCI_GENERIC) {
-            return Err(UioError::NotUio { bdf, driver });
-        }
-        let uio_path = sysfs
-            .uio_device(bdf)?
-            .ok_or_else(|| UioError::NoUioDevice {
-                bdf,
-                path: sysfs.device_dir(bdf).join("uio"),
-            })?;
+        let uio_path = uio_node(sysfs, bdf)?;
         let uio = File::from(uio);
         let named = std::fs::read_link(format!("/proc/self/fd/{}", uio.as_raw_fd()));
         if named.as_deref().ok() != Some(uio_path.as_path()) {

@@ -202,16 +202,7 @@ impl ManagedDevice {
         )?;
         if stored_names(bdf, opened.0.config.backend).contains(&fdstore::name(bdf, role::DELIVERY))
         {
-            match crate::daemon::sys::memfd("vfio-intx-delivery") {
-                Ok(memfd) => {
-                    use std::os::fd::AsFd;
-                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
-                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
-                }
-                Err(e) => {
-                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the device")
-                }
-            }
+            opened.0.store_ledger("device");
         }
         Ok(opened)
     }
@@ -513,19 +504,26 @@ impl ManagedDevice {
         // with the device fd when the session starts): the delivery ledger
         // from the first interrupt on.
         if fdstore::enabled() {
-            let bdf = opened.0.bdf();
-            match crate::daemon::sys::memfd("vfio-intx-delivery") {
-                Ok(memfd) => {
-                    use std::os::fd::AsFd;
-                    fdstore::store(fdstore::name(bdf, role::DELIVERY), memfd.as_fd());
-                    opened.0.sink.set_ledger(super::session::Ledger::new(memfd));
-                }
-                Err(e) => {
-                    warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the session")
-                }
-            }
+            opened.0.store_ledger("session");
         }
         Ok(opened)
+    }
+
+    /// Gives the device a new delivery ledger (a memfd) and keeps it in the
+    /// fd store, so a restart knows how far its interrupt got; on failure
+    /// says that the restart cannot resume `what` (the device or the
+    /// session).
+    fn store_ledger(&self, what: &str) {
+        match crate::daemon::sys::memfd("vfio-intx-delivery") {
+            Ok(memfd) => {
+                use std::os::fd::AsFd;
+                fdstore::store(fdstore::name(self.bdf(), role::DELIVERY), memfd.as_fd());
+                self.sink.set_ledger(super::session::Ledger::new(memfd));
+            }
+            Err(e) => {
+                warn!(error = %e, "creating the delivery ledger's memfd failed; a restart cannot resume the {what}")
+            }
+        }
     }
 
     /// Probes and arms an opened backend (`resumed`: taken over again after
