@@ -131,6 +131,17 @@ while read -r name path; do
             --qemu-arg -device --qemu-arg e1000,bus=pcie.0,addr=0x15 -- --test-threads=1
         continue
     fi
+    if [ "$name" = tier3_daemon ]; then
+        # The restart tests one a boot, the rest in one: the emulated guest's
+        # interrupt layer hangs now and then on long interrupt-heavy boots
+        # (guest/README.md), and short boots keep a hang to one test.
+        boot "$name" "$LOGDIR/tier3-$name-$STAMP.log" "$path" --without-restarts
+        while read -r test; do
+            case "$test" in *restart*) ;; *) continue ;; esac
+            boot "$name $test" "$LOGDIR/tier3-$name-$test-$STAMP.log" "$path" "$test"
+        done < <("$path" --list | sed -n 's/: test$//p')
+        continue
+    fi
     boot "$name" "$LOGDIR/tier3-$name-$STAMP.log" "$path" --test-threads=1
     if [ "$name" = tier3_uio ]; then
         # vfio-pci reads nointxmask once, at load: a second boot exercises its

@@ -139,7 +139,11 @@ fn main() -> ExitCode {
         println!("test {REATTACH_TEST} ... ok");
         return ExitCode::SUCCESS;
     }
-    println!("running 9 tests");
+    // scripts/tier3.sh boots the restart tests one a boot (each by name)
+    // and the rest in one: the emulated guest hangs now and then on long,
+    // interrupt-heavy boots, and a short boot keeps a hang to one test.
+    let without_restarts = args.iter().any(|a| a == "--without-restarts");
+    println!("running {} tests", if without_restarts { 5 } else { 9 });
     // The user-space EOI path, then the kernel bypass (the session's
     // resample eventfd as vfio-pci's unmask eventfd).
     run("userspace");
@@ -154,6 +158,10 @@ fn main() -> ExitCode {
     println!("test {HANDOVER_TEST} ... ok");
     reattach_while_asserting();
     println!("test {REATTACH_TEST} ... ok");
+    if without_restarts {
+        println!("\ntest result: ok. 5 passed; 0 failed");
+        return ExitCode::SUCCESS;
+    }
     restarts("userspace");
     restarts("auto");
     println!("test {RESTART_TEST} ... ok");
@@ -2232,6 +2240,10 @@ fn uio_restarts() {
             std::thread::sleep(Duration::from_micros(100));
         }
         gaps.push(t0.elapsed());
+        // Paced, as the KVM restart test is: the emulated guest's interrupt
+        // layer hangs now and then on long interrupt-heavy boots
+        // (guest/README.md).
+        std::thread::sleep(RAISE_PACE);
     }
     let (mut sup, mut downs) = restarter.join().unwrap();
     // Anything sent twice would arrive by now.
@@ -2440,6 +2452,7 @@ fn handover_restarts(path: &str) {
             std::thread::sleep(Duration::from_micros(200));
         }
         gaps.push(t0.elapsed());
+        std::thread::sleep(RAISE_PACE);
     }
     eprintln!("{HANDOVER_RESTART_TEST}: {raises} raised, waiting for the restarts to end");
     let (mut sup, mut downs, counts) = restarter.join().unwrap();
