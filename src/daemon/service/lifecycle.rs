@@ -231,16 +231,19 @@ impl ManagedDevice {
         let mut handed_over = None;
         // `in_service`: masked and asserting, the previous process
         // delivered it.
+        // A stored fd by role, taken out of `fds`; its absence named.
+        let take = |fds: &mut std::collections::BTreeMap<String, std::os::fd::OwnedFd>, r, what| {
+            fds.remove(&fdstore::name(bdf, r)).ok_or(unreadable(what))
+        };
         let (backend, sim, in_service, ledger) = match config.backend {
             #[cfg(feature = "testkit")]
             BackendKind::Sim => {
                 use std::os::unix::fs::FileExt;
-                let memfd = fds
-                    .remove(&fdstore::name(bdf, role::SIM_STATE))
-                    .map(std::fs::File::from)
-                    .ok_or(unreadable(
-                        "the fd store has no state for the simulated device",
-                    ))?;
+                let memfd = std::fs::File::from(take(
+                    fds,
+                    role::SIM_STATE,
+                    "the fd store has no state for the simulated device",
+                )?);
                 let mut image = vec![0u8; crate::sim::SIM_IMAGE_SIZE];
                 memfd.read_exact_at(&mut image, 0).map_err(|_| {
                     unreadable("the simulated device's stored state is not readable")
@@ -254,12 +257,7 @@ impl ManagedDevice {
                 })?;
                 persist_sim(&sim, memfd);
                 let snap = sim.snapshot();
-                let delivery = fds
-                    .remove(&fdstore::name(bdf, role::DELIVERY))
-                    .map(std::fs::File::from)
-                    .ok_or(unreadable(
-                        "the fd store has no delivery ledger for the device",
-                    ))?;
+                let delivery = std::fs::File::from(take(fds, role::DELIVERY, NO_LEDGER)?);
                 // Masked and asserting, and the signal reached the irqfd
                 // with no EOI since.
                 let in_service = snap.asserting
@@ -279,17 +277,12 @@ impl ManagedDevice {
                 )
             }
             BackendKind::Vfio => {
-                let fd = fds
-                    .remove(&fdstore::name(bdf, role::VFIO_DEVICE))
-                    .ok_or(unreadable(
-                        "the fd store has no VFIO device fd for the device",
-                    ))?;
-                let delivery = fds
-                    .remove(&fdstore::name(bdf, role::DELIVERY))
-                    .map(std::fs::File::from)
-                    .ok_or(unreadable(
-                        "the fd store has no delivery ledger for the device",
-                    ))?;
+                let fd = take(
+                    fds,
+                    role::VFIO_DEVICE,
+                    "the fd store has no VFIO device fd for the device",
+                )?;
+                let delivery = std::fs::File::from(take(fds, role::DELIVERY, NO_LEDGER)?);
                 spare = fd.try_clone().ok();
                 // The same checks as a VMM's device fd: it is this device.
                 let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
@@ -313,7 +306,7 @@ impl ManagedDevice {
                         if let Some(why) = why {
                             info!("the previous process's kernel bypass is wired afresh: {why}");
                         }
-                        let _ = backend.intx_set_unmask_eventfd(None);
+                        clear_unmask_eventfd(&mut backend);
                     }
                 }
                 let cs =
@@ -322,7 +315,12 @@ impl ManagedDevice {
                         op: "reading COMMAND and STATUS",
                         source,
                     })?;
-                let masked = backend.read_physical_intx_disable().unwrap_or(false);
+                let masked = backend.read_physical_intx_disable().unwrap_or_else(|e| {
+                    // Not known to be masked: not taken as in service, so
+                    // the engine's first check decides.
+                    warn!(error = %crate::error_chain(&e), "reading the physical INTX_DISABLE at resume failed; taken as unmasked");
+                    false
+                });
                 let in_service =
                     cs.asserting() && masked && super::session::Ledger::in_guest(&delivery);
                 info!(
@@ -334,16 +332,13 @@ impl ManagedDevice {
                 (AnyBackend::Vfio(backend), None, in_service, Some(delivery))
             }
             BackendKind::Uio => {
-                let mut take = |r, what| fds.remove(&fdstore::name(bdf, r)).ok_or(unreadable(what));
-                let uio = take(role::UIO, "the fd store has no uio fd for the device")?;
+                let uio = take(fds, role::UIO, "the fd store has no uio fd for the device")?;
                 let config = take(
+                    fds,
                     role::UIO_CONFIG,
                     "the fd store has no sysfs config fd for the device",
                 )?;
-                let delivery = std::fs::File::from(take(
-                    role::DELIVERY,
-                    "the fd store has no delivery ledger for the device",
-                )?);
+                let delivery = std::fs::File::from(take(fds, role::DELIVERY, NO_LEDGER)?);
                 // INTX_DISABLE is the physical mask: the previous process's
                 // own (in service: delivered, no EOI since) or the kernel
                 // handler's check-and-mask while nobody ran; the latter is
@@ -413,7 +408,7 @@ impl ManagedDevice {
             (Err(e), Some(fd)) if adopting => {
                 warn!(error = %crate::error_chain(&e), "adopting the kernel bypass as wired failed; it is wired afresh when the session re-attaches");
                 let mut backend = VfioBackend::from_device_fd(fd, Some(bdf))?;
-                let _ = backend.intx_set_unmask_eventfd(None);
+                clear_unmask_eventfd(&mut backend);
                 Self::arm(
                     &PciSysfs::default(),
                     config,
@@ -713,6 +708,19 @@ impl ManagedDevice {
 /// (duplicates; the session's re-attach takes the entries), for the engine
 /// to adopt. `Err(None)`: no session on the bypass to adopt; `Err(Some)`:
 /// why one is not adopted.
+/// The error for a resumed device whose delivery ledger is not in the store.
+const NO_LEDGER: &str = "the fd store has no delivery ledger for the device";
+
+/// Removes the previous process's unmask eventfd (the kernel takes one per
+/// device) before the session's re-attach wires the bypass again; a failure
+/// is said here and shows again, as EBUSY, at that re-attach, which then
+/// stays on the user-space path.
+fn clear_unmask_eventfd(backend: &mut VfioBackend) {
+    if let Err(e) = backend.intx_set_unmask_eventfd(None) {
+        warn!(error = %crate::error_chain(&e), "clearing the previous process's unmask eventfd failed");
+    }
+}
+
 fn bypass_to_adopt(
     config: &DeviceConfig,
     found: &Found,
